@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for package agentsessions.v1 (run `make proto`; never edit by hand)."""
