@@ -1,0 +1,257 @@
+"""Proto <-> domain, and the validation of what callers send. Only the API layer sees protos."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from agentsessions.v1 import agent_pb2, message_pb2, session_pb2
+
+from ..domain import model
+from ..domain.agents import BACKEND_KINDS, Agent, AgentOrigin
+from ..domain.errors import InvalidArgument
+from ..domain.model import NewMessage, Session, StoredMessage
+from ..domain.policy import POLICY_FIELDS, TimeoutPolicy
+from ..domain.validation import (
+    Limits,
+    check_message_id,
+    check_metadata,
+    check_text,
+    check_variables,
+    uuid7,
+)
+
+
+def _ts(value: datetime) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+# --- sessions -----------------------------------------------------------------------------------------
+
+
+def policy_from_pb(pb: session_pb2.TimeoutPolicy) -> TimeoutPolicy:
+    return TimeoutPolicy(**{name: getattr(pb, name) for name in POLICY_FIELDS if pb.HasField(name)})
+
+
+def policy_to_pb(policy: TimeoutPolicy) -> session_pb2.TimeoutPolicy:
+    return session_pb2.TimeoutPolicy(**policy.as_dict())
+
+
+def struct_to_dict(pb: struct_pb2.Struct) -> dict[str, Any]:
+    return json_format.MessageToDict(pb)
+
+
+def dict_to_struct(data: dict[str, Any]) -> struct_pb2.Struct:
+    pb = struct_pb2.Struct()
+    if data:
+        pb.update(data)
+    return pb
+
+
+def variables_from_pb(pb: struct_pb2.Struct, limits: Limits, field: str) -> dict[str, Any]:
+    variables = struct_to_dict(pb)
+    check_variables(variables, limits, field)
+    return variables
+
+
+def metadata_from_pb(pb: Any, limits: Limits, field: str) -> dict[str, str]:
+    metadata = dict(pb)
+    check_metadata(metadata, limits, field)
+    return metadata
+
+
+def session_to_pb(s: Session, now: datetime) -> session_pb2.Session:
+    status = s.status(now)
+    eff = s.effective
+    pb = session_pb2.Session(
+        session_id=s.session_id,
+        agent_id=s.agent_id,
+        user_id=s.user_id,
+        metadata=s.metadata,
+        variables=dict_to_struct(s.variables),
+        status=int(status),  # type: ignore[arg-type]
+        near_expiration=s.near_expiration(now),
+        timeout_policy=policy_to_pb(s.policy),
+        effective_timeout_policy=session_pb2.EffectiveTimeoutPolicy(
+            timeout_minutes=eff.timeout_minutes,
+            auto_renew=eff.auto_renew,
+            max_duration_minutes=eff.max_duration_minutes,
+            warning_threshold_minutes=eff.warning_threshold_minutes,
+            timeout_minutes_source=int(eff.sources[0]),  # type: ignore[arg-type]
+            auto_renew_source=int(eff.sources[1]),  # type: ignore[arg-type]
+            max_duration_minutes_source=int(eff.sources[2]),  # type: ignore[arg-type]
+            warning_threshold_minutes_source=int(eff.sources[3]),  # type: ignore[arg-type]
+        ),
+        create_time=_ts(s.create_time),
+        update_time=_ts(s.update_time),
+        last_activity_time=_ts(s.last_activity_time),
+        expire_time=_ts(s.expire_time),
+        max_expire_time=_ts(s.max_expire_time),
+        renewal_count=s.renewal_count,
+        message_count=s.message_count,
+        last_sequence=s.last_sequence,
+        etag=s.etag,
+    )
+    if s.end_time is not None:
+        pb.end_time.CopyFrom(_ts(s.end_time))
+    pb.time_remaining.FromTimedelta(s.time_remaining(now))
+    return pb
+
+
+# --- messages -----------------------------------------------------------------------------------------
+
+_PART_KINDS = ("text", "reasoning", "tool_call", "tool_result", "file", "data")
+
+
+def new_message_from_pb(
+    pb: message_pb2.Message, limits: Limits, field: str, *, default_role: int = 0
+) -> NewMessage:
+    """Validates one message a caller sends and turns it into a NewMessage (content = serialized parts)."""
+    role = pb.role or default_role
+    if role not in model.Role._value2member_map_:
+        raise InvalidArgument.field(f"{field}.role", "must be USER, ASSISTANT, SYSTEM or TOOL")
+    if pb.status and pb.status not in model.MessageStatus._value2member_map_:
+        raise InvalidArgument.field(f"{field}.status", f"unknown message status {pb.status}")
+    if pb.message_id:
+        check_message_id(pb.message_id, limits, f"{field}.message_id")
+    if not pb.parts:
+        raise InvalidArgument.field(f"{field}.parts", "a message needs at least one part")
+    if len(pb.parts) > limits.max_parts_per_message:
+        raise InvalidArgument.field(
+            f"{field}.parts", f"at most {limits.max_parts_per_message} parts per message"
+        )
+    check_metadata(pb.metadata, limits, f"{field}.metadata")
+    calls: list[str] = []
+    results: list[str] = []
+    for j, part in enumerate(pb.parts):
+        where = f"{field}.parts[{j}]"
+        kind = part.WhichOneof("kind")
+        if kind is None:
+            raise InvalidArgument.field(where, f"a part needs one of {', '.join(_PART_KINDS)}")
+        if kind == "tool_call":
+            _check_call_id(part.tool_call.call_id, f"{where}.tool_call.call_id", limits)
+            if not part.tool_call.name:
+                raise InvalidArgument.field(f"{where}.tool_call.name", "is required")
+            calls.append(part.tool_call.call_id)
+        elif kind == "tool_result":
+            _check_call_id(part.tool_result.call_id, f"{where}.tool_result.call_id", limits)
+            results.append(part.tool_result.call_id)
+        elif kind == "file" and not part.file.uri:
+            raise InvalidArgument.field(f"{where}.file.uri", "is required")
+    content = message_pb2.Message(parts=pb.parts).SerializeToString()
+    if len(content) > limits.max_message_bytes:
+        raise InvalidArgument.field(
+            f"{field}.parts",
+            f"message content is {len(content)} bytes; the limit is {limits.max_message_bytes}",
+        )
+    return NewMessage(
+        message_id=pb.message_id or uuid7(),
+        role=model.Role(role),
+        content=content,
+        hidden=pb.hidden,
+        metadata=dict(pb.metadata),
+        status=model.MessageStatus(pb.status or model.MessageStatus.COMPLETE),
+        tool_call_ids=tuple(calls),
+        tool_result_ids=tuple(results),
+        caller_id=bool(pb.message_id),
+    )
+
+
+def _check_call_id(call_id: str, field: str, limits: Limits) -> None:
+    if not call_id:
+        raise InvalidArgument.field(field, "is required")
+    check_text(call_id, field, limits.max_message_id_length)
+
+
+def new_messages_from_pb(
+    pbs: Sequence[message_pb2.Message], limits: Limits, field: str = "messages", *, allow_empty: bool = False
+) -> list[NewMessage]:
+    if not pbs and not allow_empty:
+        raise InvalidArgument.field(field, "at least one message is required")
+    if len(pbs) > limits.max_batch_messages:
+        raise InvalidArgument.field(
+            field,
+            f"at most {limits.max_batch_messages} messages per call, got {len(pbs)}",
+            limit=str(limits.max_batch_messages),
+        )
+    converted = [new_message_from_pb(pb, limits, f"{field}[{i}]") for i, pb in enumerate(pbs)]
+    seen: set[str] = set()
+    for i, m in enumerate(converted):
+        if m.message_id in seen:
+            raise InvalidArgument.field(
+                f"{field}[{i}].message_id", f"{m.message_id!r} appears twice in the request"
+            )
+        seen.add(m.message_id)
+    return converted
+
+
+def message_to_pb(m: StoredMessage, *, ui_view: bool) -> message_pb2.Message:
+    pb = message_pb2.Message.FromString(m.content)
+    if ui_view and any(p.hidden for p in pb.parts):
+        visible = [p for p in pb.parts if not p.hidden]
+        del pb.parts[:]
+        pb.parts.extend(visible)
+    pb.message_id = m.message_id
+    pb.session_id = m.session_id
+    pb.sequence = m.sequence
+    pb.role = int(m.role)  # type: ignore[assignment]
+    pb.hidden = m.hidden
+    pb.status = int(m.status)  # type: ignore[assignment]
+    pb.turn_id = m.turn_id
+    if m.metadata:
+        pb.metadata.update(m.metadata)
+    pb.create_time.FromDatetime(m.create_time)
+    return pb
+
+
+# --- agents -------------------------------------------------------------------------------------------
+
+
+def backend_from_pb(pb: agent_pb2.Agent) -> dict[str, Any]:
+    kind = pb.WhichOneof("backend")
+    if kind is None:
+        raise InvalidArgument.field("agent.backend", f"one of {', '.join(BACKEND_KINDS)} is required")
+    settings = json_format.MessageToDict(getattr(pb, kind), preserving_proto_field_name=True)
+    if kind == "remote" and not pb.remote.target:
+        raise InvalidArgument.field("agent.remote.target", "is required")
+    if kind == "openai_chat" and (not pb.openai_chat.base_url or not pb.openai_chat.model):
+        raise InvalidArgument.field("agent.openai_chat", "base_url and model are required")
+    return {"kind": kind, **settings}
+
+
+def agent_from_pb(pb: agent_pb2.Agent, agent_id: str, now: datetime) -> Agent:
+    if pb.history_window < 0:
+        raise InvalidArgument.field("agent.history_window", "must not be negative")
+    check_text(pb.display_name, "agent.display_name", 256)
+    return Agent(
+        agent_id=agent_id,
+        display_name=pb.display_name,
+        backend=backend_from_pb(pb),
+        timeout_defaults=policy_from_pb(pb.timeout_defaults),
+        history_window=pb.history_window,
+        origin=AgentOrigin.API,
+        create_time=now,
+        update_time=now,
+    )
+
+
+def agent_to_pb(a: Agent) -> agent_pb2.Agent:
+    pb = agent_pb2.Agent(
+        agent_id=a.agent_id,
+        display_name=a.display_name,
+        timeout_defaults=policy_to_pb(a.timeout_defaults),
+        history_window=a.history_window,
+        origin=int(a.origin),  # type: ignore[arg-type]
+        create_time=_ts(a.create_time),
+        update_time=_ts(a.update_time),
+        etag=a.etag,
+    )
+    backend = getattr(pb, a.backend["kind"])
+    backend.SetInParent()
+    json_format.ParseDict({k: v for k, v in a.backend.items() if k != "kind"}, backend)
+    return pb

@@ -1,0 +1,367 @@
+"""gRPC servicers: validate, convert, call the service layer, convert back. Nothing else lives here."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf import empty_pb2
+
+from agentsessions.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
+    agent_pb2,
+    agent_service_pb2,
+    agent_service_pb2_grpc,
+    events_pb2,
+    message_pb2,
+    message_service_pb2,
+    message_service_pb2_grpc,
+    session_pb2,
+    session_service_pb2,
+    session_service_pb2_grpc,
+    turn_service_pb2,
+    turn_service_pb2_grpc,
+)
+
+from .. import __version__
+from ..domain.errors import InvalidArgument, Unimplemented
+from ..domain.model import Status
+from ..domain.validation import check_agent_id, check_session_id, check_text, uuid7
+from ..service_layer import SessionsService, SessionUpdate
+from . import convert
+from .errors import streaming, to_status, unary
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+def _not_built(rpc: str, issue: str) -> Unimplemented:
+    return Unimplemented(
+        f"{rpc} is part of the v1 contract but not served yet ({issue})", metadata={"rpc": rpc}
+    )
+
+
+class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
+    def __init__(self, service: SessionsService) -> None:
+        self.svc = service
+
+    def _pb(self, session: Any) -> session_pb2.Session:
+        return convert.session_to_pb(session, self.svc.clock.now())
+
+    @unary
+    async def CreateSession(
+        self, request: session_service_pb2.CreateSessionRequest, context: Ctx
+    ) -> session_pb2.Session:
+        limits = self.svc.limits
+        s = request.session
+        session_id = request.session_id or uuid7()
+        check_session_id(session_id, limits)
+        check_agent_id(s.agent_id, limits, "session.agent_id")
+        check_text(s.user_id, "session.user_id", limits.max_user_id_length)
+        if request.request_id:
+            check_text(request.request_id, "request_id", limits.max_request_id_length)
+        session, _ = await self.svc.create_session(
+            session_id=session_id,
+            agent_id=s.agent_id,
+            user_id=s.user_id,
+            metadata=convert.metadata_from_pb(s.metadata, limits, "session.metadata"),
+            variables=convert.variables_from_pb(s.variables, limits, "session.variables"),
+            policy=convert.policy_from_pb(s.timeout_policy),
+            request_id=request.request_id or None,
+        )
+        return self._pb(session)
+
+    @unary
+    async def GetSession(
+        self, request: session_service_pb2.GetSessionRequest, context: Ctx
+    ) -> session_pb2.Session:
+        check_session_id(request.session_id, self.svc.limits)
+        return self._pb(await self.svc.get_session(session_id=request.session_id))
+
+    @unary
+    async def ListSessions(
+        self, request: session_service_pb2.ListSessionsRequest, context: Ctx
+    ) -> session_service_pb2.ListSessionsResponse:
+        if request.status and request.status not in Status._value2member_map_:
+            raise InvalidArgument.field("status", f"unknown session status {request.status}")
+        page = await self.svc.list_sessions(
+            agent_id=request.agent_id,
+            user_id=request.user_id,
+            status=Status(request.status) if request.status else None,
+            metadata=dict(request.metadata),
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        now = self.svc.clock.now()
+        return session_service_pb2.ListSessionsResponse(
+            sessions=[convert.session_to_pb(s, now) for s in page.items], next_page_token=page.next_page_token
+        )
+
+    @unary
+    async def UpdateSession(
+        self, request: session_service_pb2.UpdateSessionRequest, context: Ctx
+    ) -> session_pb2.Session:
+        limits = self.svc.limits
+        s = request.session
+        check_session_id(s.session_id, limits, "session.session_id")
+        if request.HasField("update_mask"):
+            paths = frozenset(request.update_mask.paths)
+            if "*" in paths:
+                paths = frozenset({"metadata", "variables", "timeout_policy"})
+        else:  # AIP-134: no mask means every field the request populates
+            paths = frozenset(
+                p
+                for p, present in (
+                    ("metadata", bool(s.metadata)),
+                    ("variables", s.HasField("variables")),
+                    ("timeout_policy", s.HasField("timeout_policy")),
+                )
+                if present
+            )
+        session = await self.svc.update_session(
+            session_id=s.session_id,
+            update=SessionUpdate(
+                paths=paths,
+                metadata=convert.metadata_from_pb(s.metadata, limits, "session.metadata"),
+                variables=convert.variables_from_pb(s.variables, limits, "session.variables"),
+                timeout_policy=convert.policy_from_pb(s.timeout_policy),
+                etag=s.etag,
+            ),
+        )
+        return self._pb(session)
+
+    @unary
+    async def EndSession(
+        self, request: session_service_pb2.EndSessionRequest, context: Ctx
+    ) -> session_pb2.Session:
+        check_session_id(request.session_id, self.svc.limits)
+        return self._pb(await self.svc.end_session(session_id=request.session_id))
+
+    @unary
+    async def DeleteSession(
+        self, request: session_service_pb2.DeleteSessionRequest, context: Ctx
+    ) -> empty_pb2.Empty:
+        check_session_id(request.session_id, self.svc.limits)
+        await self.svc.delete_session(
+            session_id=request.session_id,
+            etag=request.etag,
+            force=request.force,
+            allow_missing=request.allow_missing,
+        )
+        return empty_pb2.Empty()
+
+    @unary
+    async def RenewSession(
+        self, request: session_service_pb2.RenewSessionRequest, context: Ctx
+    ) -> session_pb2.Session:
+        check_session_id(request.session_id, self.svc.limits)
+        return self._pb(await self.svc.renew_session(session_id=request.session_id))
+
+    @unary
+    async def Heartbeat(
+        self, request: session_service_pb2.HeartbeatRequest, context: Ctx
+    ) -> session_pb2.Session:
+        check_session_id(request.session_id, self.svc.limits)
+        return self._pb(await self.svc.heartbeat(session_id=request.session_id))
+
+    @unary
+    async def ClearSession(
+        self, request: session_service_pb2.ClearSessionRequest, context: Ctx
+    ) -> session_pb2.Session:
+        check_session_id(request.session_id, self.svc.limits)
+        return self._pb(await self.svc.clear_session(session_id=request.session_id))
+
+    @unary
+    async def RestoreSession(
+        self, request: session_service_pb2.RestoreSessionRequest, context: Ctx
+    ) -> session_service_pb2.RestoreSessionResponse:
+        check_session_id(request.session_id, self.svc.limits)
+        history = convert.new_messages_from_pb(request.messages, self.svc.limits, allow_empty=True)
+        session, restored = await self.svc.restore_session(session_id=request.session_id, messages=history)
+        return session_service_pb2.RestoreSessionResponse(session=self._pb(session), restored=restored)
+
+    @streaming
+    async def WatchSession(
+        self, request: session_service_pb2.WatchSessionRequest, context: Ctx
+    ) -> AsyncIterator[events_pb2.SessionEvent]:
+        raise _not_built("WatchSession", "session events issue")
+        yield events_pb2.SessionEvent()  # pragma: no cover - makes this an async generator
+
+
+class MessageServicer(message_service_pb2_grpc.MessageServiceServicer):
+    def __init__(self, service: SessionsService) -> None:
+        self.svc = service
+
+    @unary
+    async def AppendMessages(
+        self, request: message_service_pb2.AppendMessagesRequest, context: Ctx
+    ) -> message_service_pb2.AppendMessagesResponse:
+        check_session_id(request.session_id, self.svc.limits)
+        new = convert.new_messages_from_pb(request.messages, self.svc.limits)
+        session, stored = await self.svc.append_messages(session_id=request.session_id, messages=new)
+        return message_service_pb2.AppendMessagesResponse(
+            messages=[convert.message_to_pb(m, ui_view=False) for m in stored],
+            session=convert.session_to_pb(session, self.svc.clock.now()),
+        )
+
+    @unary
+    async def ListMessages(
+        self, request: message_service_pb2.ListMessagesRequest, context: Ctx
+    ) -> message_service_pb2.ListMessagesResponse:
+        check_session_id(request.session_id, self.svc.limits)
+        if request.view not in message_pb2.MessageView.values():
+            raise InvalidArgument.field("view", f"unknown view {request.view}")
+        if request.order not in message_pb2.MessageOrder.values():
+            raise InvalidArgument.field("order", f"unknown order {request.order}")
+        ui = request.view == message_pb2.MESSAGE_VIEW_UI
+        page = await self.svc.list_messages(
+            session_id=request.session_id,
+            visible_only=ui,
+            descending=request.order == message_pb2.MESSAGE_ORDER_DESCENDING,
+            after_sequence=request.after_sequence,
+            before_sequence=request.before_sequence,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return message_service_pb2.ListMessagesResponse(
+            messages=[convert.message_to_pb(m, ui_view=ui) for m in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    @unary
+    async def DeleteMessages(
+        self, request: message_service_pb2.DeleteMessagesRequest, context: Ctx
+    ) -> message_service_pb2.DeleteMessagesResponse:
+        check_session_id(request.session_id, self.svc.limits)
+        target = request.WhichOneof("target")
+        if target is None:
+            raise InvalidArgument.field("target", "set message_id or after_sequence")
+        if target == "message_id" and not request.message_id:
+            raise InvalidArgument.field("message_id", "is required")
+        session, _deleted = await self.svc.delete_messages(
+            session_id=request.session_id,
+            message_id=request.message_id if target == "message_id" else None,
+            after_sequence=request.after_sequence if target == "after_sequence" else None,
+        )
+        return message_service_pb2.DeleteMessagesResponse(
+            deleted_count=len(_deleted), session=convert.session_to_pb(session, self.svc.clock.now())
+        )
+
+
+class TurnServicer(turn_service_pb2_grpc.TurnServiceServicer):
+    """Turns are designed in the contract and built by the turns issue; until then they answer
+    UNIMPLEMENTED with an ErrorInfo like every other error."""
+
+    @streaming
+    async def Execute(
+        self, request: turn_service_pb2.ExecuteRequest, context: Ctx
+    ) -> AsyncIterator[events_pb2.TurnEvent]:
+        raise _not_built("Execute", "turns issue")
+        yield events_pb2.TurnEvent()  # pragma: no cover
+
+    @unary
+    async def StopTurn(
+        self, request: turn_service_pb2.StopTurnRequest, context: Ctx
+    ) -> turn_service_pb2.StopTurnResponse:
+        raise _not_built("StopTurn", "turns issue")
+
+    async def Connect(
+        self, request_iterator: AsyncIterator[turn_service_pb2.ConnectRequest], context: Ctx
+    ) -> AsyncIterator[turn_service_pb2.ConnectResponse]:
+        await context.abort_with_status(to_status(_not_built("Connect", "turns issue")))
+        yield turn_service_pb2.ConnectResponse()  # pragma: no cover
+
+
+class AgentRegistryServicer(agent_service_pb2_grpc.AgentRegistryServiceServicer):
+    def __init__(self, service: SessionsService) -> None:
+        self.svc = service
+
+    @unary
+    async def CreateAgent(
+        self, request: agent_service_pb2.CreateAgentRequest, context: Ctx
+    ) -> agent_pb2.Agent:
+        agent_id = request.agent_id or request.agent.agent_id
+        check_agent_id(agent_id, self.svc.limits)
+        agent = convert.agent_from_pb(request.agent, agent_id, self.svc.clock.now())
+        return convert.agent_to_pb(await self.svc.create_agent(agent))
+
+    @unary
+    async def GetAgent(self, request: agent_service_pb2.GetAgentRequest, context: Ctx) -> agent_pb2.Agent:
+        check_agent_id(request.agent_id, self.svc.limits)
+        return convert.agent_to_pb(await self.svc.get_agent(agent_id=request.agent_id))
+
+    @unary
+    async def ListAgents(
+        self, request: agent_service_pb2.ListAgentsRequest, context: Ctx
+    ) -> agent_service_pb2.ListAgentsResponse:
+        page = await self.svc.list_agents(page_size=request.page_size, page_token=request.page_token)
+        return agent_service_pb2.ListAgentsResponse(
+            agents=[convert.agent_to_pb(a) for a in page.items], next_page_token=page.next_page_token
+        )
+
+    @unary
+    async def UpdateAgent(
+        self, request: agent_service_pb2.UpdateAgentRequest, context: Ctx
+    ) -> agent_pb2.Agent:
+        pb = request.agent
+        check_agent_id(pb.agent_id, self.svc.limits, "agent.agent_id")
+        paths = set(request.update_mask.paths)
+        if "*" in paths:
+            paths = {"display_name", "backend", "timeout_defaults", "history_window"}
+        changes: dict[str, Any] = {}
+        for path in paths:
+            if path == "display_name":
+                check_text(pb.display_name, "agent.display_name", 256)
+                changes[path] = pb.display_name
+            elif path == "backend":
+                changes[path] = convert.backend_from_pb(pb)
+            elif path == "timeout_defaults":
+                changes[path] = convert.policy_from_pb(pb.timeout_defaults)
+            elif path == "history_window":
+                if pb.history_window < 0:
+                    raise InvalidArgument.field("agent.history_window", "must not be negative")
+                changes[path] = pb.history_window
+            else:
+                raise InvalidArgument.field(
+                    "update_mask",
+                    f"cannot update {path!r}; allowed: display_name, backend, timeout_defaults, "
+                    "history_window",
+                )
+        updated = await self.svc.update_agent(agent_id=pb.agent_id, changes=changes, etag=pb.etag)
+        return convert.agent_to_pb(updated)
+
+    @unary
+    async def DeleteAgent(
+        self, request: agent_service_pb2.DeleteAgentRequest, context: Ctx
+    ) -> empty_pb2.Empty:
+        check_agent_id(request.agent_id, self.svc.limits)
+        await self.svc.delete_agent(agent_id=request.agent_id, allow_missing=request.allow_missing)
+        return empty_pb2.Empty()
+
+
+class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
+    def __init__(self, service: SessionsService, *, database: str) -> None:
+        self.svc = service
+        self.database = database
+        self.started_wall = service.clock.now()
+        self.started = time.monotonic()
+
+    @unary
+    async def GetServerStats(
+        self, request: admin_service_pb2.GetServerStatsRequest, context: Ctx
+    ) -> admin_service_pb2.ServerStats:
+        counts = await self.svc.session_counts()
+        stats = admin_service_pb2.ServerStats(
+            active_sessions=counts["active"],
+            expiring_soon_sessions=counts["expiring_soon"],
+            expired_sessions=counts["expired"],
+            ended_sessions=counts["ended"],
+            running_turns=0,
+            version=__version__,
+            database=self.database,
+        )
+        stats.uptime.FromSeconds(int(time.monotonic() - self.started))
+        stats.start_time.FromDatetime(self.started_wall)
+        return stats

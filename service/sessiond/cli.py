@@ -1,0 +1,65 @@
+"""The `sessiond` command: `sessiond serve`, `sessiond migrate`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from .config import Settings
+from .store import migrate
+from .store.database import Database
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "listen", None):
+        overrides["listen"] = args.listen
+    if args.database_url:
+        overrides["database_url"] = args.database_url
+    if getattr(args, "no_migrate", False):
+        overrides["migrate_on_start"] = False
+    return Settings(**overrides)
+
+
+async def _migrate(settings: Settings, revision: str) -> None:
+    db = Database(settings.database_url, schema=settings.database_schema)
+    await db.open()
+    try:
+        await migrate.upgrade(db, revision)
+        print(f"schema at revision {await migrate.current_revision(db)} ({db.dialect})")
+    finally:
+        await db.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sessiond", description="Agent Sessions gRPC server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the server (SIGTERM drains and stops it)")
+    serve.add_argument("--listen", help="address to listen on (SESSIOND_LISTEN, default 127.0.0.1:50051)")
+    serve.add_argument("--database-url", help="SQLAlchemy URL (SESSIOND_DATABASE_URL)")
+    serve.add_argument("--no-migrate", action="store_true", help="do not apply migrations at start")
+    mig = sub.add_parser("migrate", help="apply schema migrations and exit")
+    mig.add_argument("--database-url", help="SQLAlchemy URL (SESSIOND_DATABASE_URL)")
+    mig.add_argument("--revision", default="head")
+    args = parser.parse_args(argv)
+
+    settings = _settings(args)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "migrate":
+        asyncio.run(_migrate(settings, args.revision))
+        return 0
+    from .server import serve as run
+
+    asyncio.run(run(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

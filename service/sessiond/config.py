@@ -1,0 +1,64 @@
+"""One frozen settings object, built from the environment and passed in. Nothing here connects anywhere.
+
+Timeout variables keep the ElizaOS names (SESSION_*_MINUTES); the server's own use the SESSIOND_ prefix.
+"""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .domain.policy import TimeoutLimits
+from .domain.validation import Limits
+
+
+def _env(name: str) -> AliasChoices:
+    return AliasChoices(name, name.lower())
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    listen: str = Field("127.0.0.1:50051", validation_alias=_env("SESSIOND_LISTEN"))
+    database_url: str = Field("sqlite:///./var/sessiond.db", validation_alias=_env("SESSIOND_DATABASE_URL"))
+    # PostgreSQL only: the schema (search_path) the tables live in.
+    database_schema: str | None = Field(None, validation_alias=_env("SESSIOND_DATABASE_SCHEMA"))
+    database_pool_size: int = Field(10, ge=1, validation_alias=_env("SESSIOND_DATABASE_POOL_SIZE"))
+    migrate_on_start: bool = Field(True, validation_alias=_env("SESSIOND_MIGRATE_ON_START"))
+    grace_seconds: float = Field(10.0, ge=0, validation_alias=_env("SESSIOND_GRACE_SECONDS"))
+    log_level: str = Field("INFO", validation_alias=_env("SESSIOND_LOG_LEVEL"))
+
+    default_timeout_minutes: int = Field(30, ge=1, validation_alias=_env("SESSION_DEFAULT_TIMEOUT_MINUTES"))
+    min_timeout_minutes: int = Field(5, ge=1, validation_alias=_env("SESSION_MIN_TIMEOUT_MINUTES"))
+    max_timeout_minutes: int = Field(1440, ge=1, validation_alias=_env("SESSION_MAX_TIMEOUT_MINUTES"))
+    max_duration_minutes: int = Field(720, ge=1, validation_alias=_env("SESSION_MAX_DURATION_MINUTES"))
+    warning_threshold_minutes: int = Field(
+        5, ge=1, validation_alias=_env("SESSION_WARNING_THRESHOLD_MINUTES")
+    )
+    cleanup_interval_minutes: int = Field(5, ge=1, validation_alias=_env("SESSION_CLEANUP_INTERVAL_MINUTES"))
+    auto_renew: bool = Field(True, validation_alias=_env("SESSION_AUTO_RENEW"))
+
+    max_batch_messages: int = Field(100, ge=1, validation_alias=_env("SESSIOND_MAX_BATCH_MESSAGES"))
+    max_message_bytes: int = Field(1024 * 1024, ge=1024, validation_alias=_env("SESSIOND_MAX_MESSAGE_BYTES"))
+    max_metadata_entries: int = Field(64, ge=0, validation_alias=_env("SESSIOND_MAX_METADATA_ENTRIES"))
+    max_variables_bytes: int = Field(64 * 1024, ge=2, validation_alias=_env("SESSIOND_MAX_VARIABLES_BYTES"))
+
+    def timeout_limits(self) -> TimeoutLimits:
+        limits = TimeoutLimits(
+            default_timeout_minutes=self.default_timeout_minutes,
+            min_timeout_minutes=self.min_timeout_minutes,
+            max_timeout_minutes=self.max_timeout_minutes,
+            max_duration_minutes=self.max_duration_minutes,
+            warning_threshold_minutes=self.warning_threshold_minutes,
+            auto_renew=self.auto_renew,
+        )
+        limits.check()
+        return limits
+
+    def limits(self) -> Limits:
+        return Limits(
+            max_batch_messages=self.max_batch_messages,
+            max_message_bytes=self.max_message_bytes,
+            max_metadata_entries=self.max_metadata_entries,
+            max_variables_bytes=self.max_variables_bytes,
+        )

@@ -1,0 +1,110 @@
+"""The one exception hierarchy of the service.
+
+Each class knows its gRPC status code (by name, so this module does not import grpc) and its ErrorInfo
+reason. `sessiond.api.errors` is the one place that turns them into `google.rpc.Status`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class DomainError(Exception):
+    """A failure the caller can understand and act on."""
+
+    code: str = "INTERNAL"
+    reason: str = "INTERNAL"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        violations: Sequence[FieldViolation] = (),
+        retry_after_seconds: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+        self.metadata = dict(metadata or {})
+        self.violations = list(violations)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class InvalidArgument(DomainError):
+    code = "INVALID_ARGUMENT"
+    reason = "INVALID_ARGUMENT"
+
+    @classmethod
+    def field(cls, field: str, description: str, **metadata: str) -> InvalidArgument:
+        return cls(
+            f"{field}: {description}",
+            metadata={"field": field, **metadata},
+            violations=[FieldViolation(field, description)],
+        )
+
+
+class NotFound(DomainError):
+    code = "NOT_FOUND"
+    reason = "NOT_FOUND"
+
+
+class AlreadyExists(DomainError):
+    code = "ALREADY_EXISTS"
+    reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(DomainError):
+    code = "FAILED_PRECONDITION"
+    reason = "FAILED_PRECONDITION"
+
+
+class Aborted(DomainError):
+    code = "ABORTED"
+    reason = "ABORTED"
+
+
+class ResourceExhausted(DomainError):
+    code = "RESOURCE_EXHAUSTED"
+    reason = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(DomainError):
+    code = "UNAVAILABLE"
+    reason = "UNAVAILABLE"
+
+
+class Unimplemented(DomainError):
+    code = "UNIMPLEMENTED"
+    reason = "NOT_IMPLEMENTED"
+
+
+def session_not_found(session_id: str) -> NotFound:
+    return NotFound(
+        f"session {session_id!r} does not exist",
+        reason="SESSION_NOT_FOUND",
+        metadata={"session_id": session_id},
+    )
+
+
+def agent_not_found(agent_id: str) -> NotFound:
+    return NotFound(
+        f"agent {agent_id!r} does not exist", reason="AGENT_NOT_FOUND", metadata={"agent_id": agent_id}
+    )
+
+
+def etag_mismatch(resource: str, expected: str, actual: str) -> Aborted:
+    return Aborted(
+        f"{resource} changed since it was read (etag {expected!r}, now {actual!r}); read it again and retry",
+        reason="ETAG_MISMATCH",
+        metadata={"resource": resource, "etag": actual},
+    )

@@ -1,0 +1,267 @@
+"""The session and message as the service sees them, and the rules of a session's life.
+
+Every rule takes `now`; nothing here reads a clock, a database or the network.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from .errors import FailedPrecondition
+from .policy import EffectivePolicy, TimeoutPolicy, next_expiry
+
+ZERO = timedelta(0)
+
+
+class Status(enum.IntEnum):
+    """Values match agentsessions.v1.SessionStatus."""
+
+    ACTIVE = 1
+    EXPIRED = 2
+    ENDED = 3
+
+
+class Role(enum.IntEnum):
+    """Values match agentsessions.v1.Role."""
+
+    USER = 1
+    ASSISTANT = 2
+    SYSTEM = 3
+    TOOL = 4
+
+
+class MessageStatus(enum.IntEnum):
+    """Values match agentsessions.v1.MessageStatus."""
+
+    COMPLETE = 1
+    INTERRUPTED = 2
+    ERROR = 3
+
+
+@dataclass(frozen=True)
+class Session:
+    pk: int
+    session_id: str
+    agent_id: str
+    user_id: str
+    metadata: dict[str, str]
+    variables: dict[str, Any]
+    policy: TimeoutPolicy  # the session tier, as the caller set it
+    agent_policy: TimeoutPolicy  # the agent tier, as it was when the policy was last resolved
+    effective: EffectivePolicy
+    create_time: datetime
+    update_time: datetime
+    last_activity_time: datetime
+    start_time: datetime  # start of the current life: creation, or the last restore
+    anchor_time: datetime  # the last renewal (or the start): expiry counts from here
+    expire_time: datetime
+    max_expire_time: datetime
+    end_time: datetime | None
+    renewal_count: int
+    message_count: int
+    last_sequence: int
+    version: int
+    request_id: str | None = None
+
+    @property
+    def etag(self) -> str:
+        return f"v{self.version}"
+
+    def status(self, now: datetime) -> Status:
+        if self.end_time is not None:
+            return Status.ENDED
+        if now >= self.expire_time:
+            return Status.EXPIRED
+        return Status.ACTIVE
+
+    def time_remaining(self, now: datetime) -> timedelta:
+        if self.status(now) is not Status.ACTIVE:
+            return ZERO
+        return self.expire_time - now
+
+    def near_expiration(self, now: datetime) -> bool:
+        return self.status(now) is Status.ACTIVE and self.expire_time - now < self.effective.warning_threshold
+
+
+def ensure_writable(session: Session, now: datetime) -> None:
+    """Writes go to ACTIVE sessions only; expired and ended ones stay readable."""
+    status = session.status(now)
+    if status is Status.ENDED:
+        raise FailedPrecondition(
+            f"session {session.session_id!r} has ended and is read-only",
+            reason="SESSION_ENDED",
+            metadata={"session_id": session.session_id},
+        )
+    if status is Status.EXPIRED:
+        raise FailedPrecondition(
+            f"session {session.session_id!r} expired at {session.expire_time.isoformat()}",
+            reason="SESSION_EXPIRED",
+            metadata={"session_id": session.session_id, "expire_time": session.expire_time.isoformat()},
+        )
+
+
+def new_session(
+    *,
+    session_id: str,
+    agent_id: str,
+    user_id: str,
+    metadata: dict[str, str],
+    variables: dict[str, Any],
+    policy: TimeoutPolicy,
+    agent_policy: TimeoutPolicy,
+    effective: EffectivePolicy,
+    request_id: str | None,
+    now: datetime,
+) -> Session:
+    cap = now + effective.max_duration
+    return Session(
+        pk=0,
+        session_id=session_id,
+        agent_id=agent_id,
+        user_id=user_id,
+        metadata=metadata,
+        variables=variables,
+        policy=policy,
+        agent_policy=agent_policy,
+        effective=effective,
+        create_time=now,
+        update_time=now,
+        last_activity_time=now,
+        start_time=now,
+        anchor_time=now,
+        expire_time=next_expiry(now, effective, cap),
+        max_expire_time=cap,
+        end_time=None,
+        renewal_count=0,
+        message_count=0,
+        last_sequence=0,
+        version=1,
+        request_id=request_id,
+    )
+
+
+def _extend(session: Session, now: datetime) -> Session:
+    expire = next_expiry(now, session.effective, session.max_expire_time)
+    if expire <= session.expire_time:
+        return session
+    return replace(session, anchor_time=now, expire_time=expire, renewal_count=session.renewal_count + 1)
+
+
+def record_activity(session: Session, now: datetime) -> Session:
+    """A message, a turn or a heartbeat: renews when auto-renew is on (silently bounded by the cap)."""
+    touched = replace(session, last_activity_time=now, update_time=now, version=session.version + 1)
+    return _extend(touched, now) if session.effective.auto_renew else touched
+
+
+def renew(session: Session, now: datetime) -> Session:
+    """A manual renewal: works whatever auto-renew says, fails when the cap leaves nothing to extend."""
+    ensure_writable(session, now)
+    if session.expire_time >= session.max_expire_time:
+        raise FailedPrecondition(
+            f"session {session.session_id!r} reached its maximum duration of "
+            f"{session.effective.max_duration_minutes} minutes",
+            reason="MAX_DURATION_REACHED",
+            metadata={
+                "session_id": session.session_id,
+                "max_duration_minutes": str(session.effective.max_duration_minutes),
+                "max_expire_time": session.max_expire_time.isoformat(),
+            },
+        )
+    return replace(_extend(session, now), update_time=now, version=session.version + 1)
+
+
+def change_policy(
+    session: Session,
+    policy: TimeoutPolicy,
+    effective: EffectivePolicy,
+    now: datetime,
+    agent_policy: TimeoutPolicy,
+) -> Session:
+    """New timeout values apply from the session's last renewal and start, as if they had always held."""
+    cap = session.start_time + effective.max_duration
+    return replace(
+        session,
+        policy=policy,
+        agent_policy=agent_policy,
+        effective=effective,
+        max_expire_time=cap,
+        expire_time=next_expiry(session.anchor_time, effective, cap),
+        update_time=now,
+        version=session.version + 1,
+    )
+
+
+def end(session: Session, now: datetime) -> Session:
+    if session.end_time is not None:
+        return session
+    return replace(session, end_time=now, update_time=now, version=session.version + 1)
+
+
+def clear(session: Session, now: datetime) -> Session:
+    """Empties the history and leaves the session expired. Clearing twice changes nothing more."""
+    if session.message_count == 0 and session.expire_time <= now:
+        return session
+    return replace(
+        session,
+        message_count=0,
+        expire_time=min(session.expire_time, now),
+        update_time=now,
+        version=session.version + 1,
+    )
+
+
+def restore(session: Session, message_count: int, now: datetime) -> Session:
+    """Starts a new life for an expired session, holding the restored history."""
+    if session.end_time is not None:
+        ensure_writable(session, now)
+    cap = now + session.effective.max_duration
+    return replace(
+        session,
+        start_time=now,
+        anchor_time=now,
+        last_activity_time=now,
+        max_expire_time=cap,
+        expire_time=next_expiry(now, session.effective, cap),
+        message_count=message_count,
+        update_time=now,
+        version=session.version + 1,
+    )
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """A message to append, validated by the API layer. `content` is opaque to the domain and the store:
+    the serialized parts, written and read by the API layer."""
+
+    message_id: str
+    role: Role
+    content: bytes
+    hidden: bool = False
+    metadata: dict[str, str] = field(default_factory=dict)
+    status: MessageStatus = MessageStatus.COMPLETE
+    turn_id: str = ""
+    tool_call_ids: tuple[str, ...] = ()
+    tool_result_ids: tuple[str, ...] = ()
+    caller_id: bool = False  # the caller chose message_id: a retry must not store it twice
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    session_id: str
+    sequence: int
+    message_id: str
+    role: Role
+    content: bytes
+    hidden: bool
+    metadata: dict[str, str]
+    status: MessageStatus
+    turn_id: str
+    create_time: datetime
+    # A tool call and its results form a group that pages keep whole. group_start: the earliest message
+    # holding a call this message answers; group_end: the latest message answering a call this one
+    # holds. Both are the message's own sequence when it takes part in no group.
+    group_start: int
+    group_end: int

@@ -1,0 +1,69 @@
+"""Opaque page tokens and the rule that keeps a tool call and its results on one page."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+from .errors import InvalidArgument
+from .model import StoredMessage
+
+P = TypeVar("P", int, str)
+
+
+def fingerprint(*parts: Any) -> str:
+    """Ties a token to the request it continues: a token reused with other filters is refused."""
+    return hashlib.blake2s(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=6).hexdigest()
+
+
+def encode_token(position: int | str, request_fingerprint: str) -> str:
+    raw = json.dumps({"p": position, "f": request_fingerprint}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_token(token: str, request_fingerprint: str, kind: type[P] = int) -> P:  # type: ignore[assignment]
+    """The position a token continues from (a keyset value); 0 for no token."""
+    if not token:
+        return kind()
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        data = json.loads(raw)
+        position, fp = data["p"], data["f"]
+        if type(position) is not kind or not position:
+            raise ValueError
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise InvalidArgument.field("page_token", "is not a token this service issued") from None
+    if fp != request_fingerprint:
+        raise InvalidArgument.field(
+            "page_token", "belongs to a request with other parameters; repeat the first request's parameters"
+        ) from None
+    return position
+
+
+def keep_tool_groups(page: Sequence[StoredMessage], *, descending: bool) -> list[StoredMessage]:
+    """Trims the far end of a page so that no tool call is separated from its results.
+
+    A page whose single group is larger than the page itself is returned whole: nothing smaller exists.
+    """
+    kept = list(page)
+    while kept:
+        edge = kept[-1].sequence
+        if descending:
+            spilling = [m.sequence for m in kept if m.group_start < edge]
+            if not spilling:
+                return kept
+            cut = max(spilling)
+            trimmed = [m for m in kept if m.sequence > cut]
+        else:
+            spilling = [m.sequence for m in kept if m.group_end > edge]
+            if not spilling:
+                return kept
+            cut = min(spilling)
+            trimmed = [m for m in kept if m.sequence < cut]
+        if not trimmed:
+            return list(page)
+        kept = trimmed
+    return kept

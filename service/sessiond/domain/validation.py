@@ -1,0 +1,111 @@
+"""Input rules shared by every entry point: identifiers, metadata, sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidArgument
+
+_SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._:@-]*"
+SESSION_ID = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*")
+AGENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+MESSAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]*")
+METADATA_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one request may carry. Defaults suit chat histories; all are configurable."""
+
+    max_session_id_length: int = 256
+    max_agent_id_length: int = 64
+    max_user_id_length: int = 256
+    max_message_id_length: int = 128
+    max_request_id_length: int = 128
+    max_metadata_entries: int = 64
+    max_metadata_key_length: int = 128
+    max_metadata_value_length: int = 1024
+    max_variables_bytes: int = 64 * 1024
+    max_message_bytes: int = 1024 * 1024
+    max_parts_per_message: int = 256
+    max_batch_messages: int = 100
+    default_page_size: int = 50
+    max_page_size: int = 1000
+
+
+def check_id(value: str, field: str, pattern: re.Pattern[str], max_length: int, what: str) -> None:
+    if not value:
+        raise InvalidArgument.field(field, "is required")
+    if len(value) > max_length:
+        raise InvalidArgument.field(field, f"must be at most {max_length} characters, got {len(value)}")
+    if not pattern.fullmatch(value):
+        raise InvalidArgument.field(field, f"is not a valid {what} ({pattern.pattern})")
+
+
+def check_session_id(value: str, limits: Limits, field: str = "session_id") -> None:
+    check_id(value, field, SESSION_ID, limits.max_session_id_length, "session id")
+
+
+def check_agent_id(value: str, limits: Limits, field: str = "agent_id") -> None:
+    check_id(value, field, AGENT_ID, limits.max_agent_id_length, "agent id")
+
+
+def check_message_id(value: str, limits: Limits, field: str) -> None:
+    check_id(value, field, MESSAGE_ID, limits.max_message_id_length, "message id")
+
+
+def check_text(value: str, field: str, max_length: int) -> None:
+    if len(value) > max_length:
+        raise InvalidArgument.field(field, f"must be at most {max_length} characters, got {len(value)}")
+    if _CONTROL.search(value):
+        raise InvalidArgument.field(field, "must not contain control characters")
+
+
+def check_metadata(metadata: Mapping[str, str], limits: Limits, field: str) -> None:
+    if len(metadata) > limits.max_metadata_entries:
+        raise InvalidArgument.field(
+            field, f"must have at most {limits.max_metadata_entries} entries, got {len(metadata)}"
+        )
+    for key, value in metadata.items():
+        if len(key) > limits.max_metadata_key_length or not METADATA_KEY.fullmatch(key):
+            raise InvalidArgument.field(
+                f"{field}[{key[:64]!r}]",
+                f"keys are 1 to {limits.max_metadata_key_length} characters of {METADATA_KEY.pattern}",
+            )
+        if len(value) > limits.max_metadata_value_length:
+            raise InvalidArgument.field(
+                f"{field}[{key!r}]", f"values are at most {limits.max_metadata_value_length} characters"
+            )
+
+
+def check_variables(variables: Mapping[str, Any], limits: Limits, field: str = "variables") -> None:
+    size = len(json.dumps(variables, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > limits.max_variables_bytes:
+        raise InvalidArgument.field(
+            field, f"must be at most {limits.max_variables_bytes} bytes as JSON, got {size}"
+        )
+
+
+def check_page_size(page_size: int, limits: Limits) -> int:
+    if page_size < 0 or page_size > limits.max_page_size:
+        raise InvalidArgument.field(
+            "page_size", f"must be between 0 and {limits.max_page_size}, got {page_size}"
+        )
+    return page_size or limits.default_page_size
+
+
+def uuid7() -> str:
+    """A time-ordered UUID (RFC 9562 version 7): generated ids sort by creation time."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64 | 0b10 << 62
+    value |= rand & ((1 << 62) - 1)
+    return str(uuid.UUID(int=value))

@@ -1,0 +1,171 @@
+"""Assembly of the server: settings -> database -> store -> service layer -> servicers -> grpc.aio."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from agentsessions.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
+    agent_service_pb2,
+    agent_service_pb2_grpc,
+    message_service_pb2,
+    message_service_pb2_grpc,
+    session_service_pb2,
+    session_service_pb2_grpc,
+    turn_service_pb2,
+    turn_service_pb2_grpc,
+)
+
+from .api import reflection
+from .api.servicers import (
+    AdminServicer,
+    AgentRegistryServicer,
+    MessageServicer,
+    SessionServicer,
+    TurnServicer,
+)
+from .config import Settings
+from .domain.agents import builtin_echo
+from .domain.clock import Clock, SystemClock
+from .service_layer import SessionsService
+from .store import migrate
+from .store.database import Database
+from .store.repository import Store
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = tuple(
+    module.DESCRIPTOR.services_by_name[name].full_name
+    for module, name in (
+        (session_service_pb2, "SessionService"),
+        (message_service_pb2, "MessageService"),
+        (turn_service_pb2, "TurnService"),
+        (agent_service_pb2, "AgentRegistryService"),
+        (admin_service_pb2, "AdminService"),
+    )
+)
+HEALTH_PROBE_SECONDS = 5.0
+
+
+@dataclass
+class RunningServer:
+    """A started server; `stop()` drains it (health NOT_SERVING first) and closes the database."""
+
+    server: grpc.aio.Server
+    port: int
+    db: Database
+    service: SessionsService
+    health: health.aio.HealthServicer
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        await self.server.stop(grace)
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.db.close()
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def _set_health(servicer: health.aio.HealthServicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", *SERVICE_NAMES):
+        await servicer.set(name, status)
+
+
+async def _watch_database(db: Database, servicer: health.aio.HealthServicer) -> None:
+    """SERVING only while the database answers."""
+    serving = True
+    while True:
+        await asyncio.sleep(HEALTH_PROBE_SECONDS)
+        ok = await db.ping()
+        if ok != serving:
+            log.warning(
+                "database %s; health is now %s",
+                "is back" if ok else "does not answer",
+                "SERVING" if ok else "NOT_SERVING",
+            )
+            serving = ok
+            await _set_health(servicer, ok)
+
+
+async def start_server(
+    settings: Settings, *, clock: Clock | None = None, listen: str | None = None
+) -> RunningServer:
+    """Opens the database (migrating it unless told not to), then starts serving on `listen`."""
+    clock = clock or SystemClock()
+    timeouts = settings.timeout_limits()
+    db = Database(
+        settings.database_url, schema=settings.database_schema, pool_size=settings.database_pool_size
+    )
+    await db.open()
+    try:
+        if settings.migrate_on_start:
+            await migrate.upgrade(db)
+        store = Store(db)
+        await store.ensure_agent(builtin_echo(clock.now()))
+        service = SessionsService(store, clock=clock, timeouts=timeouts, limits=settings.limits())
+
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        session_service_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(service), server)
+        message_service_pb2_grpc.add_MessageServiceServicer_to_server(MessageServicer(service), server)
+        turn_service_pb2_grpc.add_TurnServiceServicer_to_server(TurnServicer(), server)
+        agent_service_pb2_grpc.add_AgentRegistryServiceServicer_to_server(
+            AgentRegistryServicer(service), server
+        )
+        admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
+            AdminServicer(service, database=db.dialect), server
+        )
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable(server, (*SERVICE_NAMES, health.SERVICE_NAME))
+
+        address = listen or settings.listen
+        port = server.add_insecure_port(address)
+        if port == 0:
+            raise RuntimeError(f"cannot listen on {address}")
+        await server.start()
+        await _set_health(health_servicer, True)
+    except BaseException:
+        await db.close()
+        raise
+    running = RunningServer(server=server, port=port, db=db, service=service, health=health_servicer)
+    running._tasks.append(asyncio.create_task(_watch_database(db, health_servicer), name="health-probe"))
+    return running
+
+
+async def serve(settings: Settings) -> None:
+    """Runs until SIGTERM or SIGINT, then stops gracefully."""
+    running = await start_server(settings)
+    log.info("sessiond %s listening on %s (database: %s)", _version(), settings.listen, running.db.dialect)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: draining for up to %.1fs", settings.grace_seconds)
+    await running.stop(settings.grace_seconds)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__

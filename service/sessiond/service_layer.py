@@ -1,0 +1,269 @@
+"""The service layer: one async, keyword-only method per use case. It reads the clock, applies the domain
+rules and calls the store; it knows nothing of gRPC."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Generic, TypeVar
+
+from .domain import model, paging
+from .domain.agents import Agent, AgentOrigin
+from .domain.clock import Clock
+from .domain.errors import InvalidArgument, etag_mismatch
+from .domain.model import NewMessage, Session, Status, StoredMessage
+from .domain.policy import POLICY_FIELDS, TimeoutLimits, TimeoutPolicy, resolve
+from .domain.validation import Limits, check_page_size
+from .store.repository import MessagePageQuery, SessionFilter, Store
+
+UPDATABLE_SESSION_PATHS = frozenset(
+    {"metadata", "variables", "timeout_policy", *(f"timeout_policy.{f}" for f in POLICY_FIELDS)}
+)
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    items: list[T]
+    next_page_token: str
+
+
+@dataclass(frozen=True)
+class SessionUpdate:
+    """What UpdateSession asks for: the masked paths and the values they take (None: cleared)."""
+
+    paths: frozenset[str]
+    metadata: dict[str, str]
+    variables: dict[str, Any]
+    timeout_policy: TimeoutPolicy
+    etag: str = ""
+
+
+class SessionsService:
+    def __init__(self, store: Store, *, clock: Clock, timeouts: TimeoutLimits, limits: Limits) -> None:
+        self.store = store
+        self.clock = clock
+        self.timeouts = timeouts
+        self.limits = limits
+
+    # --- sessions ---------------------------------------------------------------------------------------
+
+    async def create_session(
+        self,
+        *,
+        session_id: str,
+        agent_id: str,
+        user_id: str,
+        metadata: dict[str, str],
+        variables: dict[str, Any],
+        policy: TimeoutPolicy,
+        request_id: str | None,
+    ) -> tuple[Session, bool]:
+        self.timeouts.validate(policy, "session.timeout_policy")
+        now = self.clock.now()
+
+        def build(agent: Agent) -> Session:
+            return model.new_session(
+                session_id=session_id,
+                agent_id=agent.agent_id,
+                user_id=user_id,
+                metadata=metadata,
+                variables=variables,
+                policy=policy,
+                agent_policy=agent.timeout_defaults,
+                effective=resolve(policy, agent.timeout_defaults, self.timeouts),
+                request_id=request_id,
+                now=now,
+            )
+
+        return await self.store.create_session(agent_id, build)
+
+    async def get_session(self, *, session_id: str) -> Session:
+        return await self.store.get_session(session_id)
+
+    async def list_sessions(
+        self,
+        *,
+        agent_id: str,
+        user_id: str,
+        status: Status | None,
+        metadata: Mapping[str, str],
+        page_size: int,
+        page_token: str,
+    ) -> Page[Session]:
+        size = check_page_size(page_size, self.limits)
+        fp = paging.fingerprint("sessions", agent_id, user_id, status, sorted(metadata.items()))
+        before = paging.decode_token(page_token, fp)
+        flt = SessionFilter(agent_id=agent_id, user_id=user_id, status=status, metadata=metadata)
+        rows = await self.store.list_sessions(flt, before_pk=before, limit=size + 1, now=self.clock.now())
+        items = rows[:size]
+        token = paging.encode_token(items[-1].pk, fp) if len(rows) > size else ""
+        return Page(items, token)
+
+    async def update_session(self, *, session_id: str, update: SessionUpdate) -> Session:
+        unknown = sorted(update.paths - UPDATABLE_SESSION_PATHS)
+        if unknown:
+            raise InvalidArgument.field(
+                "update_mask",
+                f"cannot update {', '.join(unknown)}; allowed: {', '.join(sorted(UPDATABLE_SESSION_PATHS))}",
+            )
+        if not update.paths:
+            raise InvalidArgument.field("update_mask", "names no field to update")
+        policy_paths = {p for p in update.paths if p.startswith("timeout_policy")}
+        now = self.clock.now()
+
+        def change(session: Session) -> Session:
+            if update.etag and update.etag != session.etag:
+                raise etag_mismatch("session", update.etag, session.etag)
+            model.ensure_writable(session, now)
+            changed = session
+            if "metadata" in update.paths:
+                changed = replace(changed, metadata=update.metadata)
+            if "variables" in update.paths:
+                changed = replace(changed, variables=update.variables)
+            if policy_paths:
+                fields = (
+                    POLICY_FIELDS
+                    if "timeout_policy" in policy_paths
+                    else [p.split(".", 1)[1] for p in policy_paths]
+                )
+                tier = replace(session.policy, **{f: getattr(update.timeout_policy, f) for f in fields})
+                self.timeouts.validate(tier, "session.timeout_policy")
+                effective = resolve(tier, session.agent_policy, self.timeouts)
+                changed = model.change_policy(changed, tier, effective, now, session.agent_policy)
+            if changed is session:
+                return session
+            if changed.version == session.version:
+                changed = replace(changed, update_time=now, version=session.version + 1)
+            return changed
+
+        return await self.store.change_session(session_id, change)
+
+    async def end_session(self, *, session_id: str) -> Session:
+        now = self.clock.now()
+        return await self.store.change_session(session_id, lambda s: model.end(s, now))
+
+    async def delete_session(self, *, session_id: str, etag: str, force: bool, allow_missing: bool) -> None:
+        await self.store.delete_session(
+            session_id, etag=etag, force=force, allow_missing=allow_missing, now=self.clock.now()
+        )
+
+    async def renew_session(self, *, session_id: str) -> Session:
+        now = self.clock.now()
+        return await self.store.change_session(session_id, lambda s: model.renew(s, now))
+
+    async def heartbeat(self, *, session_id: str) -> Session:
+        now = self.clock.now()
+
+        def beat(session: Session) -> Session:
+            model.ensure_writable(session, now)
+            return model.record_activity(session, now)
+
+        return await self.store.change_session(session_id, beat)
+
+    async def clear_session(self, *, session_id: str) -> Session:
+        return await self.store.clear_session(session_id, self.clock.now())
+
+    async def restore_session(
+        self, *, session_id: str, messages: Sequence[NewMessage]
+    ) -> tuple[Session, bool]:
+        return await self.store.restore_session(session_id, messages, self.clock.now())
+
+    # --- messages ---------------------------------------------------------------------------------------
+
+    async def append_messages(
+        self, *, session_id: str, messages: Sequence[NewMessage]
+    ) -> tuple[Session, list[StoredMessage]]:
+        return await self.store.append_messages(session_id, messages, self.clock.now())
+
+    async def list_messages(
+        self,
+        *,
+        session_id: str,
+        visible_only: bool,
+        descending: bool,
+        after_sequence: int,
+        before_sequence: int,
+        page_size: int,
+        page_token: str,
+    ) -> Page[StoredMessage]:
+        size = check_page_size(page_size, self.limits)
+        for name, value in (("after_sequence", after_sequence), ("before_sequence", before_sequence)):
+            if value < 0:
+                raise InvalidArgument.field(name, f"must not be negative, got {value}")
+        fp = paging.fingerprint(
+            "messages", session_id, visible_only, descending, after_sequence, before_sequence
+        )
+        position = paging.decode_token(page_token, fp)
+        after, before = after_sequence, before_sequence
+        if position and descending:
+            before = min(before, position) if before else position
+        elif position:
+            after = max(after, position)
+        query = MessagePageQuery(
+            descending=descending,
+            visible_only=visible_only,
+            after_sequence=after,
+            before_sequence=before,
+            limit=size + 1,
+        )
+        _, rows = await self.store.list_messages(session_id, query)
+        if len(rows) <= size:
+            return Page(rows, "")
+        page = paging.keep_tool_groups(rows[:size], descending=descending)
+        return Page(page, paging.encode_token(page[-1].sequence, fp))
+
+    async def delete_messages(
+        self, *, session_id: str, message_id: str | None, after_sequence: int | None
+    ) -> tuple[Session, list[str]]:
+        if after_sequence is not None and after_sequence < 0:
+            raise InvalidArgument.field("after_sequence", f"must not be negative, got {after_sequence}")
+        return await self.store.delete_messages(
+            session_id, message_id=message_id, after_sequence=after_sequence, now=self.clock.now()
+        )
+
+    # --- agents -----------------------------------------------------------------------------------------
+
+    async def create_agent(self, agent: Agent) -> Agent:
+        self.timeouts.validate(agent.timeout_defaults, "agent.timeout_defaults")
+        now = self.clock.now()
+        return await self.store.create_agent(
+            replace(agent, origin=AgentOrigin.API, create_time=now, update_time=now, version=1)
+        )
+
+    async def get_agent(self, *, agent_id: str) -> Agent:
+        return await self.store.get_agent(agent_id)
+
+    async def list_agents(self, *, page_size: int, page_token: str) -> Page[Agent]:
+        size = check_page_size(page_size, self.limits)
+        fp = paging.fingerprint("agents")
+        after = paging.decode_token(page_token, fp, str) if page_token else ""
+
+        rows = await self.store.list_agents(after_id=after, limit=size + 1)
+        items = rows[:size]
+        token = paging.encode_token(items[-1].agent_id, fp) if len(rows) > size else ""
+        return Page(items, token)
+
+    async def update_agent(self, *, agent_id: str, changes: dict[str, Any], etag: str) -> Agent:
+        if not changes:
+            raise InvalidArgument.field("update_mask", "names no field to update")
+        if "timeout_defaults" in changes:
+            self.timeouts.validate(changes["timeout_defaults"], "agent.timeout_defaults")
+        now = self.clock.now()
+
+        def change(agent: Agent) -> Agent:
+            if etag and etag != agent.etag:
+                raise etag_mismatch("agent", etag, agent.etag)
+            return replace(agent, **changes, update_time=now, version=agent.version + 1)
+
+        return await self.store.update_agent(agent_id, change)
+
+    async def delete_agent(self, *, agent_id: str, allow_missing: bool) -> None:
+        await self.store.delete_agent(agent_id, allow_missing=allow_missing)
+
+    # --- stats ------------------------------------------------------------------------------------------
+
+    async def session_counts(self) -> dict[str, int]:
+        return await self.store.count_sessions(self.clock.now())

@@ -1,0 +1,156 @@
+"""SQLAlchemy Core tables. Alembic migrations own the schema; these definitions must match them
+(`tests/test_migrations.py` checks that they do)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on every dialect: timestamptz on PostgreSQL, ISO text on SQLite."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# An auto-incrementing 64-bit key that SQLite treats as its rowid.
+PK = BigInteger().with_variant(Integer(), "sqlite")
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+sessions = Table(
+    "sessions",
+    metadata,
+    # Internal key: insertion order, the keyset cursor of ListSessions and the target of foreign keys.
+    Column("pk", PK, primary_key=True, autoincrement=True),
+    Column("session_id", String(256), nullable=False, unique=True),
+    Column("agent_id", String(64), nullable=False),
+    Column("user_id", String(256), nullable=False),
+    Column("metadata", JSON, nullable=False),
+    Column("variables", JSON, nullable=False),
+    Column("policy", JSON, nullable=False),  # {"session": {...}, "agent": {...}}: the two tiers as resolved
+    Column("timeout_minutes", Integer, nullable=False),
+    Column("auto_renew", Boolean, nullable=False),
+    Column("max_duration_minutes", Integer, nullable=False),
+    Column("warning_threshold_minutes", Integer, nullable=False),
+    Column("create_time", UTCDateTime, nullable=False),
+    Column("update_time", UTCDateTime, nullable=False),
+    Column("last_activity_time", UTCDateTime, nullable=False),
+    Column("start_time", UTCDateTime, nullable=False),
+    Column("anchor_time", UTCDateTime, nullable=False),
+    Column("expire_time", UTCDateTime, nullable=False),
+    Column("max_expire_time", UTCDateTime, nullable=False),
+    # expire_time minus the warning threshold: when the session turns near_expiration.
+    Column("warn_time", UTCDateTime, nullable=False),
+    Column("end_time", UTCDateTime, nullable=True),
+    Column("renewal_count", Integer, nullable=False),
+    Column("message_count", BigInteger, nullable=False),
+    Column("last_sequence", BigInteger, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("request_id", String(128), nullable=True, unique=True),
+    Index(None, "agent_id", "pk"),
+    Index(None, "user_id", "pk"),
+    Index(None, "expire_time"),
+    Index(None, "warn_time"),
+)
+
+# One row per metadata pair, so ListSessions can filter on metadata through an index.
+session_labels = Table(
+    "session_labels",
+    metadata,
+    Column("session_pk", PK, ForeignKey("sessions.pk", ondelete="CASCADE"), primary_key=True),
+    Column("key", String(128), primary_key=True),
+    Column("value", String(1024), nullable=False),
+    Index(None, "key", "value", "session_pk"),
+)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("session_pk", PK, ForeignKey("sessions.pk", ondelete="CASCADE"), primary_key=True),
+    Column("sequence", BigInteger, primary_key=True),
+    Column("message_id", String(128), nullable=False),
+    Column("role", SmallInteger, nullable=False),
+    Column("content", LargeBinary, nullable=False),  # serialized agentsessions.v1 parts, opaque here
+    Column("hidden", Boolean, nullable=False),
+    Column("metadata", JSON, nullable=False),
+    Column("status", SmallInteger, nullable=False),
+    Column("turn_id", String(64), nullable=False),
+    Column("create_time", UTCDateTime, nullable=False),
+    Column("group_start", BigInteger, nullable=False),
+    Column("group_end", BigInteger, nullable=False),
+    UniqueConstraint("session_pk", "message_id"),
+    # The UI view walks visible messages only.
+    Index(
+        "ix_messages_visible",
+        "session_pk",
+        "sequence",
+        sqlite_where=text("hidden = 0"),
+        postgresql_where=text("hidden = false"),
+    ),
+)
+
+# Where each tool call of a session was made, so a result can be tied to its call when appended.
+tool_calls = Table(
+    "tool_calls",
+    metadata,
+    Column("session_pk", PK, ForeignKey("sessions.pk", ondelete="CASCADE"), primary_key=True),
+    Column("call_id", String(128), primary_key=True),
+    Column("sequence", BigInteger, nullable=False),
+)
+
+agents = Table(
+    "agents",
+    metadata,
+    Column("agent_id", String(64), primary_key=True),
+    Column("display_name", String(256), nullable=False),
+    Column("backend", JSON, nullable=False),
+    Column("timeout_defaults", JSON, nullable=False),
+    Column("history_window", Integer, nullable=False),
+    Column("origin", SmallInteger, nullable=False),
+    Column("create_time", UTCDateTime, nullable=False),
+    Column("update_time", UTCDateTime, nullable=False),
+    Column("version", BigInteger, nullable=False),
+)
