@@ -209,7 +209,7 @@ class SessionsService:
             before_sequence=before,
             limit=size + 1,
         )
-        _, rows = await self.store.list_messages(session_id, query)
+        rows = await self.store.list_messages(session_id, query)
         if len(rows) <= size:
             return Page(rows, "")
         page = paging.keep_tool_groups(rows[:size], descending=descending)

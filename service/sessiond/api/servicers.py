@@ -29,7 +29,7 @@ from agentsessions.v1 import (
 from .. import __version__
 from ..domain.errors import InvalidArgument, Unimplemented
 from ..domain.model import Status
-from ..domain.validation import check_agent_id, check_session_id, check_text, uuid7
+from ..domain.validation import check_agent_id, check_message_id, check_session_id, check_text, uuid7
 from ..service_layer import SessionsService, SessionUpdate
 from . import convert
 from .errors import streaming, to_status, unary
@@ -84,13 +84,18 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
     async def ListSessions(
         self, request: session_service_pb2.ListSessionsRequest, context: Ctx
     ) -> session_service_pb2.ListSessionsResponse:
+        limits = self.svc.limits
         if request.status and request.status not in Status._value2member_map_:
             raise InvalidArgument.field("status", f"unknown session status {request.status}")
+        # Filters follow the rules of the values they match: a malformed one is an error, not "no match".
+        if request.agent_id:
+            check_agent_id(request.agent_id, limits)
+        check_text(request.user_id, "user_id", limits.max_user_id_length)
         page = await self.svc.list_sessions(
             agent_id=request.agent_id,
             user_id=request.user_id,
             status=Status(request.status) if request.status else None,
-            metadata=dict(request.metadata),
+            metadata=convert.metadata_from_pb(request.metadata, limits, "metadata"),
             page_size=request.page_size,
             page_token=request.page_token,
         )
@@ -238,8 +243,8 @@ class MessageServicer(message_service_pb2_grpc.MessageServiceServicer):
         target = request.WhichOneof("target")
         if target is None:
             raise InvalidArgument.field("target", "set message_id or after_sequence")
-        if target == "message_id" and not request.message_id:
-            raise InvalidArgument.field("message_id", "is required")
+        if target == "message_id":
+            check_message_id(request.message_id, self.svc.limits, "message_id")
         session, _deleted = await self.svc.delete_messages(
             session_id=request.session_id,
             message_id=request.message_id if target == "message_id" else None,

@@ -201,7 +201,11 @@ def end(session: Session, now: datetime) -> Session:
 
 
 def clear(session: Session, now: datetime) -> Session:
-    """Empties the history and leaves the session expired. Clearing twice changes nothing more."""
+    """Empties the history and leaves the session expired. Clearing twice changes nothing more.
+
+    An ended session is read-only, history included (delete it to drop its history)."""
+    if session.end_time is not None:
+        ensure_writable(session, now)
     if session.message_count == 0 and session.expire_time <= now:
         return session
     return replace(

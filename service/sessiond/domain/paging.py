@@ -34,6 +34,8 @@ def decode_token(token: str, request_fingerprint: str, kind: type[P] = int) -> P
         position, fp = data["p"], data["f"]
         if type(position) is not kind or not position:
             raise ValueError
+        if isinstance(position, int) and not 0 < position < 2**63:  # keys are positive BIGINTs
+            raise ValueError
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise InvalidArgument.field("page_token", "is not a token this service issued") from None
     if fp != request_fingerprint:

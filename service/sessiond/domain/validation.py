@@ -84,6 +84,8 @@ def check_metadata(metadata: Mapping[str, str], limits: Limits, field: str) -> N
             raise InvalidArgument.field(
                 f"{field}[{key!r}]", f"values are at most {limits.max_metadata_value_length} characters"
             )
+        if "\x00" in value:  # PostgreSQL text cannot hold NUL; refused on every backend alike
+            raise InvalidArgument.field(f"{field}[{key!r}]", "values must not contain NUL characters")
 
 
 def check_variables(variables: Mapping[str, Any], limits: Limits, field: str = "variables") -> None:

@@ -11,15 +11,15 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, and_, delete, exists, func, insert, select, update
+from sqlalchemy import Connection, Row, and_, bindparam, delete, exists, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import Select
 
 from ..domain import model
 from ..domain.agents import Agent, AgentOrigin
 from ..domain.errors import (
     AlreadyExists,
+    DomainError,
     FailedPrecondition,
     NotFound,
     agent_not_found,
@@ -122,6 +122,21 @@ def _session_values(s: Session) -> dict[str, Any]:
     }
 
 
+def _activity_values(s: Session) -> dict[str, Any]:
+    return {
+        "p_pk": s.pk,
+        "update_time": s.update_time,
+        "last_activity_time": s.last_activity_time,
+        "anchor_time": s.anchor_time,
+        "expire_time": s.expire_time,
+        "warn_time": s.expire_time - s.effective.warning_threshold,
+        "renewal_count": s.renewal_count,
+        "message_count": s.message_count,
+        "last_sequence": s.last_sequence,
+        "version": s.version,
+    }
+
+
 def _message_from_row(row: Row[Any], session_id: str) -> StoredMessage:
     m = row._mapping
     return StoredMessage(
@@ -170,6 +185,63 @@ _MESSAGE_COLUMNS = (
 )
 
 
+# Statements built once with named parameters: building them per call (literal values in `where` and
+# `values`) made SQLAlchemy's cache-key work the largest cost of a write.
+_MUTABLE_SESSION_COLUMNS = (
+    "metadata",
+    "variables",
+    "policy",
+    "timeout_minutes",
+    "auto_renew",
+    "max_duration_minutes",
+    "warning_threshold_minutes",
+    "update_time",
+    "last_activity_time",
+    "start_time",
+    "anchor_time",
+    "expire_time",
+    "max_expire_time",
+    "warn_time",
+    "end_time",
+    "renewal_count",
+    "message_count",
+    "last_sequence",
+    "version",
+)
+_SESSION_BY_ID = select(sessions).where(sessions.c.session_id == bindparam("p_session_id"))
+_SESSION_BY_ID_FOR_UPDATE = _SESSION_BY_ID.with_for_update()
+_SESSIONS_BY_IDS = select(sessions).where(sessions.c.session_id.in_(bindparam("p_ids", expanding=True)))
+_SESSION_BY_REQUEST = select(sessions).where(sessions.c.request_id == bindparam("p_request_id"))
+_SESSION_PK_BY_ID = select(sessions.c.pk).where(sessions.c.session_id == bindparam("p_session_id"))
+_UPDATE_SESSION = (
+    update(sessions)
+    .where(sessions.c.pk == bindparam("p_pk"))
+    .values({name: bindparam(name) for name in _MUTABLE_SESSION_COLUMNS})
+)
+# Activity (appends, heartbeats) changes only these.
+_ACTIVITY_COLUMNS = (
+    "update_time",
+    "last_activity_time",
+    "anchor_time",
+    "expire_time",
+    "warn_time",
+    "renewal_count",
+    "message_count",
+    "last_sequence",
+    "version",
+)
+_UPDATE_SESSION_ACTIVITY = (
+    update(sessions)
+    .where(sessions.c.pk == bindparam("p_pk"))
+    .values({name: bindparam(name) for name in _ACTIVITY_COLUMNS})
+)
+_INSERT_SESSION = insert(sessions).returning(sessions.c.pk)
+_AGENT_BY_ID = select(agents).where(agents.c.agent_id == bindparam("p_agent_id"))
+_MESSAGES_BY_IDS = select(*_MESSAGE_COLUMNS).where(
+    messages.c.session_pk == bindparam("p_pk"), messages.c.message_id.in_(bindparam("p_ids", expanding=True))
+)
+
+
 class Store:
     """Sessions, messages and agents, on SQLite or PostgreSQL."""
 
@@ -185,29 +257,27 @@ class Store:
             return postgresql.insert(table).on_conflict_do_nothing()
         return sqlite.insert(table).on_conflict_do_nothing()
 
-    async def _lock_session(self, conn: AsyncConnection, session_id: str) -> Session:
+    def _lock_session(self, conn: Connection, session_id: str) -> Session:
         """Reads a session for a write; on PostgreSQL the row stays locked until the transaction ends
         (SQLite's writer already holds the database)."""
-        stmt = select(sessions).where(sessions.c.session_id == session_id)
-        if self._for_update:
-            stmt = stmt.with_for_update()
-        row = (await conn.execute(stmt)).first()
+        stmt = _SESSION_BY_ID_FOR_UPDATE if self._for_update else _SESSION_BY_ID
+        row = conn.execute(stmt, {"p_session_id": session_id}).first()
         if row is None:
             raise session_not_found(session_id)
         return _session_from_row(row)
 
-    async def _save_session(self, conn: AsyncConnection, before: Session, after: Session) -> None:
+    def _save_session(self, conn: Connection, before: Session, after: Session) -> None:
         if after is before:
             return
-        await conn.execute(update(sessions).where(sessions.c.pk == after.pk).values(_session_values(after)))
+        conn.execute(_UPDATE_SESSION, {"p_pk": after.pk, **_session_values(after)})
         if after.metadata != before.metadata:
-            await conn.execute(delete(session_labels).where(session_labels.c.session_pk == after.pk))
-            await self._insert_labels(conn, after.pk, after.metadata)
+            conn.execute(delete(session_labels).where(session_labels.c.session_pk == after.pk))
+            self._insert_labels(conn, after.pk, after.metadata)
 
     @staticmethod
-    async def _insert_labels(conn: AsyncConnection, pk: int, metadata: Mapping[str, str]) -> None:
+    def _insert_labels(conn: Connection, pk: int, metadata: Mapping[str, str]) -> None:
         if metadata:
-            await conn.execute(
+            conn.execute(
                 insert(session_labels),
                 [{"session_pk": pk, "key": k, "value": v} for k, v in metadata.items()],
             )
@@ -217,19 +287,17 @@ class Store:
     async def ensure_agent(self, agent: Agent) -> Agent:
         """Inserts an agent unless one with its id exists (the built-in agents at start-up)."""
 
-        async def op(conn: AsyncConnection) -> Agent:
-            await conn.execute(
-                self._insert_ignore(agents).values(agent_id=agent.agent_id, **_agent_values(agent))
-            )
-            row = (await conn.execute(select(agents).where(agents.c.agent_id == agent.agent_id))).one()
+        def op(conn: Connection) -> Agent:
+            conn.execute(self._insert_ignore(agents).values(agent_id=agent.agent_id, **_agent_values(agent)))
+            row = (conn.execute(select(agents).where(agents.c.agent_id == agent.agent_id))).one()
             return _agent_from_row(row)
 
         return await self.db.write(op)
 
     async def create_agent(self, agent: Agent) -> Agent:
-        async def op(conn: AsyncConnection) -> Agent:
+        def op(conn: Connection) -> Agent:
             found = (
-                await conn.execute(select(agents.c.agent_id).where(agents.c.agent_id == agent.agent_id))
+                conn.execute(select(agents.c.agent_id).where(agents.c.agent_id == agent.agent_id))
             ).first()
             if found is not None:
                 raise AlreadyExists(
@@ -237,14 +305,14 @@ class Store:
                     reason="AGENT_ALREADY_EXISTS",
                     metadata={"agent_id": agent.agent_id},
                 )
-            await conn.execute(insert(agents).values(agent_id=agent.agent_id, **_agent_values(agent)))
+            conn.execute(insert(agents).values(agent_id=agent.agent_id, **_agent_values(agent)))
             return agent
 
         return await self.db.write(op)
 
     async def get_agent(self, agent_id: str) -> Agent:
-        async def op(conn: AsyncConnection) -> Agent:
-            row = (await conn.execute(select(agents).where(agents.c.agent_id == agent_id))).first()
+        def op(conn: Connection) -> Agent:
+            row = (conn.execute(select(agents).where(agents.c.agent_id == agent_id))).first()
             if row is None:
                 raise agent_not_found(agent_id)
             return _agent_from_row(row)
@@ -252,31 +320,29 @@ class Store:
         return await self.db.read(op)
 
     async def list_agents(self, *, after_id: str, limit: int) -> list[Agent]:
-        async def op(conn: AsyncConnection) -> list[Agent]:
+        def op(conn: Connection) -> list[Agent]:
             stmt = select(agents).where(agents.c.agent_id > after_id).order_by(agents.c.agent_id).limit(limit)
-            return [_agent_from_row(r) for r in await conn.execute(stmt)]
+            return [_agent_from_row(r) for r in conn.execute(stmt)]
 
         return await self.db.read(op)
 
     async def update_agent(self, agent_id: str, change: Callable[[Agent], Agent]) -> Agent:
-        async def op(conn: AsyncConnection) -> Agent:
+        def op(conn: Connection) -> Agent:
             stmt = select(agents).where(agents.c.agent_id == agent_id)
             if self._for_update:
                 stmt = stmt.with_for_update()
-            row = (await conn.execute(stmt)).first()
+            row = (conn.execute(stmt)).first()
             if row is None:
                 raise agent_not_found(agent_id)
             updated = change(_agent_from_row(row))
-            await conn.execute(
-                update(agents).where(agents.c.agent_id == agent_id).values(_agent_values(updated))
-            )
+            conn.execute(update(agents).where(agents.c.agent_id == agent_id).values(_agent_values(updated)))
             return updated
 
         return await self.db.write(op)
 
     async def delete_agent(self, agent_id: str, *, allow_missing: bool) -> None:
-        async def op(conn: AsyncConnection) -> None:
-            row = (await conn.execute(select(agents).where(agents.c.agent_id == agent_id))).first()
+        def op(conn: Connection) -> None:
+            row = (conn.execute(select(agents).where(agents.c.agent_id == agent_id))).first()
             if row is None:
                 if allow_missing:
                     return
@@ -287,14 +353,14 @@ class Store:
                     reason="AGENT_BUILT_IN",
                     metadata={"agent_id": agent_id},
                 )
-            in_use = (await conn.execute(select(exists().where(sessions.c.agent_id == agent_id)))).scalar()
+            in_use = (conn.execute(select(exists().where(sessions.c.agent_id == agent_id)))).scalar()
             if in_use:
                 raise FailedPrecondition(
                     f"agent {agent_id!r} still has sessions; delete them first",
                     reason="AGENT_IN_USE",
                     metadata={"agent_id": agent_id},
                 )
-            await conn.execute(delete(agents).where(agents.c.agent_id == agent_id))
+            conn.execute(delete(agents).where(agents.c.agent_id == agent_id))
 
         await self.db.write(op)
 
@@ -304,20 +370,16 @@ class Store:
         """Inserts the session `build` makes from its agent; returns (session, created). A request id seen
         before returns the session it created, and created=False."""
 
-        async def op(conn: AsyncConnection) -> tuple[Session, bool]:
-            agent_row = (await conn.execute(select(agents).where(agents.c.agent_id == agent_id))).first()
+        def op(conn: Connection) -> tuple[Session, bool]:
+            agent_row = conn.execute(_AGENT_BY_ID, {"p_agent_id": agent_id}).first()
             if agent_row is None:
                 raise agent_not_found(agent_id)
             new = build(_agent_from_row(agent_row))
             if new.request_id:
-                row = (
-                    await conn.execute(select(sessions).where(sessions.c.request_id == new.request_id))
-                ).first()
+                row = conn.execute(_SESSION_BY_REQUEST, {"p_request_id": new.request_id}).first()
                 if row is not None:
                     return _session_from_row(row), False
-            taken = (
-                await conn.execute(select(sessions.c.pk).where(sessions.c.session_id == new.session_id))
-            ).first()
+            taken = conn.execute(_SESSION_PK_BY_ID, {"p_session_id": new.session_id}).first()
             if taken is not None:
                 raise AlreadyExists(
                     f"session {new.session_id!r} already exists",
@@ -332,15 +394,15 @@ class Store:
                 create_time=new.create_time,
                 request_id=new.request_id,
             )
-            pk = (await conn.execute(insert(sessions).values(values).returning(sessions.c.pk))).scalar_one()
-            await self._insert_labels(conn, pk, new.metadata)
+            pk = conn.execute(_INSERT_SESSION, values).scalar_one()
+            self._insert_labels(conn, pk, new.metadata)
             return replace(new, pk=pk), True
 
         return await self.db.write(op)
 
     async def get_session(self, session_id: str) -> Session:
-        async def op(conn: AsyncConnection) -> Session:
-            row = (await conn.execute(select(sessions).where(sessions.c.session_id == session_id))).first()
+        def op(conn: Connection) -> Session:
+            row = conn.execute(_SESSION_BY_ID, {"p_session_id": session_id}).first()
             if row is None:
                 raise session_not_found(session_id)
             return _session_from_row(row)
@@ -352,7 +414,7 @@ class Store:
     ) -> list[Session]:
         """Newest first, strictly older than `before_pk` (0: from the newest)."""
 
-        async def op(conn: AsyncConnection) -> list[Session]:
+        def op(conn: Connection) -> list[Session]:
             stmt: Select[Any] = select(sessions)
             if before_pk:
                 stmt = stmt.where(sessions.c.pk < before_pk)
@@ -377,17 +439,17 @@ class Store:
                     )
                 )
             stmt = stmt.order_by(sessions.c.pk.desc()).limit(limit)
-            return [_session_from_row(r) for r in await conn.execute(stmt)]
+            return [_session_from_row(r) for r in conn.execute(stmt)]
 
         return await self.db.read(op)
 
     async def change_session(self, session_id: str, change: Callable[[Session], Session]) -> Session:
         """Read-modify-write of one session under its lock; `change` applies the domain rule."""
 
-        async def op(conn: AsyncConnection) -> Session:
-            before = await self._lock_session(conn, session_id)
+        def op(conn: Connection) -> Session:
+            before = self._lock_session(conn, session_id)
             after = change(before)
-            await self._save_session(conn, before, after)
+            self._save_session(conn, before, after)
             return after
 
         return await self.db.write(op)
@@ -395,9 +457,9 @@ class Store:
     async def delete_session(
         self, session_id: str, *, etag: str, force: bool, allow_missing: bool, now: datetime
     ) -> bool:
-        async def op(conn: AsyncConnection) -> bool:
+        def op(conn: Connection) -> bool:
             stmt = select(sessions).where(sessions.c.session_id == session_id)
-            row = (await conn.execute(stmt)).first()
+            row = (conn.execute(stmt)).first()
             if row is None:
                 if allow_missing:
                     return False
@@ -413,8 +475,8 @@ class Store:
                 )
             # Children first: no reliance on ON DELETE CASCADE being enforced by the connection.
             for table in (messages, tool_calls, session_labels):
-                await conn.execute(delete(table).where(table.c.session_pk == session.pk))
-            await conn.execute(delete(sessions).where(sessions.c.pk == session.pk))
+                conn.execute(delete(table).where(table.c.session_pk == session.pk))
+            conn.execute(delete(sessions).where(sessions.c.pk == session.pk))
             return True
 
         return await self.db.write(op)
@@ -426,37 +488,69 @@ class Store:
     ) -> tuple[Session, list[StoredMessage]]:
         """Appends atomically with gap-free sequence numbers. Messages whose caller-chosen id is already
         stored are returned as stored and not appended again."""
+        return await self.db.write(_AppendOp(self, session_id, new_messages, now))
 
-        async def op(conn: AsyncConnection) -> tuple[Session, list[StoredMessage]]:
-            before = await self._lock_session(conn, session_id)
-            existing: dict[str, StoredMessage] = {}
-            caller_ids = [m.message_id for m in new_messages if m.caller_id]
-            if caller_ids:
-                rows = await conn.execute(
-                    select(*_MESSAGE_COLUMNS).where(
-                        messages.c.session_pk == before.pk, messages.c.message_id.in_(caller_ids)
-                    )
+    def _append_many(self, conn: Connection, ops: Sequence[_AppendOp]) -> list[Outcome]:
+        """Runs a group of appends with one SELECT, one INSERT and one UPDATE for all of them; the domain
+        rules still apply request by request, in order, on the in-memory sessions."""
+        ids = list({op.session_id for op in ops})
+        stmt = _SESSIONS_BY_IDS.with_for_update() if self._for_update else _SESSIONS_BY_IDS
+        state = {row.session_id: _session_from_row(row) for row in conn.execute(stmt, {"p_ids": ids})}
+        original = dict(state)
+        pending_messages: list[StoredMessage] = []
+        pending_calls: list[dict[str, Any]] = []
+        outcomes: list[Outcome] = []
+
+        def flush() -> None:
+            if pending_messages:
+                conn.execute(
+                    insert(messages), [_message_values(state[m.session_id].pk, m) for m in pending_messages]
                 )
-                existing = {r.message_id: _message_from_row(r, session_id) for r in rows}
-            fresh = [m for m in new_messages if m.message_id not in existing]
-            if not fresh:
-                return before, sorted(existing.values(), key=lambda m: m.sequence)
-            model.ensure_writable(before, now)
-            after = model.record_activity(before, now)
-            stored = await self._insert_messages(conn, before, fresh, now)
-            after = replace(
-                after,
-                last_sequence=before.last_sequence + len(fresh),
-                message_count=before.message_count + len(fresh),
-            )
-            await self._save_session(conn, before, after)
-            return after, sorted([*existing.values(), *stored], key=lambda m: m.sequence)
+                pending_messages.clear()
+            if pending_calls:
+                conn.execute(self._insert_ignore(tool_calls), pending_calls)
+                pending_calls.clear()
 
-        return await self.db.write(op)
+        for op in ops:
+            try:
+                before = state.get(op.session_id)
+                if before is None:
+                    raise session_not_found(op.session_id)
+                existing: dict[str, StoredMessage] = {}
+                caller_ids = [m.message_id for m in op.new_messages if m.caller_id]
+                if caller_ids:
+                    flush()
+                    rows = conn.execute(_MESSAGES_BY_IDS, {"p_pk": before.pk, "p_ids": caller_ids})
+                    existing = {r.message_id: _message_from_row(r, op.session_id) for r in rows}
+                fresh = [m for m in op.new_messages if m.message_id not in existing]
+                if not fresh:
+                    outcomes.append(((before, sorted(existing.values(), key=_by_sequence)), None))
+                    continue
+                model.ensure_writable(before, op.now)
+                if any(m.tool_result_ids for m in fresh):
+                    flush()  # results are tied to calls that may be pending in this group
+                stored, calls = self._build_messages(conn, before, fresh, op.now)
+                pending_messages.extend(stored)
+                pending_calls.extend(calls)
+                state[op.session_id] = replace(
+                    model.record_activity(before, op.now),
+                    last_sequence=before.last_sequence + len(fresh),
+                    message_count=before.message_count + len(fresh),
+                )
+                outcomes.append(
+                    ((state[op.session_id], sorted([*existing.values(), *stored], key=_by_sequence)), None)
+                )
+            except DomainError as exc:
+                outcomes.append((None, exc))
+        flush()
+        changed = [s for sid, s in state.items() if s is not original[sid]]
+        if changed:
+            conn.execute(_UPDATE_SESSION_ACTIVITY, [_activity_values(s) for s in changed])
+        return outcomes
 
     @staticmethod
-    async def _link_groups(
-        conn: AsyncConnection, session_pk: int, fresh: Sequence[NewMessage], first: int
+    def _link_groups(
+        conn: Connection, session_pk: int, fresh: Sequence[NewMessage], first: int
     ) -> tuple[list[int], list[int]]:
         """Ties each new tool result to its call: returns group_start and group_end for the new messages
         and widens group_end of the stored messages holding the calls."""
@@ -464,7 +558,7 @@ class Store:
         missing = {cid for m in fresh for cid in m.tool_result_ids} - in_batch.keys()
         stored_at: dict[str, int] = {}
         if missing:
-            rows = await conn.execute(
+            rows = conn.execute(
                 select(tool_calls.c.call_id, tool_calls.c.sequence).where(
                     tool_calls.c.session_pk == session_pk, tool_calls.c.call_id.in_(missing)
                 )
@@ -485,18 +579,19 @@ class Store:
                 else:
                     widen[call_seq] = max(widen.get(call_seq, call_seq), seq)
         for call_seq, end in widen.items():
-            await conn.execute(
+            conn.execute(
                 update(messages)
                 .where(messages.c.session_pk == session_pk, messages.c.sequence == call_seq)
                 .values(group_end=end)
             )
         return starts, ends
 
-    async def _insert_messages(
-        self, conn: AsyncConnection, session: Session, fresh: Sequence[NewMessage], now: datetime
-    ) -> list[StoredMessage]:
+    def _build_messages(
+        self, conn: Connection, session: Session, fresh: Sequence[NewMessage], now: datetime
+    ) -> tuple[list[StoredMessage], list[dict[str, Any]]]:
+        """Numbers new messages after the session's last sequence; returns them and their tool-call rows."""
         first = session.last_sequence + 1
-        starts, ends = await self._link_groups(conn, session.pk, fresh, first)
+        starts, ends = self._link_groups(conn, session.pk, fresh, first)
         stored = [
             StoredMessage(
                 session_id=session.session_id,
@@ -514,52 +609,64 @@ class Store:
             )
             for i, m in enumerate(fresh)
         ]
-        await conn.execute(insert(messages), [_message_values(session.pk, m) for m in stored])
         calls = [
             {"session_pk": session.pk, "call_id": call_id, "sequence": first + i}
             for i, m in enumerate(fresh)
             for call_id in m.tool_call_ids
         ]
+        return stored, calls
+
+    def _insert_messages(
+        self, conn: Connection, session: Session, fresh: Sequence[NewMessage], now: datetime
+    ) -> list[StoredMessage]:
+        stored, calls = self._build_messages(conn, session, fresh, now)
+        conn.execute(insert(messages), [_message_values(session.pk, m) for m in stored])
         if calls:
-            await conn.execute(self._insert_ignore(tool_calls), calls)
+            conn.execute(self._insert_ignore(tool_calls), calls)
         return stored
 
-    async def list_messages(
-        self, session_id: str, q: MessagePageQuery
-    ) -> tuple[Session, list[StoredMessage]]:
-        """One page plus one look-ahead row, in the page's order: the service layer trims it so that a
-        tool call and its result stay together."""
+    async def list_messages(self, session_id: str, q: MessagePageQuery) -> list[StoredMessage]:
+        """One page plus one look-ahead row, in the page's order (the service layer trims it so that a
+        tool call and its results stay together). One statement; a second only when the page is empty,
+        to tell an empty history from a missing session."""
 
-        async def op(conn: AsyncConnection) -> tuple[Session, list[StoredMessage]]:
-            row = (await conn.execute(select(sessions).where(sessions.c.session_id == session_id))).first()
-            if row is None:
-                raise session_not_found(session_id)
-            session = _session_from_row(row)
-            stmt = select(*_MESSAGE_COLUMNS).where(messages.c.session_pk == session.pk)
+        def op(conn: Connection) -> list[StoredMessage]:
+            stmt = select(*_MESSAGE_COLUMNS).where(
+                messages.c.session_pk == _SESSION_PK_BY_ID.scalar_subquery()
+            )
             if q.visible_only:
                 stmt = stmt.where(messages.c.hidden.is_(False))
             if q.after_sequence:
-                stmt = stmt.where(messages.c.sequence > q.after_sequence)
+                stmt = stmt.where(messages.c.sequence > bindparam("p_after"))
             if q.before_sequence:
-                stmt = stmt.where(messages.c.sequence < q.before_sequence)
+                stmt = stmt.where(messages.c.sequence < bindparam("p_before"))
             order = messages.c.sequence.desc() if q.descending else messages.c.sequence.asc()
-            stmt = stmt.order_by(order).limit(q.limit)
-            return session, [_message_from_row(r, session_id) for r in await conn.execute(stmt)]
+            stmt = stmt.order_by(order).limit(bindparam("p_limit"))
+            params = {
+                "p_session_id": session_id,
+                "p_after": q.after_sequence,
+                "p_before": q.before_sequence,
+                "p_limit": q.limit,
+            }
+            rows = [_message_from_row(r, session_id) for r in conn.execute(stmt, params)]
+            if not rows and conn.execute(_SESSION_PK_BY_ID, params).first() is None:
+                raise session_not_found(session_id)
+            return rows
 
         return await self.db.read(op)
 
     async def delete_messages(
         self, session_id: str, *, message_id: str | None, after_sequence: int | None, now: datetime
     ) -> tuple[Session, list[str]]:
-        async def op(conn: AsyncConnection) -> tuple[Session, list[str]]:
-            before = await self._lock_session(conn, session_id)
+        def op(conn: Connection) -> tuple[Session, list[str]]:
+            before = self._lock_session(conn, session_id)
             model.ensure_writable(before, now)
             cond = [messages.c.session_pk == before.pk]
             if message_id is not None:
                 cond.append(messages.c.message_id == message_id)
             else:
                 cond.append(messages.c.sequence > (after_sequence or 0))
-            rows = (await conn.execute(select(messages.c.message_id, messages.c.sequence).where(*cond))).all()
+            rows = (conn.execute(select(messages.c.message_id, messages.c.sequence).where(*cond))).all()
             if message_id is not None and not rows:
                 raise NotFound(
                     f"message {message_id!r} does not exist in session {session_id!r}",
@@ -568,9 +675,9 @@ class Store:
                 )
             if not rows:
                 return before, []
-            await conn.execute(delete(messages).where(*cond))
+            conn.execute(delete(messages).where(*cond))
             sequences = [r.sequence for r in rows]
-            await conn.execute(
+            conn.execute(
                 delete(tool_calls).where(
                     tool_calls.c.session_pk == before.pk, tool_calls.c.sequence.in_(sequences)
                 )
@@ -581,19 +688,19 @@ class Store:
                 update_time=now,
                 version=before.version + 1,
             )
-            await self._save_session(conn, before, after)
+            self._save_session(conn, before, after)
             return after, [r.message_id for r in rows]
 
         return await self.db.write(op)
 
     async def clear_session(self, session_id: str, now: datetime) -> Session:
-        async def op(conn: AsyncConnection) -> Session:
-            before = await self._lock_session(conn, session_id)
+        def op(conn: Connection) -> Session:
+            before = self._lock_session(conn, session_id)
             after = model.clear(before, now)
             if after is not before:
-                await conn.execute(delete(messages).where(messages.c.session_pk == before.pk))
-                await conn.execute(delete(tool_calls).where(tool_calls.c.session_pk == before.pk))
-            await self._save_session(conn, before, after)
+                conn.execute(delete(messages).where(messages.c.session_pk == before.pk))
+                conn.execute(delete(tool_calls).where(tool_calls.c.session_pk == before.pk))
+            self._save_session(conn, before, after)
             return after
 
         return await self.db.write(op)
@@ -604,34 +711,34 @@ class Store:
         """Replaces the history of an expired session and starts a new life for it. An active session is
         returned unchanged (restored=False)."""
 
-        async def op(conn: AsyncConnection) -> tuple[Session, bool]:
-            before = await self._lock_session(conn, session_id)
+        def op(conn: Connection) -> tuple[Session, bool]:
+            before = self._lock_session(conn, session_id)
             if before.status(now) is Status.ACTIVE:
                 return before, False
             after = model.restore(before, len(history), now)
-            await conn.execute(delete(messages).where(messages.c.session_pk == before.pk))
-            await conn.execute(delete(tool_calls).where(tool_calls.c.session_pk == before.pk))
+            conn.execute(delete(messages).where(messages.c.session_pk == before.pk))
+            conn.execute(delete(tool_calls).where(tool_calls.c.session_pk == before.pk))
             if history:
-                await self._insert_messages(conn, before, history, now)
+                self._insert_messages(conn, before, history, now)
             after = replace(after, last_sequence=before.last_sequence + len(history))
-            await self._save_session(conn, before, after)
+            self._save_session(conn, before, after)
             return after, True
 
         return await self.db.write(op)
 
     async def count_sessions(self, now: datetime) -> dict[str, int]:
-        async def op(conn: AsyncConnection) -> dict[str, int]:
+        def op(conn: Connection) -> dict[str, int]:
             ended = sessions.c.end_time.is_not(None)
             live = sessions.c.end_time.is_(None)
             stmt = select(
                 func.count().filter(live, sessions.c.expire_time > now).label("active"),
                 func.count()
-                .filter(live, sessions.c.expire_time > now, sessions.c.warn_time <= now)
+                .filter(live, sessions.c.expire_time > now, sessions.c.warn_time < now)
                 .label("expiring_soon"),
                 func.count().filter(live, sessions.c.expire_time <= now).label("expired"),
                 func.count().filter(ended).label("ended"),
             )
-            row = (await conn.execute(stmt)).one()
+            row = (conn.execute(stmt)).one()
             return dict(row._mapping)
 
         return await self.db.read(op)
@@ -665,3 +772,30 @@ def _agent_values(a: Agent) -> dict[str, Any]:
         "update_time": a.update_time,
         "version": a.version,
     }
+
+
+Outcome = tuple[Any, BaseException | None]
+
+
+def _by_sequence(m: StoredMessage) -> int:
+    return m.sequence
+
+
+@dataclass(frozen=True)
+class _AppendOp:
+    """One AppendMessages request. Concurrent ones are written together: see `Store._append_many`."""
+
+    store: Store
+    session_id: str
+    new_messages: Sequence[NewMessage]
+    now: datetime
+
+    def __call__(self, conn: Connection) -> tuple[Session, list[StoredMessage]]:
+        ((result, exc),) = self.run_many(conn, [self])
+        if exc is not None:
+            raise exc
+        return result  # type: ignore[no-any-return]
+
+    @staticmethod
+    def run_many(conn: Connection, ops: Sequence[_AppendOp]) -> list[Outcome]:
+        return ops[0].store._append_many(conn, ops)
