@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -260,7 +259,8 @@ async def _measure(target: str) -> dict[str, float]:
 def _report(kind: str, bare: dict[str, float], r: dict[str, float]) -> None:
     print(f"\n== sessiond on {kind} vs bare grpc.aio (same run) ==")
     print(
-        f"bare no-op unary: {bare['unary_rps']:,.0f} calls/s ({IN_FLIGHT} in flight), p50 {bare['unary_p50'] * 1e3:.3f} ms"
+        f"bare no-op unary: {bare['unary_rps']:,.0f} calls/s ({IN_FLIGHT} in flight), "
+        f"p50 {bare['unary_p50'] * 1e3:.3f} ms"
     )
     rows = [
         ("CreateSession", r["create_rps"], 0.5),
@@ -277,7 +277,8 @@ def _report(kind: str, bare: dict[str, float], r: dict[str, float]) -> None:
         f"100 msgs {r['last50_small_p50'] * 1e3:.3f} ms  = {ratio:.2f}x  target <= 1.2x"
     )
     print(
-        f"ListMessages last 50, p99: {r['last50_large_p99'] * 1e3:.3f} ms vs {r['last50_small_p99'] * 1e3:.3f} ms"
+        f"ListMessages last 50, p99: {r['last50_large_p99'] * 1e3:.3f} ms "
+        f"vs {r['last50_small_p99'] * 1e3:.3f} ms"
     )
 
 

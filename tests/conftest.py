@@ -1,0 +1,94 @@
+"""Test harness: a real grpc.aio server on port 0 over a real database, called through the published client.
+
+Every test that uses `server` or `client` runs twice: on a SQLite file and on the PostgreSQL server at
+127.0.0.1:5432 (database `test`, a fresh schema per run). Time is a ManualClock that tests move.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from agentsessions import AsyncSessionsClient
+from sessiond.config import Settings
+from sessiond.domain.clock import ManualClock
+from sessiond.server import RunningServer, start_server
+
+POSTGRES_URL = os.environ.get("SESSIOND_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@dataclass(frozen=True)
+class DatabaseTarget:
+    backend: str
+    url: str
+    schema: str | None = None
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+async def database(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[DatabaseTarget]:
+    if request.param == "sqlite":
+        path: Path = tmp_path_factory.mktemp("sqlite") / "sessiond.db"
+        yield DatabaseTarget("sqlite", f"sqlite:///{path}")
+        return
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        await conn.execute(f"CREATE SCHEMA {schema}")
+        yield DatabaseTarget("postgresql", POSTGRES_URL, schema)
+    finally:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await conn.close()
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+def make_settings(database: DatabaseTarget, **overrides: object) -> Settings:
+    return Settings(
+        database_url=database.url,
+        database_schema=database.schema,
+        listen="127.0.0.1:0",
+        database_pool_size=4,
+        **overrides,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def settings(database: DatabaseTarget) -> Settings:
+    return make_settings(database)
+
+
+@pytest.fixture
+async def server(settings: Settings, clock: ManualClock) -> AsyncIterator[RunningServer]:
+    running = await start_server(settings, clock=clock)
+    try:
+        yield running
+    finally:
+        await running.stop(0)
+
+
+@pytest.fixture
+def target(server: RunningServer) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+@pytest.fixture
+async def client(target: str) -> AsyncIterator[AsyncSessionsClient]:
+    async with AsyncSessionsClient(target) as c:
+        yield c
+
+
+@pytest.fixture
+def unique() -> str:
+    """A fresh prefix, so tests sharing a database never see each other's rows."""
+    return uuid.uuid4().hex[:10]
