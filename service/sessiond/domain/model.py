@@ -180,15 +180,18 @@ def change_policy(
     now: datetime,
     agent_policy: TimeoutPolicy,
 ) -> Session:
-    """New timeout values apply from the session's last renewal and start, as if they had always held."""
+    """New timeout values apply as if they had always held: the timeout counts from the last activity when
+    auto-renew is on and from the last renewal otherwise, the cap from the start of the session's life."""
     cap = session.start_time + effective.max_duration
+    anchor = max(session.anchor_time, session.last_activity_time) if effective.auto_renew else session.anchor_time
     return replace(
         session,
         policy=policy,
         agent_policy=agent_policy,
         effective=effective,
         max_expire_time=cap,
-        expire_time=next_expiry(session.anchor_time, effective, cap),
+        anchor_time=anchor,
+        expire_time=next_expiry(anchor, effective, cap),
         update_time=now,
         version=session.version + 1,
     )

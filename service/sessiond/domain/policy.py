@@ -74,20 +74,18 @@ class TimeoutLimits:
     def validate(self, tier: TimeoutPolicy, prefix: str) -> None:
         """Raise InvalidArgument listing every field of `tier` outside its range."""
         violations = []
+        bounds: dict[str, str] = {}
         for name, (low, high) in self.ranges().items():
             value = getattr(tier, name)
             if value is not None and not low <= value <= high:
-                violations.append(
-                    FieldViolation(
-                        f"{prefix}.{name}", f"must be between {low} and {high} minutes, got {value}"
-                    )
-                )
+                field = f"{prefix}.{name}"
+                violations.append(FieldViolation(field, f"must be between {low} and {high} minutes, got {value}"))
+                bounds = bounds or {"field": field, "min": str(low), "max": str(high), "value": str(value)}
         if violations:
-            first = violations[0]
             raise InvalidArgument(
                 "; ".join(f"{v.field} {v.description}" for v in violations),
                 reason="TIMEOUT_OUT_OF_RANGE",
-                metadata={"field": first.field, "allowed_range": first.description.split(",")[0]},
+                metadata=bounds,
                 violations=violations,
             )
 
