@@ -35,6 +35,7 @@ from .api.servicers import (
 from .config import Settings
 from .domain.agents import builtin_echo
 from .domain.clock import Clock, SystemClock
+from .events.bus import InProcessEventBus
 from .service_layer import SessionsService
 from .store import migrate
 from .store.database import Database
@@ -117,7 +118,9 @@ async def start_server(
             await migrate.upgrade(db)
         store = Store(db)
         await store.ensure_agent(builtin_echo(clock.now()))
-        service = SessionsService(store, clock=clock, timeouts=timeouts, limits=settings.limits())
+        service = SessionsService(
+            store, clock=clock, timeouts=timeouts, limits=settings.limits(), bus=InProcessEventBus()
+        )
 
         server = grpc.aio.server(
             options=[

@@ -14,6 +14,7 @@ from .domain.errors import InvalidArgument, etag_mismatch
 from .domain.model import NewMessage, Session, Status, StoredMessage
 from .domain.policy import POLICY_FIELDS, TimeoutLimits, TimeoutPolicy, resolve
 from .domain.validation import Limits, check_page_size
+from .events.bus import EventBus, InProcessEventBus
 from .store.repository import MessagePageQuery, SessionFilter, Store
 
 UPDATABLE_SESSION_PATHS = frozenset(
@@ -42,11 +43,20 @@ class SessionUpdate:
 
 
 class SessionsService:
-    def __init__(self, store: Store, *, clock: Clock, timeouts: TimeoutLimits, limits: Limits) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clock: Clock,
+        timeouts: TimeoutLimits,
+        limits: Limits,
+        bus: EventBus | None = None,
+    ) -> None:
         self.store = store
         self.clock = clock
         self.timeouts = timeouts
         self.limits = limits
+        self.bus: EventBus = bus or InProcessEventBus()
 
     # --- sessions ---------------------------------------------------------------------------------------
 

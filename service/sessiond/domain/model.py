@@ -183,7 +183,9 @@ def change_policy(
     """New timeout values apply as if they had always held: the timeout counts from the last activity when
     auto-renew is on and from the last renewal otherwise, the cap from the start of the session's life."""
     cap = session.start_time + effective.max_duration
-    anchor = max(session.anchor_time, session.last_activity_time) if effective.auto_renew else session.anchor_time
+    anchor = (
+        max(session.anchor_time, session.last_activity_time) if effective.auto_renew else session.anchor_time
+    )
     return replace(
         session,
         policy=policy,

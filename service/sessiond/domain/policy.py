@@ -79,7 +79,9 @@ class TimeoutLimits:
             value = getattr(tier, name)
             if value is not None and not low <= value <= high:
                 field = f"{prefix}.{name}"
-                violations.append(FieldViolation(field, f"must be between {low} and {high} minutes, got {value}"))
+                violations.append(
+                    FieldViolation(field, f"must be between {low} and {high} minutes, got {value}")
+                )
                 bounds = bounds or {"field": field, "min": str(low), "max": str(high), "value": str(value)}
         if violations:
             raise InvalidArgument(

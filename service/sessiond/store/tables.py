@@ -103,10 +103,31 @@ sessions = Table(
     Column("last_sequence", BigInteger, nullable=False),
     Column("version", BigInteger, nullable=False),
     Column("request_id", String(128), nullable=True, unique=True),
+    # Highest event id stored for this session (events are numbered per session, from 1).
+    Column("last_event_id", BigInteger, nullable=False, server_default="0"),
+    # The expire_time a warning / an expiry event was pushed for: one of each per expiry window.
+    Column("warned_expire_time", UTCDateTime, nullable=True),
+    Column("notified_expire_time", UTCDateTime, nullable=True),
+    # When the sweeper next has something to push for this session (warning or expiry); NULL: nothing.
+    Column("next_notify_time", UTCDateTime, nullable=True),
     Index(None, "agent_id", "pk"),
     Index(None, "user_id", "pk"),
     Index(None, "expire_time"),
     Index(None, "warn_time"),
+    Index(None, "next_notify_time"),
+    Index(None, "end_time"),
+)
+
+# The durable event log of each session: what WatchSession replays. `payload` is a serialized
+# agentsessions.v1.SessionEvent, opaque to the store.
+session_events = Table(
+    "session_events",
+    metadata,
+    Column("session_pk", PK, ForeignKey("sessions.pk", ondelete="CASCADE"), primary_key=True),
+    Column("event_id", BigInteger, primary_key=True),
+    Column("kind", String(32), nullable=False),
+    Column("time", UTCDateTime, nullable=False),
+    Column("payload", LargeBinary, nullable=False),
 )
 
 # One row per metadata pair, so ListSessions can filter on metadata through an index.

@@ -27,15 +27,15 @@ from agentsessions.v1 import session_pb2 as agentsessions_dot_v1_dot_session__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61gentsessions/v1/events.proto\x12\x10\x61gentsessions.v1\x1a\x1e\x61gentsessions/v1/message.proto\x1a\x1e\x61gentsessions/v1/session.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"o\n\x0bTurnStarted\x12/\n\x0cuser_message\x18\x01 \x01(\x0b\x32\x19.agentsessions.v1.Message\x12\x19\n\x11\x63ontinued_turn_id\x18\x02 \x01(\t\x12\x14\n\x0ctrigger_name\x18\x03 \x01(\t\"-\n\tTextDelta\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"2\n\x0eReasoningDelta\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"o\n\rToolCallEvent\x12,\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x1e.agentsessions.v1.ToolCallPart\x12\x30\n\x06result\x18\x02 \x01(\x0b\x32 .agentsessions.v1.ToolResultPart\"B\n\x11\x43lientToolRequest\x12-\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x1e.agentsessions.v1.ToolCallPart\"d\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x18\n\x10reasoning_tokens\x18\x03 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x04 \x01(\x03\">\n\x10MessageCompleted\x12*\n\x07message\x18\x01 \x01(\x0b\x32\x19.agentsessions.v1.Message\">\n\x0cTurnFinished\x12.\n\x06reason\x18\x01 \x01(\x0e\x32\x1e.agentsessions.v1.FinishReason\"?\n\tTurnError\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"\xe4\x04\n\tTurnEvent\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x03\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x0cturn_started\x18\n \x01(\x0b\x32\x1d.agentsessions.v1.TurnStartedH\x00\x12\x31\n\ntext_delta\x18\x0b \x01(\x0b\x32\x1b.agentsessions.v1.TextDeltaH\x00\x12;\n\x0freasoning_delta\x18\x0c \x01(\x0b\x32 .agentsessions.v1.ReasoningDeltaH\x00\x12\x34\n\ttool_call\x18\r \x01(\x0b\x32\x1f.agentsessions.v1.ToolCallEventH\x00\x12\x42\n\x13\x63lient_tool_request\x18\x0e \x01(\x0b\x32#.agentsessions.v1.ClientToolRequestH\x00\x12(\n\x05usage\x18\x0f \x01(\x0b\x32\x17.agentsessions.v1.UsageH\x00\x12?\n\x11message_completed\x18\x10 \x01(\x0b\x32\".agentsessions.v1.MessageCompletedH\x00\x12\x37\n\rturn_finished\x18\x11 \x01(\x0b\x32\x1e.agentsessions.v1.TurnFinishedH\x00\x12,\n\x05\x65rror\x18\x12 \x01(\x0b\x32\x1b.agentsessions.v1.TurnErrorH\x00\x42\x06\n\x04kind\"?\n\x10MessagesAppended\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.agentsessions.v1.Message\">\n\x0fMessagesDeleted\x12\x13\n\x0bmessage_ids\x18\x01 \x03(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"?\n\x0c\x45xpiringSoon\x12/\n\x0b\x65xpire_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x10\n\x0eSessionExpired\"Q\n\x0eSessionRenewed\x12/\n\x0b\x65xpire_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06manual\x18\x02 \x01(\x08\"\\\n\x0eTimeoutChanged\x12J\n\x18\x65\x66\x66\x65\x63tive_timeout_policy\x18\x01 \x01(\x0b\x32(.agentsessions.v1.EffectiveTimeoutPolicy\"\x1f\n\x0eSessionUpdated\x12\r\n\x05paths\x18\x01 \x03(\t\"\x0e\n\x0cSessionEnded\"\x10\n\x0eSessionCleared\"(\n\x0fSessionRestored\x12\x15\n\rmessage_count\x18\x01 \x01(\x03\"\x10\n\x0eSessionDeleted\"\xa6\x06\n\x0cSessionEvent\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x07session\x18\x04 \x01(\x0b\x32\x19.agentsessions.v1.Session\x12?\n\x11messages_appended\x18\n \x01(\x0b\x32\".agentsessions.v1.MessagesAppendedH\x00\x12=\n\x10messages_deleted\x18\x0b \x01(\x0b\x32!.agentsessions.v1.MessagesDeletedH\x00\x12+\n\x04turn\x18\x0c \x01(\x0b\x32\x1b.agentsessions.v1.TurnEventH\x00\x12\x37\n\rexpiring_soon\x18\r \x01(\x0b\x32\x1e.agentsessions.v1.ExpiringSoonH\x00\x12\x33\n\x07\x65xpired\x18\x0e \x01(\x0b\x32 .agentsessions.v1.SessionExpiredH\x00\x12\x33\n\x07renewed\x18\x0f \x01(\x0b\x32 .agentsessions.v1.SessionRenewedH\x00\x12;\n\x0ftimeout_changed\x18\x10 \x01(\x0b\x32 .agentsessions.v1.TimeoutChangedH\x00\x12\x33\n\x07updated\x18\x11 \x01(\x0b\x32 .agentsessions.v1.SessionUpdatedH\x00\x12/\n\x05\x65nded\x18\x12 \x01(\x0b\x32\x1e.agentsessions.v1.SessionEndedH\x00\x12\x33\n\x07\x63leared\x18\x13 \x01(\x0b\x32 .agentsessions.v1.SessionClearedH\x00\x12\x35\n\x08restored\x18\x14 \x01(\x0b\x32!.agentsessions.v1.SessionRestoredH\x00\x12\x33\n\x07\x64\x65leted\x18\x15 \x01(\x0b\x32 .agentsessions.v1.SessionDeletedH\x00\x42\x06\n\x04kind*\xba\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12#\n\x1f\x46INISH_REASON_CLIENT_TOOL_CALLS\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61gentsessions/v1/events.proto\x12\x10\x61gentsessions.v1\x1a\x1e\x61gentsessions/v1/message.proto\x1a\x1e\x61gentsessions/v1/session.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"o\n\x0bTurnStarted\x12/\n\x0cuser_message\x18\x01 \x01(\x0b\x32\x19.agentsessions.v1.Message\x12\x19\n\x11\x63ontinued_turn_id\x18\x02 \x01(\t\x12\x14\n\x0ctrigger_name\x18\x03 \x01(\t\"-\n\tTextDelta\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"2\n\x0eReasoningDelta\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"o\n\rToolCallEvent\x12,\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x1e.agentsessions.v1.ToolCallPart\x12\x30\n\x06result\x18\x02 \x01(\x0b\x32 .agentsessions.v1.ToolResultPart\"B\n\x11\x43lientToolRequest\x12-\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x1e.agentsessions.v1.ToolCallPart\"d\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x18\n\x10reasoning_tokens\x18\x03 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x04 \x01(\x03\">\n\x10MessageCompleted\x12*\n\x07message\x18\x01 \x01(\x0b\x32\x19.agentsessions.v1.Message\">\n\x0cTurnFinished\x12.\n\x06reason\x18\x01 \x01(\x0e\x32\x1e.agentsessions.v1.FinishReason\"?\n\tTurnError\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"\xe4\x04\n\tTurnEvent\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x03\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x0cturn_started\x18\n \x01(\x0b\x32\x1d.agentsessions.v1.TurnStartedH\x00\x12\x31\n\ntext_delta\x18\x0b \x01(\x0b\x32\x1b.agentsessions.v1.TextDeltaH\x00\x12;\n\x0freasoning_delta\x18\x0c \x01(\x0b\x32 .agentsessions.v1.ReasoningDeltaH\x00\x12\x34\n\ttool_call\x18\r \x01(\x0b\x32\x1f.agentsessions.v1.ToolCallEventH\x00\x12\x42\n\x13\x63lient_tool_request\x18\x0e \x01(\x0b\x32#.agentsessions.v1.ClientToolRequestH\x00\x12(\n\x05usage\x18\x0f \x01(\x0b\x32\x17.agentsessions.v1.UsageH\x00\x12?\n\x11message_completed\x18\x10 \x01(\x0b\x32\".agentsessions.v1.MessageCompletedH\x00\x12\x37\n\rturn_finished\x18\x11 \x01(\x0b\x32\x1e.agentsessions.v1.TurnFinishedH\x00\x12,\n\x05\x65rror\x18\x12 \x01(\x0b\x32\x1b.agentsessions.v1.TurnErrorH\x00\x42\x06\n\x04kind\"n\n\x10MessagesAppended\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.agentsessions.v1.Message\x12\x16\n\x0e\x66irst_sequence\x18\x02 \x01(\x03\x12\x15\n\rlast_sequence\x18\x03 \x01(\x03\">\n\x0fMessagesDeleted\x12\x13\n\x0bmessage_ids\x18\x01 \x03(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"?\n\x0c\x45xpiringSoon\x12/\n\x0b\x65xpire_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x10\n\x0eSessionExpired\"Q\n\x0eSessionRenewed\x12/\n\x0b\x65xpire_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06manual\x18\x02 \x01(\x08\"\\\n\x0eTimeoutChanged\x12J\n\x18\x65\x66\x66\x65\x63tive_timeout_policy\x18\x01 \x01(\x0b\x32(.agentsessions.v1.EffectiveTimeoutPolicy\"\x1f\n\x0eSessionUpdated\x12\r\n\x05paths\x18\x01 \x03(\t\"\x0e\n\x0cSessionEnded\"\x10\n\x0eSessionCleared\"(\n\x0fSessionRestored\x12\x15\n\rmessage_count\x18\x01 \x01(\x03\"\x10\n\x0eSessionDeleted\"\xa6\x06\n\x0cSessionEvent\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x07session\x18\x04 \x01(\x0b\x32\x19.agentsessions.v1.Session\x12?\n\x11messages_appended\x18\n \x01(\x0b\x32\".agentsessions.v1.MessagesAppendedH\x00\x12=\n\x10messages_deleted\x18\x0b \x01(\x0b\x32!.agentsessions.v1.MessagesDeletedH\x00\x12+\n\x04turn\x18\x0c \x01(\x0b\x32\x1b.agentsessions.v1.TurnEventH\x00\x12\x37\n\rexpiring_soon\x18\r \x01(\x0b\x32\x1e.agentsessions.v1.ExpiringSoonH\x00\x12\x33\n\x07\x65xpired\x18\x0e \x01(\x0b\x32 .agentsessions.v1.SessionExpiredH\x00\x12\x33\n\x07renewed\x18\x0f \x01(\x0b\x32 .agentsessions.v1.SessionRenewedH\x00\x12;\n\x0ftimeout_changed\x18\x10 \x01(\x0b\x32 .agentsessions.v1.TimeoutChangedH\x00\x12\x33\n\x07updated\x18\x11 \x01(\x0b\x32 .agentsessions.v1.SessionUpdatedH\x00\x12/\n\x05\x65nded\x18\x12 \x01(\x0b\x32\x1e.agentsessions.v1.SessionEndedH\x00\x12\x33\n\x07\x63leared\x18\x13 \x01(\x0b\x32 .agentsessions.v1.SessionClearedH\x00\x12\x35\n\x08restored\x18\x14 \x01(\x0b\x32!.agentsessions.v1.SessionRestoredH\x00\x12\x33\n\x07\x64\x65leted\x18\x15 \x01(\x0b\x32 .agentsessions.v1.SessionDeletedH\x00\x42\x06\n\x04kind*\xba\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12#\n\x1f\x46INISH_REASON_CLIENT_TOOL_CALLS\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentsessions.v1.events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2777
-  _globals['_FINISHREASON']._serialized_end=2963
+  _globals['_FINISHREASON']._serialized_start=2824
+  _globals['_FINISHREASON']._serialized_end=3010
   _globals['_TURNSTARTED']._serialized_start=148
   _globals['_TURNSTARTED']._serialized_end=259
   _globals['_TEXTDELTA']._serialized_start=261
@@ -57,27 +57,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TURNEVENT']._serialized_start=837
   _globals['_TURNEVENT']._serialized_end=1449
   _globals['_MESSAGESAPPENDED']._serialized_start=1451
-  _globals['_MESSAGESAPPENDED']._serialized_end=1514
-  _globals['_MESSAGESDELETED']._serialized_start=1516
-  _globals['_MESSAGESDELETED']._serialized_end=1578
-  _globals['_EXPIRINGSOON']._serialized_start=1580
-  _globals['_EXPIRINGSOON']._serialized_end=1643
-  _globals['_SESSIONEXPIRED']._serialized_start=1645
-  _globals['_SESSIONEXPIRED']._serialized_end=1661
-  _globals['_SESSIONRENEWED']._serialized_start=1663
-  _globals['_SESSIONRENEWED']._serialized_end=1744
-  _globals['_TIMEOUTCHANGED']._serialized_start=1746
-  _globals['_TIMEOUTCHANGED']._serialized_end=1838
-  _globals['_SESSIONUPDATED']._serialized_start=1840
-  _globals['_SESSIONUPDATED']._serialized_end=1871
-  _globals['_SESSIONENDED']._serialized_start=1873
-  _globals['_SESSIONENDED']._serialized_end=1887
-  _globals['_SESSIONCLEARED']._serialized_start=1889
-  _globals['_SESSIONCLEARED']._serialized_end=1905
-  _globals['_SESSIONRESTORED']._serialized_start=1907
-  _globals['_SESSIONRESTORED']._serialized_end=1947
-  _globals['_SESSIONDELETED']._serialized_start=1949
-  _globals['_SESSIONDELETED']._serialized_end=1965
-  _globals['_SESSIONEVENT']._serialized_start=1968
-  _globals['_SESSIONEVENT']._serialized_end=2774
+  _globals['_MESSAGESAPPENDED']._serialized_end=1561
+  _globals['_MESSAGESDELETED']._serialized_start=1563
+  _globals['_MESSAGESDELETED']._serialized_end=1625
+  _globals['_EXPIRINGSOON']._serialized_start=1627
+  _globals['_EXPIRINGSOON']._serialized_end=1690
+  _globals['_SESSIONEXPIRED']._serialized_start=1692
+  _globals['_SESSIONEXPIRED']._serialized_end=1708
+  _globals['_SESSIONRENEWED']._serialized_start=1710
+  _globals['_SESSIONRENEWED']._serialized_end=1791
+  _globals['_TIMEOUTCHANGED']._serialized_start=1793
+  _globals['_TIMEOUTCHANGED']._serialized_end=1885
+  _globals['_SESSIONUPDATED']._serialized_start=1887
+  _globals['_SESSIONUPDATED']._serialized_end=1918
+  _globals['_SESSIONENDED']._serialized_start=1920
+  _globals['_SESSIONENDED']._serialized_end=1934
+  _globals['_SESSIONCLEARED']._serialized_start=1936
+  _globals['_SESSIONCLEARED']._serialized_end=1952
+  _globals['_SESSIONRESTORED']._serialized_start=1954
+  _globals['_SESSIONRESTORED']._serialized_end=1994
+  _globals['_SESSIONDELETED']._serialized_start=1996
+  _globals['_SESSIONDELETED']._serialized_end=2012
+  _globals['_SESSIONEVENT']._serialized_start=2015
+  _globals['_SESSIONEVENT']._serialized_end=2821
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,109 @@
+"""The event bus: how a session's events reach the watchers and streams that follow it live.
+
+`EventBus` is the interface the rest of the server uses; `InProcessEventBus` is the default, for one
+process. A bus that fans out between replicas (PostgreSQL LISTEN/NOTIFY) implements the same interface and
+slots in at assembly (`sessiond.server`) without touching publishers or subscribers.
+
+Events are `agentsessions.v1.SessionEvent` messages. Durable events (event_id > 0) are published after the
+transaction that stored them commits; live-only events (event_id == 0, e.g. turn deltas) are published as
+they happen. Publishing never blocks: each subscription has a bounded buffer, and a subscriber that falls
+that far behind is cut off (`Subscription.lagging`) and must resume from the last event id it saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from agentsessions.v1 import events_pb2
+
+DEFAULT_BUFFER = 1024
+
+
+class Subscription:
+    """Live events of one session for one subscriber, in publish order."""
+
+    def __init__(self, bus: InProcessEventBus, session_id: str, max_buffer: int) -> None:
+        self.session_id = session_id
+        self.lagging = False
+        self._bus = bus
+        self._queue: asyncio.Queue[events_pb2.SessionEvent | None] = asyncio.Queue(max_buffer)
+
+    def _offer(self, event: events_pb2.SessionEvent) -> None:
+        if self.lagging:
+            return
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            # Cut off instead of growing without bound or stalling the publisher; the wake-up token
+            # goes in place of the oldest event so the subscriber notices at once.
+            self.lagging = True
+            self._queue.get_nowait()
+            self._queue.put_nowait(None)
+
+    async def get(self) -> events_pb2.SessionEvent | None:
+        """The next event; None once the subscription is lagging (the caller must resume from storage)."""
+        if self.lagging and self._queue.empty():
+            return None
+        event = await self._queue.get()
+        return None if self.lagging else event
+
+    def get_nowait(self) -> events_pb2.SessionEvent | None:
+        """The next buffered event, or None when none is buffered."""
+        try:
+            event = self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+        return None if self.lagging else event
+
+    def close(self) -> None:
+        self._bus._remove(self)
+
+    async def __aiter__(self) -> AsyncIterator[events_pb2.SessionEvent]:
+        while (event := await self.get()) is not None:
+            yield event
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EventBus(Protocol):
+    def publish(self, event: events_pb2.SessionEvent) -> None:
+        """Delivers `event` to every current subscriber of `event.session_id`. Never blocks."""
+        ...
+
+    def subscribe(self, session_id: str, *, max_buffer: int = DEFAULT_BUFFER) -> Subscription:
+        """Starts buffering the session's live events for one subscriber (close it when done)."""
+        ...
+
+    def subscriber_count(self) -> int: ...
+
+
+class InProcessEventBus:
+    """Fan-out inside one process: a set of bounded subscriptions per session."""
+
+    def __init__(self) -> None:
+        self._subscribers: dict[str, set[Subscription]] = {}
+
+    def publish(self, event: events_pb2.SessionEvent) -> None:
+        for subscription in tuple(self._subscribers.get(event.session_id, ())):
+            subscription._offer(event)
+
+    def subscribe(self, session_id: str, *, max_buffer: int = DEFAULT_BUFFER) -> Subscription:
+        subscription = Subscription(self, session_id, max_buffer)
+        self._subscribers.setdefault(session_id, set()).add(subscription)
+        return subscription
+
+    def subscriber_count(self) -> int:
+        return sum(len(s) for s in self._subscribers.values())
+
+    def _remove(self, subscription: Subscription) -> None:
+        subscribers = self._subscribers.get(subscription.session_id)
+        if subscribers is not None:
+            subscribers.discard(subscription)
+            if not subscribers:
+                del self._subscribers[subscription.session_id]
