@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
+from agentsessions.v1 import events_pb2
+
 from .domain import model, paging
 from .domain.agents import Agent, AgentOrigin
 from .domain.clock import Clock
@@ -277,3 +279,10 @@ class SessionsService:
 
     async def session_counts(self) -> dict[str, int]:
         return await self.store.count_sessions(self.clock.now())
+
+    # --- events -----------------------------------------------------------------------------------------
+
+    async def publish_turn_event(self, event: events_pb2.TurnEvent) -> None:
+        """Relays a turn event to the session's watchers. Turn started / finished are durable session events
+        (stored, replayable); deltas and the rest are live only."""
+        self.bus.publish(events_pb2.SessionEvent(session_id=event.session_id, time=event.time, turn=event))
