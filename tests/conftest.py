@@ -59,6 +59,8 @@ def make_settings(database: DatabaseTarget, **overrides: object) -> Settings:
         database_schema=database.schema,
         listen="127.0.0.1:0",
         database_pool_size=4,
+        # Tests drive the sweeper themselves (server.sweeper.run_once()) with the injected clock.
+        sweeper_enabled=False,
         **overrides,  # type: ignore[arg-type]
     )
 

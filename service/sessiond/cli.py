@@ -21,6 +21,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["database_url"] = args.database_url
     if getattr(args, "no_migrate", False):
         overrides["migrate_on_start"] = False
+    if getattr(args, "config", None):
+        overrides["config_file"] = args.config
     return Settings(**overrides)
 
 
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--listen", help="address to listen on (SESSIOND_LISTEN, default 127.0.0.1:50051)")
     serve.add_argument("--database-url", help="SQLAlchemy URL (SESSIOND_DATABASE_URL)")
     serve.add_argument("--no-migrate", action="store_true", help="do not apply migrations at start")
+    serve.add_argument("--config", help="TOML file declaring agents (SESSIOND_CONFIG); see README, Agents")
     mig = sub.add_parser("migrate", help="apply schema migrations and exit")
     mig.add_argument("--database-url", help="SQLAlchemy URL (SESSIOND_DATABASE_URL)")
     mig.add_argument("--revision", default="head")

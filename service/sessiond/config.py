@@ -37,6 +37,26 @@ class Settings(BaseSettings):
     )
     cleanup_interval_minutes: int = Field(5, ge=1, validation_alias=_env("SESSION_CLEANUP_INTERVAL_MINUTES"))
     auto_renew: bool = Field(True, validation_alias=_env("SESSION_AUTO_RENEW"))
+    # How long expired and ended sessions stay readable before the sweeper purges them (0: forever).
+    retention_minutes: int = Field(7 * 24 * 60, ge=0, validation_alias=_env("SESSIOND_RETENTION_MINUTES"))
+    # How often due expiry warnings and expiries are pushed (the purge runs every cleanup interval).
+    notify_interval_seconds: float = Field(
+        5.0, gt=0, validation_alias=_env("SESSIOND_NOTIFY_INTERVAL_SECONDS")
+    )
+    # Run the sweeper in this process (turn off where another process sweeps, or in tests that drive it).
+    sweeper_enabled: bool = Field(True, validation_alias=_env("SESSIOND_SWEEPER"))
+    # Live events buffered per watcher before it is cut off with WATCH_LAGGING and must resume.
+    watch_buffer: int = Field(1024, ge=1, validation_alias=_env("SESSIOND_WATCH_BUFFER"))
+
+    # TOML file declaring agents (see sessiond.agents_file), upserted at start.
+    config_file: str | None = Field(None, validation_alias=_env("SESSIOND_CONFIG"))
+    # How long a crashed process can keep a session's turn from others (renewed every fifth of it; a
+    # StopTurn for a turn on another replica arrives with the next renewal).
+    turn_lease_seconds: float = Field(15.0, gt=0, validation_alias=_env("SESSIOND_TURN_LEASE_SECONDS"))
+    # Timeout of a chat-completions request whose agent sets none (time between streamed chunks).
+    agent_http_timeout_seconds: float = Field(
+        300.0, gt=0, validation_alias=_env("SESSIOND_AGENT_HTTP_TIMEOUT_SECONDS")
+    )
 
     max_batch_messages: int = Field(100, ge=1, validation_alias=_env("SESSIOND_MAX_BATCH_MESSAGES"))
     max_message_bytes: int = Field(1024 * 1024, ge=1024, validation_alias=_env("SESSIOND_MAX_MESSAGE_BYTES"))

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,22 +25,28 @@ from agentsessions.v1 import (
     turn_service_pb2_grpc,
 )
 
+from .agents_file import apply_agents, load_agents
 from .api import reflection
+from .api.events import encode_event
 from .api.servicers import (
     AdminServicer,
     AgentRegistryServicer,
     MessageServicer,
     SessionServicer,
-    TurnServicer,
 )
+from .api.turns import TurnServicer
 from .config import Settings
 from .domain.agents import builtin_echo
 from .domain.clock import Clock, SystemClock
 from .events.bus import InProcessEventBus
+from .events.sweeper import Sweeper
 from .service_layer import SessionsService
 from .store import migrate
 from .store.database import Database
 from .store.repository import Store
+from .store.turns import TurnStore
+from .turns.backends import Backends
+from .turns.runner import TurnRunner
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +72,17 @@ class RunningServer:
     db: Database
     service: SessionsService
     health: health.aio.HealthServicer
+    sweeper: Sweeper
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    turns: TurnRunner | None = None
 
     async def stop(self, grace: float | None = None) -> None:
         await self.health.enter_graceful_shutdown()
         for task in self._tasks:
             task.cancel()
         await self.server.stop(grace)
+        if self.turns is not None:  # turns that outlived their callers: keep their partial output
+            await self.turns.close()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -109,6 +120,11 @@ async def start_server(
     """Opens the database (migrating it unless told not to), then starts serving on `listen`."""
     clock = clock or SystemClock()
     timeouts = settings.timeout_limits()
+    declared = (
+        load_agents(settings.config_file, now=clock.now(), timeouts=timeouts, limits=settings.limits())
+        if settings.config_file
+        else []
+    )
     db = Database(
         settings.database_url, schema=settings.database_schema, pool_size=settings.database_pool_size
     )
@@ -116,10 +132,17 @@ async def start_server(
     try:
         if settings.migrate_on_start:
             await migrate.upgrade(db)
-        store = Store(db)
+        bus = InProcessEventBus()
+        store = Store(db, encode_event=encode_event, publish=bus.publish)
         await store.ensure_agent(builtin_echo(clock.now()))
-        service = SessionsService(
-            store, clock=clock, timeouts=timeouts, limits=settings.limits(), bus=InProcessEventBus()
+        await apply_agents(store, declared, now=clock.now())
+        service = SessionsService(store, clock=clock, timeouts=timeouts, limits=settings.limits(), bus=bus)
+        sweeper = Sweeper(
+            store,
+            clock,
+            retention=timedelta(minutes=settings.retention_minutes) if settings.retention_minutes else None,
+            notify_interval=settings.notify_interval_seconds,
+            cleanup_interval=settings.cleanup_interval_minutes * 60,
         )
 
         server = grpc.aio.server(
@@ -128,14 +151,22 @@ async def start_server(
                 ("grpc.so_reuseport", 0),
             ]
         )
-        session_service_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(service), server)
+        session_service_pb2_grpc.add_SessionServiceServicer_to_server(
+            SessionServicer(service, watch_buffer=settings.watch_buffer), server
+        )
         message_service_pb2_grpc.add_MessageServiceServicer_to_server(MessageServicer(service), server)
-        turn_service_pb2_grpc.add_TurnServiceServicer_to_server(TurnServicer(), server)
+        runner = TurnRunner(
+            service,
+            TurnStore(store),
+            Backends(http_timeout_seconds=settings.agent_http_timeout_seconds),
+            lease_seconds=settings.turn_lease_seconds,
+        )
+        turn_service_pb2_grpc.add_TurnServiceServicer_to_server(TurnServicer(service, runner), server)
         agent_service_pb2_grpc.add_AgentRegistryServiceServicer_to_server(
             AgentRegistryServicer(service), server
         )
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(service, database=db.dialect), server
+            AdminServicer(service, database=db.dialect, running_turns=runner.running_count), server
         )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -150,8 +181,13 @@ async def start_server(
     except BaseException:
         await db.close()
         raise
-    running = RunningServer(server=server, port=port, db=db, service=service, health=health_servicer)
+    running = RunningServer(
+        server=server, port=port, db=db, service=service, health=health_servicer, sweeper=sweeper
+    )
+    running.turns = runner
     running._tasks.append(asyncio.create_task(_watch_database(db, health_servicer), name="health-probe"))
+    if settings.sweeper_enabled:
+        running._tasks.append(asyncio.create_task(sweeper.run(), name="sweeper"))
     return running
 
 

@@ -3,7 +3,8 @@ rules and calls the store; it knows nothing of gRPC."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
@@ -12,7 +13,7 @@ from agentsessions.v1 import events_pb2
 from .domain import model, paging
 from .domain.agents import Agent, AgentOrigin
 from .domain.clock import Clock
-from .domain.errors import InvalidArgument, etag_mismatch
+from .domain.errors import InvalidArgument, NotFound, etag_mismatch
 from .domain.model import NewMessage, Session, Status, StoredMessage
 from .domain.policy import POLICY_FIELDS, TimeoutLimits, TimeoutPolicy, resolve
 from .domain.validation import Limits, check_page_size
@@ -151,11 +152,22 @@ class SessionsService:
                 changed = replace(changed, update_time=now, version=session.version + 1)
             return changed
 
-        return await self.store.change_session(session_id, change)
+        def events(before: Session, after: Session) -> list[tuple[str, dict[str, Any]]]:
+            out: list[tuple[str, dict[str, Any]]] = []
+            if policy_paths and (after.effective != before.effective or after.policy != before.policy):
+                out.append(("timeout_changed", {}))
+            data_paths = sorted(update.paths & {"metadata", "variables"})
+            if data_paths:
+                out.append(("updated", {"paths": data_paths}))
+            return out
+
+        return await self.store.change_session(session_id, change, events, now=now)
 
     async def end_session(self, *, session_id: str) -> Session:
         now = self.clock.now()
-        return await self.store.change_session(session_id, lambda s: model.end(s, now))
+        return await self.store.change_session(
+            session_id, lambda s: model.end(s, now), lambda b, a: [("ended", {})], now=now
+        )
 
     async def delete_session(self, *, session_id: str, etag: str, force: bool, allow_missing: bool) -> None:
         await self.store.delete_session(
@@ -164,7 +176,9 @@ class SessionsService:
 
     async def renew_session(self, *, session_id: str) -> Session:
         now = self.clock.now()
-        return await self.store.change_session(session_id, lambda s: model.renew(s, now))
+        return await self.store.change_session(
+            session_id, lambda s: model.renew(s, now), _renewed(manual=True), now=now
+        )
 
     async def heartbeat(self, *, session_id: str) -> Session:
         now = self.clock.now()
@@ -173,7 +187,7 @@ class SessionsService:
             model.ensure_writable(session, now)
             return model.record_activity(session, now)
 
-        return await self.store.change_session(session_id, beat)
+        return await self.store.change_session(session_id, beat, _renewed(manual=False), now=now)
 
     async def clear_session(self, *, session_id: str) -> Session:
         return await self.store.clear_session(session_id, self.clock.now())
@@ -228,12 +242,23 @@ class SessionsService:
         return Page(page, paging.encode_token(page[-1].sequence, fp))
 
     async def delete_messages(
-        self, *, session_id: str, message_id: str | None, after_sequence: int | None
+        self,
+        *,
+        session_id: str,
+        message_id: str | None,
+        after_sequence: int | None,
+        turn_id: str | None = None,
     ) -> tuple[Session, list[str]]:
+        """Deletes one message, or every message above `after_sequence` (with `turn_id`: only that turn's,
+        as the rollback multitask strategy does)."""
         if after_sequence is not None and after_sequence < 0:
             raise InvalidArgument.field("after_sequence", f"must not be negative, got {after_sequence}")
         return await self.store.delete_messages(
-            session_id, message_id=message_id, after_sequence=after_sequence, now=self.clock.now()
+            session_id,
+            message_id=message_id,
+            after_sequence=after_sequence,
+            now=self.clock.now(),
+            turn_id=turn_id,
         )
 
     # --- agents -----------------------------------------------------------------------------------------
@@ -285,4 +310,18 @@ class SessionsService:
     async def publish_turn_event(self, event: events_pb2.TurnEvent) -> None:
         """Relays a turn event to the session's watchers. Turn started / finished are durable session events
         (stored, replayable); deltas and the rest are live only."""
+        if event.WhichOneof("kind") in ("turn_started", "turn_finished"):
+            # A session deleted under the turn leaves nobody to tell.
+            with contextlib.suppress(NotFound):
+                await self.store.record_event(event.session_id, "turn", self.clock.now(), {"turn": event})
+            return
         self.bus.publish(events_pb2.SessionEvent(session_id=event.session_id, time=event.time, turn=event))
+
+
+def _renewed(*, manual: bool) -> Callable[[Session, Session], list[tuple[str, dict[str, Any]]]]:
+    """A renewed event when the expire time moved."""
+
+    def events(before: Session, after: Session) -> list[tuple[str, dict[str, Any]]]:
+        return [("renewed", {"manual": manual})] if after.expire_time != before.expire_time else []
+
+    return events

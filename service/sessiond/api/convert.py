@@ -15,6 +15,7 @@ from ..domain.agents import BACKEND_KINDS, Agent, AgentOrigin
 from ..domain.errors import InvalidArgument
 from ..domain.model import NewMessage, Session, StoredMessage
 from ..domain.policy import POLICY_FIELDS, TimeoutPolicy
+from ..domain.turns import MAX_HISTORY_WINDOW
 from ..domain.validation import (
     Limits,
     check_message_id,
@@ -96,6 +97,7 @@ def session_to_pb(s: Session, now: datetime) -> session_pb2.Session:
         message_count=s.message_count,
         last_sequence=s.last_sequence,
         etag=s.etag,
+        last_event_id=s.last_event_id,
     )
     if s.end_time is not None:
         pb.end_time.CopyFrom(_ts(s.end_time))
@@ -224,9 +226,13 @@ def backend_from_pb(pb: agent_pb2.Agent) -> dict[str, Any]:
     return {"kind": kind, **settings}
 
 
+def check_history_window(value: int, field: str = "agent.history_window") -> None:
+    if not 0 <= value <= MAX_HISTORY_WINDOW:
+        raise InvalidArgument.field(field, f"must be between 0 (the server default) and {MAX_HISTORY_WINDOW}")
+
+
 def agent_from_pb(pb: agent_pb2.Agent, agent_id: str, now: datetime) -> Agent:
-    if pb.history_window < 0:
-        raise InvalidArgument.field("agent.history_window", "must not be negative")
+    check_history_window(pb.history_window)
     check_text(pb.display_name, "agent.display_name", 256)
     return Agent(
         agent_id=agent_id,

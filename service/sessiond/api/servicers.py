@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -22,30 +22,23 @@ from agentsessions.v1 import (
     session_pb2,
     session_service_pb2,
     session_service_pb2_grpc,
-    turn_service_pb2,
-    turn_service_pb2_grpc,
 )
 
 from .. import __version__
-from ..domain.errors import InvalidArgument, Unimplemented
+from ..domain.errors import InvalidArgument
 from ..domain.model import Status
 from ..domain.validation import check_agent_id, check_message_id, check_session_id, check_text, uuid7
 from ..service_layer import SessionsService, SessionUpdate
-from . import convert
-from .errors import streaming, to_status, unary
+from . import convert, events
+from .errors import streaming, unary
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
-def _not_built(rpc: str, issue: str) -> Unimplemented:
-    return Unimplemented(
-        f"{rpc} is part of the v1 contract but not served yet ({issue})", metadata={"rpc": rpc}
-    )
-
-
 class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
-    def __init__(self, service: SessionsService) -> None:
+    def __init__(self, service: SessionsService, *, watch_buffer: int = 1024) -> None:
         self.svc = service
+        self.watch_buffer = watch_buffer
 
     def _pb(self, session: Any) -> session_pb2.Session:
         return convert.session_to_pb(session, self.svc.clock.now())
@@ -191,8 +184,19 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
     async def WatchSession(
         self, request: session_service_pb2.WatchSessionRequest, context: Ctx
     ) -> AsyncIterator[events_pb2.SessionEvent]:
-        raise _not_built("WatchSession", "session events issue")
-        yield events_pb2.SessionEvent()  # pragma: no cover - makes this an async generator
+        check_session_id(request.session_id, self.svc.limits)
+        after = request.after_event_id if request.HasField("after_event_id") else None
+        if after is not None and after < 0:
+            raise InvalidArgument.field("after_event_id", f"must not be negative, got {after}")
+        stream = events.watch(
+            self.svc,
+            request.session_id,
+            after,
+            include_deltas=request.include_deltas,
+            buffer=self.watch_buffer,
+        )
+        async for event in stream:
+            yield event
 
 
 class MessageServicer(message_service_pb2_grpc.MessageServiceServicer):
@@ -255,30 +259,6 @@ class MessageServicer(message_service_pb2_grpc.MessageServiceServicer):
         )
 
 
-class TurnServicer(turn_service_pb2_grpc.TurnServiceServicer):
-    """Turns are designed in the contract and built by the turns issue; until then they answer
-    UNIMPLEMENTED with an ErrorInfo like every other error."""
-
-    @streaming
-    async def Execute(
-        self, request: turn_service_pb2.ExecuteRequest, context: Ctx
-    ) -> AsyncIterator[events_pb2.TurnEvent]:
-        raise _not_built("Execute", "turns issue")
-        yield events_pb2.TurnEvent()  # pragma: no cover
-
-    @unary
-    async def StopTurn(
-        self, request: turn_service_pb2.StopTurnRequest, context: Ctx
-    ) -> turn_service_pb2.StopTurnResponse:
-        raise _not_built("StopTurn", "turns issue")
-
-    async def Connect(
-        self, request_iterator: AsyncIterator[turn_service_pb2.ConnectRequest], context: Ctx
-    ) -> AsyncIterator[turn_service_pb2.ConnectResponse]:
-        await context.abort_with_status(to_status(_not_built("Connect", "turns issue")))
-        yield turn_service_pb2.ConnectResponse()  # pragma: no cover
-
-
 class AgentRegistryServicer(agent_service_pb2_grpc.AgentRegistryServiceServicer):
     def __init__(self, service: SessionsService) -> None:
         self.svc = service
@@ -325,8 +305,7 @@ class AgentRegistryServicer(agent_service_pb2_grpc.AgentRegistryServiceServicer)
             elif path == "timeout_defaults":
                 changes[path] = convert.policy_from_pb(pb.timeout_defaults)
             elif path == "history_window":
-                if pb.history_window < 0:
-                    raise InvalidArgument.field("agent.history_window", "must not be negative")
+                convert.check_history_window(pb.history_window)
                 changes[path] = pb.history_window
             else:
                 raise InvalidArgument.field(
@@ -347,9 +326,12 @@ class AgentRegistryServicer(agent_service_pb2_grpc.AgentRegistryServiceServicer)
 
 
 class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
-    def __init__(self, service: SessionsService, *, database: str) -> None:
+    def __init__(
+        self, service: SessionsService, *, database: str, running_turns: Callable[[], int] = lambda: 0
+    ) -> None:
         self.svc = service
         self.database = database
+        self.running_turns = running_turns
         self.started_wall = service.clock.now()
         self.started = time.monotonic()
 
@@ -363,7 +345,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
             expiring_soon_sessions=counts["expiring_soon"],
             expired_sessions=counts["expired"],
             ended_sessions=counts["ended"],
-            running_turns=0,
+            running_turns=self.running_turns(),
             version=__version__,
             database=self.database,
         )

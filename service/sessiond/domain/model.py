@@ -65,6 +65,10 @@ class Session:
     last_sequence: int
     version: int
     request_id: str | None = None
+    last_event_id: int = 0
+    # The expire_time a warning / an expiry event was pushed for: at most one of each per expiry window.
+    warned_expire_time: datetime | None = None
+    notified_expire_time: datetime | None = None
 
     @property
     def etag(self) -> str:
@@ -84,6 +88,42 @@ class Session:
 
     def near_expiration(self, now: datetime) -> bool:
         return self.status(now) is Status.ACTIVE and self.expire_time - now < self.effective.warning_threshold
+
+    @property
+    def warn_time(self) -> datetime:
+        """From this instant on, less than the warning threshold is left (near_expiration once past it)."""
+        return self.expire_time - self.effective.warning_threshold
+
+    @property
+    def next_notify_time(self) -> datetime | None:
+        """When the sweeper next has an event to push: the warning, then the expiry, once per window."""
+        if self.end_time is not None:
+            return None
+        if self.warned_expire_time != self.expire_time and self.notified_expire_time != self.expire_time:
+            return self.warn_time
+        if self.notified_expire_time != self.expire_time:
+            return self.expire_time
+        return None
+
+
+class Notice(enum.Enum):
+    EXPIRING_SOON = "expiring_soon"
+    EXPIRED = "expired"
+
+
+def due_notice(session: Session, now: datetime) -> tuple[Session, Notice | None]:
+    """What the sweeper pushes for a session now, and the session marked as having pushed it. An expired
+    session gets the expiry only (a warning after the fact helps nobody)."""
+    status = session.status(now)
+    if status is Status.EXPIRED and session.notified_expire_time != session.expire_time:
+        return replace(session, notified_expire_time=session.expire_time), Notice.EXPIRED
+    if (
+        status is Status.ACTIVE
+        and now > session.warn_time
+        and session.warned_expire_time != session.expire_time
+    ):
+        return replace(session, warned_expire_time=session.expire_time), Notice.EXPIRING_SOON
+    return session, None
 
 
 def ensure_writable(session: Session, now: datetime) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Connection, Row, and_, bindparam, delete, exists, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -29,7 +29,24 @@ from ..domain.errors import (
 from ..domain.model import NewMessage, Session, Status, StoredMessage
 from ..domain.policy import EffectivePolicy, Source, TimeoutPolicy
 from .database import Database
-from .tables import agents, messages, session_labels, sessions, tool_calls
+from .tables import agents, messages, session_events, session_labels, sessions, tool_calls
+
+T = TypeVar("T")
+
+
+class EventEncoder(Protocol):
+    """Turns a change into its event: (payload to store, live event to publish). Supplied by the layer
+    that knows the wire format; the store keeps both opaque."""
+
+    def __call__(
+        self,
+        kind: str,
+        event_id: int,
+        time: datetime,
+        session: Session,
+        detail: Mapping[str, Any],
+        messages: Sequence[StoredMessage],
+    ) -> tuple[bytes, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -94,6 +111,9 @@ def _session_from_row(row: Row[Any]) -> Session:
         last_sequence=m["last_sequence"],
         version=m["version"],
         request_id=m["request_id"],
+        last_event_id=m["last_event_id"],
+        warned_expire_time=m["warned_expire_time"],
+        notified_expire_time=m["notified_expire_time"],
     )
 
 
@@ -119,6 +139,10 @@ def _session_values(s: Session) -> dict[str, Any]:
         "message_count": s.message_count,
         "last_sequence": s.last_sequence,
         "version": s.version,
+        "last_event_id": s.last_event_id,
+        "warned_expire_time": s.warned_expire_time,
+        "notified_expire_time": s.notified_expire_time,
+        "next_notify_time": s.next_notify_time,
     }
 
 
@@ -134,6 +158,8 @@ def _activity_values(s: Session) -> dict[str, Any]:
         "message_count": s.message_count,
         "last_sequence": s.last_sequence,
         "version": s.version,
+        "last_event_id": s.last_event_id,
+        "next_notify_time": s.next_notify_time,
     }
 
 
@@ -207,6 +233,10 @@ _MUTABLE_SESSION_COLUMNS = (
     "message_count",
     "last_sequence",
     "version",
+    "last_event_id",
+    "warned_expire_time",
+    "notified_expire_time",
+    "next_notify_time",
 )
 _SESSION_BY_ID = select(sessions).where(sessions.c.session_id == bindparam("p_session_id"))
 _SESSION_BY_ID_FOR_UPDATE = _SESSION_BY_ID.with_for_update()
@@ -229,11 +259,49 @@ _ACTIVITY_COLUMNS = (
     "message_count",
     "last_sequence",
     "version",
+    "last_event_id",
+    "next_notify_time",
 )
 _UPDATE_SESSION_ACTIVITY = (
     update(sessions)
     .where(sessions.c.pk == bindparam("p_pk"))
     .values({name: bindparam(name) for name in _ACTIVITY_COLUMNS})
+)
+_INSERT_EVENT = insert(session_events)
+_EVENTS_AFTER = (
+    select(session_events.c.event_id, session_events.c.payload)
+    .where(
+        session_events.c.session_pk == bindparam("p_pk"),
+        session_events.c.event_id > bindparam("p_after"),
+    )
+    .order_by(session_events.c.event_id)
+    .limit(bindparam("p_limit"))
+)
+_DUE_NOTICES = (
+    select(sessions)
+    .where(sessions.c.next_notify_time < bindparam("p_now"))
+    .order_by(sessions.c.next_notify_time)
+    .limit(bindparam("p_limit"))
+)
+_UPDATE_NOTICES = (
+    update(sessions)
+    .where(sessions.c.pk == bindparam("p_pk"))
+    .values(
+        {
+            name: bindparam(name)
+            for name in ("last_event_id", "warned_expire_time", "notified_expire_time", "next_notify_time")
+        }
+    )
+)
+_PURGE_ENDED = (
+    select(sessions.c.pk)
+    .where(sessions.c.end_time.is_not(None), sessions.c.end_time <= bindparam("p_cutoff"))
+    .limit(bindparam("p_limit"))
+)
+_PURGE_EXPIRED = (
+    select(sessions.c.pk)
+    .where(sessions.c.end_time.is_(None), sessions.c.expire_time <= bindparam("p_cutoff"))
+    .limit(bindparam("p_limit"))
 )
 _INSERT_SESSION = insert(sessions).returning(sessions.c.pk)
 _AGENT_BY_ID = select(agents).where(agents.c.agent_id == bindparam("p_agent_id"))
@@ -245,9 +313,91 @@ _MESSAGES_BY_IDS = select(*_MESSAGE_COLUMNS).where(
 class Store:
     """Sessions, messages and agents, on SQLite or PostgreSQL."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        encode_event: EventEncoder | None = None,
+        publish: Callable[[Any], None] | None = None,
+    ) -> None:
         self.db = db
         self._for_update = db.dialect == "postgresql"
+        self._encode_event = encode_event
+        self._publish = publish
+
+    # --- events ----------------------------------------------------------------------------------------
+
+    def _event(
+        self,
+        conn: Connection | None,
+        session: Session,
+        kind: str,
+        now: datetime,
+        sink: list[Any],
+        *,
+        detail: Mapping[str, Any] | None = None,
+        messages_: Sequence[StoredMessage] = (),
+        pending: list[dict[str, Any]] | None = None,
+    ) -> Session:
+        """Numbers the session's next event, stores it (with `conn`; None: live only; or into `pending`,
+        for the caller to insert with the rest of a batch) and queues its live form for publication once
+        the transaction commits. Returns the session with its new event id."""
+        if self._encode_event is None:
+            return session
+        event_id = session.last_event_id + 1
+        payload, live = self._encode_event(kind, event_id, now, session, detail or {}, messages_)
+        row = {"session_pk": session.pk, "event_id": event_id, "kind": kind, "time": now, "payload": payload}
+        if pending is not None:
+            pending.append(row)
+        elif conn is not None:
+            conn.execute(_INSERT_EVENT, row)
+        sink.append(live)
+        return replace(session, last_event_id=event_id)
+
+    def _deliver(self, events: Sequence[Any]) -> None:
+        if self._publish is not None:
+            for live in events:
+                self._publish(live)
+
+    async def _write(self, fn: Callable[[Connection, list[Any]], T]) -> T:
+        """A write whose events are published after it commits (never for a write that failed)."""
+        sink: list[Any] = []
+
+        def op(conn: Connection) -> T:
+            sink.clear()  # a group that failed may run this operation again
+            return fn(conn, sink)
+
+        result = await self.db.write(op)
+        self._deliver(sink)
+        return result
+
+    async def list_events(
+        self, session_id: str, *, after_event_id: int, limit: int
+    ) -> tuple[Session, list[bytes]]:
+        """Stored events of a session with ids above `after_event_id`, oldest first, and the session."""
+
+        def op(conn: Connection) -> tuple[Session, list[bytes]]:
+            row = conn.execute(_SESSION_BY_ID, {"p_session_id": session_id}).first()
+            if row is None:
+                raise session_not_found(session_id)
+            session = _session_from_row(row)
+            params = {"p_pk": session.pk, "p_after": after_event_id, "p_limit": limit}
+            return session, [r.payload for r in conn.execute(_EVENTS_AFTER, params)]
+
+        return await self.db.read(op)
+
+    async def record_event(
+        self, session_id: str, kind: str, now: datetime, detail: Mapping[str, Any]
+    ) -> Session:
+        """Stores one event that changes nothing else (a turn started or finished)."""
+
+        def fn(conn: Connection, sink: list[Any]) -> Session:
+            before = self._lock_session(conn, session_id)
+            after = self._event(conn, before, kind, now, sink, detail=detail)
+            conn.execute(_UPDATE_SESSION_ACTIVITY, _activity_values(after))
+            return after
+
+        return await self._write(fn)
 
     # --- helpers ---------------------------------------------------------------------------------------
 
@@ -443,23 +593,33 @@ class Store:
 
         return await self.db.read(op)
 
-    async def change_session(self, session_id: str, change: Callable[[Session], Session]) -> Session:
-        """Read-modify-write of one session under its lock; `change` applies the domain rule."""
+    async def change_session(
+        self,
+        session_id: str,
+        change: Callable[[Session], Session],
+        events: Callable[[Session, Session], Sequence[tuple[str, Mapping[str, Any]]]] = lambda b, a: (),
+        *,
+        now: datetime,
+    ) -> Session:
+        """Read-modify-write of one session under its lock: `change` applies the domain rule and `events`
+        names the events the change makes (kind, detail), stored in the same transaction."""
 
-        def op(conn: Connection) -> Session:
+        def fn(conn: Connection, sink: list[Any]) -> Session:
             before = self._lock_session(conn, session_id)
             after = change(before)
+            if after is not before:
+                for kind, detail in events(before, after):
+                    after = self._event(conn, after, kind, now, sink, detail=detail)
             self._save_session(conn, before, after)
             return after
 
-        return await self.db.write(op)
+        return await self._write(fn)
 
     async def delete_session(
         self, session_id: str, *, etag: str, force: bool, allow_missing: bool, now: datetime
     ) -> bool:
-        def op(conn: Connection) -> bool:
-            stmt = select(sessions).where(sessions.c.session_id == session_id)
-            row = (conn.execute(stmt)).first()
+        def fn(conn: Connection, sink: list[Any]) -> bool:
+            row = conn.execute(_SESSION_BY_ID, {"p_session_id": session_id}).first()
             if row is None:
                 if allow_missing:
                     return False
@@ -474,12 +634,13 @@ class Store:
                     metadata={"session_id": session_id},
                 )
             # Children first: no reliance on ON DELETE CASCADE being enforced by the connection.
-            for table in (messages, tool_calls, session_labels):
+            for table in (messages, tool_calls, session_labels, session_events):
                 conn.execute(delete(table).where(table.c.session_pk == session.pk))
             conn.execute(delete(sessions).where(sessions.c.pk == session.pk))
+            self._event(None, session, "deleted", now, sink)  # the log goes with the session: live only
             return True
 
-        return await self.db.write(op)
+        return await self._write(fn)
 
     # --- messages --------------------------------------------------------------------------------------
 
@@ -488,7 +649,10 @@ class Store:
     ) -> tuple[Session, list[StoredMessage]]:
         """Appends atomically with gap-free sequence numbers. Messages whose caller-chosen id is already
         stored are returned as stored and not appended again."""
-        return await self.db.write(_AppendOp(self, session_id, new_messages, now))
+        op = _AppendOp(self, session_id, new_messages, now, [])
+        result = await self.db.write(op)
+        self._deliver(op.events)
+        return result
 
     def _append_many(self, conn: Connection, ops: Sequence[_AppendOp]) -> list[Outcome]:
         """Runs a group of appends with one SELECT, one INSERT and one UPDATE for all of them; the domain
@@ -499,6 +663,7 @@ class Store:
         original = dict(state)
         pending_messages: list[StoredMessage] = []
         pending_calls: list[dict[str, Any]] = []
+        pending_events: list[dict[str, Any]] = []
         outcomes: list[Outcome] = []
 
         def flush() -> None:
@@ -510,8 +675,12 @@ class Store:
             if pending_calls:
                 conn.execute(self._insert_ignore(tool_calls), pending_calls)
                 pending_calls.clear()
+            if pending_events:
+                conn.execute(_INSERT_EVENT, pending_events)
+                pending_events.clear()
 
         for op in ops:
+            op.events.clear()  # a group that failed may run this operation again
             try:
                 before = state.get(op.session_id)
                 if before is None:
@@ -532,11 +701,23 @@ class Store:
                 stored, calls = self._build_messages(conn, before, fresh, op.now)
                 pending_messages.extend(stored)
                 pending_calls.extend(calls)
-                state[op.session_id] = replace(
+                after = replace(
                     model.record_activity(before, op.now),
                     last_sequence=before.last_sequence + len(fresh),
                     message_count=before.message_count + len(fresh),
                 )
+                detail = {"first_sequence": stored[0].sequence, "last_sequence": stored[-1].sequence}
+                after = self._event(
+                    None,
+                    after,
+                    "messages_appended",
+                    op.now,
+                    op.events,
+                    detail=detail,
+                    messages_=stored,
+                    pending=pending_events,
+                )
+                state[op.session_id] = after
                 outcomes.append(
                     ((state[op.session_id], sorted([*existing.values(), *stored], key=_by_sequence)), None)
                 )
@@ -656,9 +837,18 @@ class Store:
         return await self.db.read(op)
 
     async def delete_messages(
-        self, session_id: str, *, message_id: str | None, after_sequence: int | None, now: datetime
+        self,
+        session_id: str,
+        *,
+        message_id: str | None,
+        after_sequence: int | None,
+        now: datetime,
+        turn_id: str | None = None,
     ) -> tuple[Session, list[str]]:
-        def op(conn: Connection) -> tuple[Session, list[str]]:
+        """Deletes one message, or those above `after_sequence` (only turn `turn_id`'s when given: a
+        turn's messages all sit above its start, so the key's range finds them without a scan)."""
+
+        def fn(conn: Connection, sink: list[Any]) -> tuple[Session, list[str]]:
             before = self._lock_session(conn, session_id)
             model.ensure_writable(before, now)
             cond = [messages.c.session_pk == before.pk]
@@ -666,6 +856,8 @@ class Store:
                 cond.append(messages.c.message_id == message_id)
             else:
                 cond.append(messages.c.sequence > (after_sequence or 0))
+                if turn_id is not None:
+                    cond.append(messages.c.turn_id == turn_id)
             rows = (conn.execute(select(messages.c.message_id, messages.c.sequence).where(*cond))).all()
             if message_id is not None and not rows:
                 raise NotFound(
@@ -688,22 +880,26 @@ class Store:
                 update_time=now,
                 version=before.version + 1,
             )
+            deleted = [r.message_id for r in rows]
+            detail = {"message_ids": deleted, "after_sequence": 0 if turn_id else after_sequence or 0}
+            after = self._event(conn, after, "messages_deleted", now, sink, detail=detail)
             self._save_session(conn, before, after)
-            return after, [r.message_id for r in rows]
+            return after, deleted
 
-        return await self.db.write(op)
+        return await self._write(fn)
 
     async def clear_session(self, session_id: str, now: datetime) -> Session:
-        def op(conn: Connection) -> Session:
+        def fn(conn: Connection, sink: list[Any]) -> Session:
             before = self._lock_session(conn, session_id)
             after = model.clear(before, now)
             if after is not before:
                 conn.execute(delete(messages).where(messages.c.session_pk == before.pk))
                 conn.execute(delete(tool_calls).where(tool_calls.c.session_pk == before.pk))
+                after = self._event(conn, after, "cleared", now, sink)
             self._save_session(conn, before, after)
             return after
 
-        return await self.db.write(op)
+        return await self._write(fn)
 
     async def restore_session(
         self, session_id: str, history: Sequence[NewMessage], now: datetime
@@ -711,7 +907,7 @@ class Store:
         """Replaces the history of an expired session and starts a new life for it. An active session is
         returned unchanged (restored=False)."""
 
-        def op(conn: Connection) -> tuple[Session, bool]:
+        def fn(conn: Connection, sink: list[Any]) -> tuple[Session, bool]:
             before = self._lock_session(conn, session_id)
             if before.status(now) is Status.ACTIVE:
                 return before, False
@@ -721,10 +917,64 @@ class Store:
             if history:
                 self._insert_messages(conn, before, history, now)
             after = replace(after, last_sequence=before.last_sequence + len(history))
+            after = self._event(conn, after, "restored", now, sink, detail={"message_count": len(history)})
             self._save_session(conn, before, after)
             return after, True
 
-        return await self.db.write(op)
+        return await self._write(fn)
+
+    # --- sweeper ---------------------------------------------------------------------------------------
+
+    async def push_due_notices(self, now: datetime, *, limit: int) -> int:
+        """Pushes the expiry warnings and expiries due at `now` for up to `limit` sessions, in one
+        transaction; returns how many sessions it looked at (fewer than `limit`: nothing more is due).
+        On PostgreSQL, rows another sweeper holds are skipped, so no event is ever pushed twice."""
+
+        def fn(conn: Connection, sink: list[Any]) -> int:
+            stmt = _DUE_NOTICES.with_for_update(skip_locked=True) if self._for_update else _DUE_NOTICES
+            rows = conn.execute(stmt, {"p_now": now, "p_limit": limit}).all()
+            pending: list[dict[str, Any]] = []
+            updates = []
+            for row in rows:
+                session, notice = model.due_notice(_session_from_row(row), now)
+                if notice is not None:
+                    session = self._event(None, session, notice.value, now, sink, pending=pending)
+                updates.append(
+                    {
+                        "p_pk": session.pk,
+                        "last_event_id": session.last_event_id,
+                        "warned_expire_time": session.warned_expire_time,
+                        "notified_expire_time": session.notified_expire_time,
+                        "next_notify_time": session.next_notify_time,
+                    }
+                )
+            if pending:
+                conn.execute(_INSERT_EVENT, pending)
+            if updates:
+                conn.execute(_UPDATE_NOTICES, updates)
+            return len(rows)
+
+        return await self._write(fn)
+
+    async def purge(self, cutoff: datetime, *, limit: int) -> int:
+        """Deletes up to `limit` sessions that ended, or expired, before `cutoff`, with their messages and
+        events. Returns how many it deleted (fewer than `limit`: none is left)."""
+
+        def fn(conn: Connection, sink: list[Any]) -> int:
+            pks: list[int] = []
+            for stmt in (_PURGE_ENDED, _PURGE_EXPIRED):
+                if self._for_update:
+                    stmt = stmt.with_for_update(skip_locked=True)
+                pks += conn.execute(stmt, {"p_cutoff": cutoff, "p_limit": limit - len(pks)}).scalars().all()
+                if len(pks) >= limit:
+                    break
+            if pks:
+                for table in (messages, tool_calls, session_labels, session_events):
+                    conn.execute(delete(table).where(table.c.session_pk.in_(pks)))
+                conn.execute(delete(sessions).where(sessions.c.pk.in_(pks)))
+            return len(pks)
+
+        return await self._write(fn)
 
     async def count_sessions(self, now: datetime) -> dict[str, int]:
         def op(conn: Connection) -> dict[str, int]:
@@ -789,6 +1039,7 @@ class _AppendOp:
     session_id: str
     new_messages: Sequence[NewMessage]
     now: datetime
+    events: list[Any]  # live forms of this append's events, published once the group commits
 
     def __call__(self, conn: Connection) -> tuple[Session, list[StoredMessage]]:
         ((result, exc),) = self.run_many(conn, [self])

@@ -188,3 +188,53 @@ agents = Table(
     Column("update_time", UTCDateTime, nullable=False),
     Column("version", BigInteger, nullable=False),
 )
+
+# Agent turns, and the lease that makes one turn per session run at a time across processes: a running
+# turn (state 1) is owned by one process until `lease_expire_time`, which the owner keeps pushing forward;
+# the partial unique index allows one running turn per session, and a lease that ran out may be taken
+# over (its owner crashed). `stop_mode` is how a stop reaches the owner from another replica.
+turns = Table(
+    "turns",
+    metadata,
+    Column("pk", PK, primary_key=True, autoincrement=True),
+    Column("turn_id", String(64), nullable=False, unique=True),
+    Column("session_pk", PK, ForeignKey("sessions.pk", ondelete="CASCADE"), nullable=False),
+    Column("request_id", String(128), nullable=True),
+    Column("kind", SmallInteger, nullable=False),
+    Column("state", SmallInteger, nullable=False),
+    Column("owner", String(64), nullable=False),
+    Column("lease_expire_time", UTCDateTime, nullable=False),
+    Column("stop_mode", SmallInteger, nullable=False),
+    Column("start_sequence", BigInteger, nullable=False),
+    Column("continues_turn_id", String(64), nullable=True),
+    Column("closed_by_turn_id", String(64), nullable=True),
+    Column("pending_calls", JSON, nullable=False),
+    Column("finish_reason", SmallInteger, nullable=True),
+    # The turn's events for replays to a retried request (deltas coalesced), written when it finishes.
+    Column("events", LargeBinary, nullable=True),
+    Column("create_time", UTCDateTime, nullable=False),
+    Column("finish_time", UTCDateTime, nullable=True),
+    # A retried Execute finds its turn by (session, request id).
+    UniqueConstraint("session_pk", "request_id"),
+    Index(
+        "ix_turns_running",
+        "session_pk",
+        unique=True,
+        sqlite_where=text("state = 1"),
+        postgresql_where=text("state = 1"),
+    ),
+    # Lease renewal: the running turns of one owner.
+    Index(
+        "ix_turns_owner_running",
+        "owner",
+        sqlite_where=text("state = 1"),
+        postgresql_where=text("state = 1"),
+    ),
+    # Paused turns of a session (closed when a later turn starts).
+    Index(
+        "ix_turns_paused",
+        "session_pk",
+        sqlite_where=text("finish_reason = 2 AND closed_by_turn_id IS NULL"),
+        postgresql_where=text("finish_reason = 2 AND closed_by_turn_id IS NULL"),
+    ),
+)

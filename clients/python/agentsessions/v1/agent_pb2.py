@@ -23,24 +23,25 @@ _sym_db = _symbol_database.Default()
 
 
 from agentsessions.v1 import session_pb2 as agentsessions_dot_v1_dot_session__pb2
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61gentsessions/v1/agent.proto\x12\x10\x61gentsessions.v1\x1a\x1e\x61gentsessions/v1/session.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"$\n\x0b\x45\x63hoBackend\x12\x15\n\rword_delay_ms\x18\x01 \x01(\x05\"E\n\rRemoteBackend\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0b\n\x03tls\x18\x02 \x01(\x08\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x05\"\x8d\x01\n\x11OpenAIChatBackend\x12\x10\n\x08\x62\x61se_url\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0b\x61pi_key_env\x18\x03 \x01(\t\x12\x15\n\rsystem_prompt\x18\x04 \x01(\t\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x05\"\xca\x03\n\x05\x41gent\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12-\n\x04\x65\x63ho\x18\x03 \x01(\x0b\x32\x1d.agentsessions.v1.EchoBackendH\x00\x12\x31\n\x06remote\x18\x04 \x01(\x0b\x32\x1f.agentsessions.v1.RemoteBackendH\x00\x12:\n\x0bopenai_chat\x18\x05 \x01(\x0b\x32#.agentsessions.v1.OpenAIChatBackendH\x00\x12\x39\n\x10timeout_defaults\x18\x06 \x01(\x0b\x32\x1f.agentsessions.v1.TimeoutPolicy\x12\x16\n\x0ehistory_window\x18\x07 \x01(\x05\x12-\n\x06origin\x18\x08 \x01(\x0e\x32\x1d.agentsessions.v1.AgentOrigin\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x0b \x01(\tB\t\n\x07\x62\x61\x63kend*u\n\x0b\x41gentOrigin\x12\x1c\n\x18\x41GENT_ORIGIN_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41GENT_ORIGIN_BUILT_IN\x10\x01\x12\x17\n\x13\x41GENT_ORIGIN_CONFIG\x10\x02\x12\x14\n\x10\x41GENT_ORIGIN_API\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61gentsessions/v1/agent.proto\x12\x10\x61gentsessions.v1\x1a\x1e\x61gentsessions/v1/session.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"$\n\x0b\x45\x63hoBackend\x12\x15\n\rword_delay_ms\x18\x01 \x01(\x05\"E\n\rRemoteBackend\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0b\n\x03tls\x18\x02 \x01(\x08\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x05\"\xb5\x01\n\x11OpenAIChatBackend\x12\x10\n\x08\x62\x61se_url\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0b\x61pi_key_env\x18\x03 \x01(\t\x12\x15\n\rsystem_prompt\x18\x04 \x01(\t\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x05\x12&\n\x05tools\x18\x07 \x03(\x0b\x32\x17.google.protobuf.Struct\"\xca\x03\n\x05\x41gent\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12-\n\x04\x65\x63ho\x18\x03 \x01(\x0b\x32\x1d.agentsessions.v1.EchoBackendH\x00\x12\x31\n\x06remote\x18\x04 \x01(\x0b\x32\x1f.agentsessions.v1.RemoteBackendH\x00\x12:\n\x0bopenai_chat\x18\x05 \x01(\x0b\x32#.agentsessions.v1.OpenAIChatBackendH\x00\x12\x39\n\x10timeout_defaults\x18\x06 \x01(\x0b\x32\x1f.agentsessions.v1.TimeoutPolicy\x12\x16\n\x0ehistory_window\x18\x07 \x01(\x05\x12-\n\x06origin\x18\x08 \x01(\x0e\x32\x1d.agentsessions.v1.AgentOrigin\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x0b \x01(\tB\t\n\x07\x62\x61\x63kend*u\n\x0b\x41gentOrigin\x12\x1c\n\x18\x41GENT_ORIGIN_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41GENT_ORIGIN_BUILT_IN\x10\x01\x12\x17\n\x13\x41GENT_ORIGIN_CONFIG\x10\x02\x12\x14\n\x10\x41GENT_ORIGIN_API\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentsessions.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AGENTORIGIN']._serialized_start=829
-  _globals['_AGENTORIGIN']._serialized_end=946
-  _globals['_ECHOBACKEND']._serialized_start=115
-  _globals['_ECHOBACKEND']._serialized_end=151
-  _globals['_REMOTEBACKEND']._serialized_start=153
-  _globals['_REMOTEBACKEND']._serialized_end=222
-  _globals['_OPENAICHATBACKEND']._serialized_start=225
-  _globals['_OPENAICHATBACKEND']._serialized_end=366
-  _globals['_AGENT']._serialized_start=369
-  _globals['_AGENT']._serialized_end=827
+  _globals['_AGENTORIGIN']._serialized_start=899
+  _globals['_AGENTORIGIN']._serialized_end=1016
+  _globals['_ECHOBACKEND']._serialized_start=145
+  _globals['_ECHOBACKEND']._serialized_end=181
+  _globals['_REMOTEBACKEND']._serialized_start=183
+  _globals['_REMOTEBACKEND']._serialized_end=252
+  _globals['_OPENAICHATBACKEND']._serialized_start=255
+  _globals['_OPENAICHATBACKEND']._serialized_end=436
+  _globals['_AGENT']._serialized_start=439
+  _globals['_AGENT']._serialized_end=897
 # @@protoc_insertion_point(module_scope)

@@ -1,11 +1,13 @@
 import datetime
 
 from agentsessions.v1 import session_pb2 as _session_pb2
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -38,20 +40,22 @@ class RemoteBackend(_message.Message):
     def __init__(self, target: _Optional[str] = ..., tls: _Optional[bool] = ..., timeout_seconds: _Optional[int] = ...) -> None: ...
 
 class OpenAIChatBackend(_message.Message):
-    __slots__ = ("base_url", "model", "api_key_env", "system_prompt", "max_tokens", "timeout_seconds")
+    __slots__ = ("base_url", "model", "api_key_env", "system_prompt", "max_tokens", "timeout_seconds", "tools")
     BASE_URL_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     API_KEY_ENV_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
     base_url: str
     model: str
     api_key_env: str
     system_prompt: str
     max_tokens: int
     timeout_seconds: int
-    def __init__(self, base_url: _Optional[str] = ..., model: _Optional[str] = ..., api_key_env: _Optional[str] = ..., system_prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., timeout_seconds: _Optional[int] = ...) -> None: ...
+    tools: _containers.RepeatedCompositeFieldContainer[_struct_pb2.Struct]
+    def __init__(self, base_url: _Optional[str] = ..., model: _Optional[str] = ..., api_key_env: _Optional[str] = ..., system_prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., timeout_seconds: _Optional[int] = ..., tools: _Optional[_Iterable[_Union[_struct_pb2.Struct, _Mapping]]] = ...) -> None: ...
 
 class Agent(_message.Message):
     __slots__ = ("agent_id", "display_name", "echo", "remote", "openai_chat", "timeout_defaults", "history_window", "origin", "create_time", "update_time", "etag")

@@ -67,7 +67,7 @@ class EffectiveTimeoutPolicy(_message.Message):
     def __init__(self, timeout_minutes: _Optional[int] = ..., auto_renew: _Optional[bool] = ..., max_duration_minutes: _Optional[int] = ..., warning_threshold_minutes: _Optional[int] = ..., timeout_minutes_source: _Optional[_Union[PolicySource, str]] = ..., auto_renew_source: _Optional[_Union[PolicySource, str]] = ..., max_duration_minutes_source: _Optional[_Union[PolicySource, str]] = ..., warning_threshold_minutes_source: _Optional[_Union[PolicySource, str]] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "agent_id", "user_id", "metadata", "variables", "status", "near_expiration", "timeout_policy", "effective_timeout_policy", "create_time", "update_time", "last_activity_time", "expire_time", "max_expire_time", "end_time", "renewal_count", "message_count", "last_sequence", "etag", "time_remaining")
+    __slots__ = ("session_id", "agent_id", "user_id", "metadata", "variables", "status", "near_expiration", "timeout_policy", "effective_timeout_policy", "create_time", "update_time", "last_activity_time", "expire_time", "max_expire_time", "end_time", "renewal_count", "message_count", "last_sequence", "etag", "time_remaining", "last_event_id")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class Session(_message.Message):
     LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     ETAG_FIELD_NUMBER: _ClassVar[int]
     TIME_REMAINING_FIELD_NUMBER: _ClassVar[int]
+    LAST_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     agent_id: str
     user_id: str
@@ -115,4 +116,5 @@ class Session(_message.Message):
     last_sequence: int
     etag: str
     time_remaining: _duration_pb2.Duration
-    def __init__(self, session_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., user_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., variables: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., status: _Optional[_Union[SessionStatus, str]] = ..., near_expiration: _Optional[bool] = ..., timeout_policy: _Optional[_Union[TimeoutPolicy, _Mapping]] = ..., effective_timeout_policy: _Optional[_Union[EffectiveTimeoutPolicy, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_activity_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., renewal_count: _Optional[int] = ..., message_count: _Optional[int] = ..., last_sequence: _Optional[int] = ..., etag: _Optional[str] = ..., time_remaining: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    last_event_id: int
+    def __init__(self, session_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., user_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., variables: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., status: _Optional[_Union[SessionStatus, str]] = ..., near_expiration: _Optional[bool] = ..., timeout_policy: _Optional[_Union[TimeoutPolicy, _Mapping]] = ..., effective_timeout_policy: _Optional[_Union[EffectiveTimeoutPolicy, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_activity_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., renewal_count: _Optional[int] = ..., message_count: _Optional[int] = ..., last_sequence: _Optional[int] = ..., etag: _Optional[str] = ..., time_remaining: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., last_event_id: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,336 @@
+"""Turn records and the per-session turn lease.
+
+One turn runs per session at a time, across processes. The running turn's row names its owner (one
+process) and a lease expiry that the owner keeps pushing forward while the turn runs; a partial unique
+index allows one running row per session. A process that crashed stops renewing, and once its lease ran
+out the next turn of the session takes the row over (it is marked finished with an error). Lease times
+come from the wall clock of the process that writes them, not the service's injected clock: they only
+decide whether an owner is still alive, so replicas need clocks within a small part of the lease.
+
+Every operation is a plain function of a `Connection`, run through `Database.write` / `Database.read`
+like those of `repository.Store`, whose session locking it shares.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Row, bindparam, delete, insert, select, update
+
+from ..domain import model
+from ..domain.agents import Agent
+from ..domain.errors import agent_not_found, session_not_found
+from ..domain.model import Session
+from ..domain.turns import (
+    FinishReason,
+    StopMode,
+    TurnKind,
+    TurnRecord,
+    TurnRequest,
+    TurnState,
+    check_continuable,
+    turn_not_found,
+)
+from .repository import _AGENT_BY_ID, Store, _agent_from_row
+from .tables import sessions, turns
+
+
+@dataclass(frozen=True)
+class Acquired:
+    """The lease is ours: the new turn runs."""
+
+    turn: TurnRecord
+    session: Session
+    agent: Agent
+    # A turn whose owner's lease had run out, taken over (marked finished) to make room.
+    taken_over: TurnRecord | None = None
+
+
+@dataclass(frozen=True)
+class Busy:
+    """Another turn of the session holds the lease."""
+
+    running: TurnRecord
+
+
+@dataclass(frozen=True)
+class Existing:
+    """The request id was seen before: the turn it started."""
+
+    turn: TurnRecord
+
+
+Acquisition = Acquired | Busy | Existing
+
+
+def _record(row: Row[Any], session_id: str) -> TurnRecord:
+    m = row._mapping
+    return TurnRecord(
+        turn_id=m["turn_id"],
+        session_id=session_id,
+        session_pk=m["session_pk"],
+        kind=TurnKind(m["kind"]),
+        state=TurnState(m["state"]),
+        owner=m["owner"],
+        lease_expire_time=m["lease_expire_time"],
+        request_id=m["request_id"],
+        start_sequence=m["start_sequence"],
+        create_time=m["create_time"],
+        finish_reason=FinishReason(m["finish_reason"]) if m["finish_reason"] is not None else None,
+        stop_mode=StopMode(m["stop_mode"]),
+        continues_turn_id=m["continues_turn_id"],
+        closed_by_turn_id=m["closed_by_turn_id"],
+        pending_calls=dict(m["pending_calls"]),
+        events=m["events"],
+        finish_time=m["finish_time"],
+    )
+
+
+# Statements built once with named parameters (see repository.py for why).
+_SESSION_PK = select(sessions.c.pk).where(sessions.c.session_id == bindparam("p_session_id"))
+_BY_REQUEST = select(turns).where(
+    turns.c.session_pk == bindparam("p_pk"), turns.c.request_id == bindparam("p_request_id")
+)
+_BY_ID = select(turns).where(
+    turns.c.session_pk == bindparam("p_pk"), turns.c.turn_id == bindparam("p_turn_id")
+)
+_RUNNING = select(turns).where(
+    turns.c.session_pk == bindparam("p_pk"), turns.c.state == int(TurnState.RUNNING)
+)
+_INSERT = insert(turns)
+_TAKE_OVER = (
+    update(turns)
+    .where(turns.c.pk == bindparam("p_pk"), turns.c.state == int(TurnState.RUNNING))
+    .values(
+        state=int(TurnState.FINISHED), finish_reason=int(FinishReason.ERROR), finish_time=bindparam("p_now")
+    )
+)
+_CLOSE_ONE = (
+    update(turns).where(turns.c.pk == bindparam("p_pk")).values(closed_by_turn_id=bindparam("p_turn_id"))
+)
+_CLOSE_PAUSED = (
+    update(turns)
+    .where(
+        turns.c.session_pk == bindparam("p_pk"),
+        turns.c.finish_reason == int(FinishReason.CLIENT_TOOL_CALLS),
+        turns.c.closed_by_turn_id.is_(None),
+    )
+    .values(closed_by_turn_id=bindparam("p_turn_id"))
+)
+_REOPEN_PAUSED = (
+    update(turns)
+    .where(turns.c.session_pk == bindparam("p_pk"), turns.c.closed_by_turn_id == bindparam("p_turn_id"))
+    .values(closed_by_turn_id=None)
+)
+_RENEW = (
+    update(turns)
+    .where(turns.c.owner == bindparam("p_owner"), turns.c.state == int(TurnState.RUNNING))
+    .values(lease_expire_time=bindparam("p_until"))
+    .returning(turns.c.turn_id, turns.c.stop_mode)
+)
+_FINISH = (
+    update(turns)
+    .where(
+        turns.c.turn_id == bindparam("p_turn_id"),
+        turns.c.owner == bindparam("p_owner"),
+        turns.c.state == int(TurnState.RUNNING),
+    )
+    .values(
+        state=int(TurnState.FINISHED),
+        finish_reason=bindparam("p_reason"),
+        pending_calls=bindparam("p_pending"),
+        events=bindparam("p_events"),
+        finish_time=bindparam("p_now"),
+    )
+)
+_ABANDON = delete(turns).where(
+    turns.c.turn_id == bindparam("p_turn_id"),
+    turns.c.owner == bindparam("p_owner"),
+    turns.c.state == int(TurnState.RUNNING),
+)
+_REQUEST_STOP = update(turns).where(turns.c.pk == bindparam("p_pk")).values(stop_mode=bindparam("p_mode"))
+
+
+class TurnStore:
+    """Turn records and leases, in the database of `store`."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.db = store.db
+
+    def _session_pk(self, conn: Connection, session_id: str) -> int:
+        pk = conn.execute(_SESSION_PK, {"p_session_id": session_id}).scalar()
+        if pk is None:
+            raise session_not_found(session_id)
+        return int(pk)
+
+    async def acquire(
+        self,
+        request: TurnRequest,
+        *,
+        turn_id: str,
+        owner: str,
+        lease_now: datetime,
+        lease_until: datetime,
+        now: datetime,
+    ) -> Acquisition:
+        """Starts turn `turn_id` of the session if no live lease stands in the way, in one transaction
+        under the session's lock, and reads the session's agent with it. A request id seen before returns
+        its turn instead (whatever the session's status: a retry replays); otherwise the session must be
+        writable."""
+        sid = request.session_id
+
+        def op(conn: Connection) -> Acquisition:
+            session = self.store._lock_session(conn, sid)
+            if request.request_id:
+                row = conn.execute(
+                    _BY_REQUEST, {"p_pk": session.pk, "p_request_id": request.request_id}
+                ).first()
+                if row is not None:
+                    return Existing(_record(row, sid))
+            model.ensure_writable(session, now)
+            agent_row = conn.execute(_AGENT_BY_ID, {"p_agent_id": session.agent_id}).first()
+            if agent_row is None:
+                raise agent_not_found(session.agent_id)
+            taken_over = None
+            row = conn.execute(_RUNNING, {"p_pk": session.pk}).first()
+            if row is not None:
+                running = _record(row, sid)
+                if running.leased(lease_now):
+                    return Busy(running)
+                conn.execute(_TAKE_OVER, {"p_pk": row.pk, "p_now": now})
+                taken_over = running
+            if request.kind is TurnKind.CONTINUE:
+                paused_row = conn.execute(
+                    _BY_ID, {"p_pk": session.pk, "p_turn_id": request.continue_turn_id}
+                ).first()
+                if paused_row is None:
+                    raise turn_not_found(sid, request.continue_turn_id)
+                check_continuable(_record(paused_row, sid), request)
+            # A paused turn is continued by this turn, or left behind by it: either way it is closed.
+            conn.execute(_CLOSE_PAUSED, {"p_pk": session.pk, "p_turn_id": turn_id})
+            after = session
+            if request.kind is TurnKind.TRIGGER:  # the others store a message, which is activity
+                after = model.record_activity(session, now)
+                self.store._save_session(conn, session, after)
+            record = TurnRecord(
+                turn_id=turn_id,
+                session_id=sid,
+                session_pk=session.pk,
+                kind=request.kind,
+                state=TurnState.RUNNING,
+                owner=owner,
+                lease_expire_time=lease_until,
+                request_id=request.request_id or None,
+                start_sequence=session.last_sequence,
+                create_time=now,
+                continues_turn_id=request.continue_turn_id or None,
+            )
+            conn.execute(_INSERT, _values(record))
+            return Acquired(record, after, _agent_from_row(agent_row), taken_over)
+
+        return await self.db.write(op)
+
+    async def renew(self, owner: str, lease_until: datetime) -> dict[str, StopMode]:
+        """Pushes the lease of every running turn of `owner` to `lease_until`. Returns the turns still
+        held, with the stop each was asked for (a turn missing from the answer lost its lease)."""
+
+        def op(conn: Connection) -> dict[str, StopMode]:
+            rows = conn.execute(_RENEW, {"p_owner": owner, "p_until": lease_until})
+            return {r.turn_id: StopMode(r.stop_mode) for r in rows}
+
+        return await self.db.write(op)
+
+    async def finish(
+        self,
+        turn_id: str,
+        *,
+        owner: str,
+        reason: FinishReason,
+        pending_calls: Mapping[str, str],
+        events: bytes,
+        now: datetime,
+    ) -> bool:
+        """Releases the lease and records how the turn ended. False when the lease was lost meanwhile."""
+
+        def op(conn: Connection) -> bool:
+            result = conn.execute(
+                _FINISH,
+                {
+                    "p_turn_id": turn_id,
+                    "p_owner": owner,
+                    "p_reason": int(reason),
+                    "p_pending": dict(pending_calls),
+                    "p_events": events,
+                    "p_now": now,
+                },
+            )
+            return bool(result.rowcount)
+
+        return await self.db.write(op)
+
+    async def abandon(self, turn: TurnRecord) -> None:
+        """Forgets a turn that never started (its input could not be stored), reopening the paused turn
+        it closed so that the caller can try again."""
+
+        def op(conn: Connection) -> None:
+            conn.execute(_ABANDON, {"p_turn_id": turn.turn_id, "p_owner": turn.owner})
+            conn.execute(_REOPEN_PAUSED, {"p_pk": turn.session_pk, "p_turn_id": turn.turn_id})
+
+        await self.db.write(op)
+
+    async def request_stop(self, session_id: str, turn_id: str, mode: StopMode) -> TurnRecord | None:
+        """Asks the session's running turn (only `turn_id`, when given) to stop; its owner sees the request
+        when it next renews its lease. Returns the turn asked, or None when no such turn runs."""
+
+        def op(conn: Connection) -> TurnRecord | None:
+            pk = self._session_pk(conn, session_id)
+            row = conn.execute(_RUNNING, {"p_pk": pk}).first()
+            if row is None or (turn_id and row.turn_id != turn_id):
+                return None
+            record = _record(row, session_id)
+            if mode > record.stop_mode:
+                conn.execute(_REQUEST_STOP, {"p_pk": row.pk, "p_mode": int(mode)})
+            return record
+
+        return await self.db.write(op)
+
+    async def get(self, session_id: str, turn_id: str) -> TurnRecord | None:
+        def op(conn: Connection) -> TurnRecord | None:
+            pk = self._session_pk(conn, session_id)
+            row = conn.execute(_BY_ID, {"p_pk": pk, "p_turn_id": turn_id}).first()
+            return _record(row, session_id) if row is not None else None
+
+        return await self.db.read(op)
+
+    async def running(self, session_id: str) -> TurnRecord | None:
+        def op(conn: Connection) -> TurnRecord | None:
+            pk = self._session_pk(conn, session_id)
+            row = conn.execute(_RUNNING, {"p_pk": pk}).first()
+            return _record(row, session_id) if row is not None else None
+
+        return await self.db.read(op)
+
+
+def _values(t: TurnRecord) -> dict[str, Any]:
+    return {
+        "turn_id": t.turn_id,
+        "session_pk": t.session_pk,
+        "request_id": t.request_id,
+        "kind": int(t.kind),
+        "state": int(t.state),
+        "owner": t.owner,
+        "lease_expire_time": t.lease_expire_time,
+        "stop_mode": int(t.stop_mode),
+        "start_sequence": t.start_sequence,
+        "continues_turn_id": t.continues_turn_id,
+        "closed_by_turn_id": t.closed_by_turn_id,
+        "pending_calls": dict(t.pending_calls),
+        "finish_reason": int(t.finish_reason) if t.finish_reason is not None else None,
+        "events": t.events,
+        "create_time": t.create_time,
+        "finish_time": t.finish_time,
+    }

@@ -1,0 +1,245 @@
+"""The `openai_chat` backend: an OpenAI-compatible `/chat/completions` endpoint (OpenAI, vLLM, Ollama,
+llama.cpp server), streamed over HTTP as server-sent events.
+
+The request carries the system prompt, the history window in the chat format and the agent's tools; the
+stream's `delta.content` becomes text deltas, `delta.reasoning_content` (or `delta.reasoning`, as vLLM,
+llama.cpp and DeepSeek send it) reasoning deltas, `delta.tool_calls` client tool calls (the model's calls
+are run by the caller of Execute, who continues the turn with their results), the final usage chunk a
+usage event, and `finish_reason` the turn's finish reason.
+
+Failures become AgentFailure (AGENT_UNAVAILABLE): retryable for connection failures, timeouts, HTTP 408,
+409, 425, 429 and 5xx and a stream cut short; not for the other 4xx, a missing API key or an error the
+endpoint reports inside the stream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any
+
+import httpx
+from google.protobuf import json_format
+
+from agentsessions.v1 import agent_service_pb2, events_pb2, message_pb2
+
+from .backends import AgentFailure
+
+Response = agent_service_pb2.RespondResponse
+RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
+FINISH_REASONS = {
+    "stop": events_pb2.FINISH_REASON_STOP,
+    "length": events_pb2.FINISH_REASON_LENGTH,
+    "tool_calls": events_pb2.FINISH_REASON_CLIENT_TOOL_CALLS,
+    "function_call": events_pb2.FINISH_REASON_CLIENT_TOOL_CALLS,
+}
+
+
+class OpenAIChatBackend:
+    uses_history = True
+
+    def __init__(self, client: httpx.AsyncClient, *, agent_id: str, settings: Mapping[str, Any]) -> None:
+        self.client = client
+        self.agent_id = agent_id
+        self.url = str(settings["base_url"]).rstrip("/") + "/chat/completions"
+        self.model = str(settings["model"])
+        self.api_key_env = str(settings.get("api_key_env", ""))
+        self.system_prompt = str(settings.get("system_prompt", ""))
+        self.max_tokens = int(settings.get("max_tokens", 0))
+        self.timeout = int(settings.get("timeout_seconds", 0))
+        self.tools: list[Any] = list(settings.get("tools", []))
+
+    def body(self, request: agent_service_pb2.RespondRequest) -> dict[str, Any]:
+        """The chat-completions request for one turn."""
+        messages: list[dict[str, Any]] = []
+        if self.system_prompt:
+            messages.append({"role": "system", "content": self.system_prompt})
+        messages += chat_messages(request.history)
+        if request.WhichOneof("input") == "trigger":
+            payload = json_format.MessageToDict(request.trigger.input)
+            messages.append(
+                {
+                    "role": "user",
+                    "content": f"Trigger {request.trigger.name}: {json.dumps(payload, sort_keys=True)}",
+                }
+            )
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if self.max_tokens:
+            body["max_tokens"] = self.max_tokens
+        if self.tools:
+            body["tools"] = self.tools
+        return body
+
+    def _fail(self, what: str, *, retryable: bool) -> AgentFailure:
+        return AgentFailure(f"agent {self.agent_id!r} ({self.url}): {what}", retryable=retryable)
+
+    async def respond(self, request: agent_service_pb2.RespondRequest) -> AsyncGenerator[Response, None]:
+        headers = {"Accept": "text/event-stream"}
+        if self.api_key_env:
+            key = os.environ.get(self.api_key_env)
+            if not key:
+                raise self._fail(f"the API key variable {self.api_key_env} is not set", retryable=False)
+            headers["Authorization"] = f"Bearer {key}"
+        timeout = httpx.Timeout(self.timeout, connect=10.0) if self.timeout else httpx.USE_CLIENT_DEFAULT
+        try:
+            async with self.client.stream(
+                "POST", self.url, json=self.body(request), headers=headers, timeout=timeout
+            ) as response:
+                if response.status_code != 200:
+                    raise self._fail(
+                        f"HTTP {response.status_code}: {_error_text(await response.aread())}",
+                        retryable=response.status_code in RETRYABLE_STATUS or response.status_code >= 500,
+                    )
+                async for event in self._relay(response):
+                    yield event
+        except httpx.TimeoutException as err:
+            raise self._fail(f"timed out ({type(err).__name__})", retryable=True) from err
+        except httpx.HTTPError as err:
+            raise self._fail(f"{type(err).__name__}: {err}", retryable=True) from err
+
+    async def _relay(self, response: httpx.Response) -> AsyncGenerator[Response, None]:
+        calls: dict[int, dict[str, str]] = {}
+        finish: str | None = None
+        done = False
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue  # blank separators, comments, event: / id: / retry: fields
+            data = line[5:].strip()
+            if data == "[DONE]":
+                done = True
+                break
+            try:
+                chunk = json.loads(data)
+            except ValueError as err:
+                raise self._fail(f"malformed stream chunk {data[:200]!r}", retryable=False) from err
+            if chunk.get("error"):
+                raise self._fail(f"error in the stream: {_error_message(chunk['error'])}", retryable=False)
+            usage = chunk.get("usage")
+            if usage:
+                details = usage.get("completion_tokens_details") or {}
+                yield Response(
+                    usage=events_pb2.Usage(
+                        input_tokens=usage.get("prompt_tokens") or 0,
+                        output_tokens=usage.get("completion_tokens") or 0,
+                        reasoning_tokens=details.get("reasoning_tokens") or 0,
+                        total_tokens=usage.get("total_tokens") or 0,
+                    )
+                )
+            for choice in chunk.get("choices") or ():
+                if choice.get("index", 0) != 0:
+                    continue
+                delta = choice.get("delta") or {}
+                reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                if reasoning:
+                    yield Response(reasoning_delta=events_pb2.ReasoningDelta(text=reasoning))
+                if delta.get("content"):
+                    yield Response(text_delta=events_pb2.TextDelta(text=delta["content"]))
+                for call in delta.get("tool_calls") or ():
+                    # A call arrives in pieces: its id and name first, then its arguments in fragments.
+                    entry = calls.setdefault(
+                        call.get("index", len(calls)), {"id": "", "name": "", "arguments": ""}
+                    )
+                    function = call.get("function") or {}
+                    entry["id"] = call.get("id") or entry["id"]
+                    entry["name"] += function.get("name") or ""
+                    entry["arguments"] += function.get("arguments") or ""
+                finish = choice.get("finish_reason") or finish
+        if not done and finish is None:
+            raise self._fail("the stream ended before the answer did", retryable=True)
+        if finish == "content_filter":
+            raise AgentFailure(
+                f"agent {self.agent_id!r}: the endpoint's content filter stopped the answer",
+                retryable=False,
+                reason="CONTENT_FILTERED",
+            )
+        if calls:
+            yield Response(
+                client_tool_request=events_pb2.ClientToolRequest(
+                    calls=[
+                        message_pb2.ToolCallPart(
+                            call_id=c["id"],
+                            name=c["name"],
+                            arguments=c["arguments"] or "{}",
+                            client_side=True,
+                        )
+                        for _, c in sorted(calls.items())
+                    ]
+                )
+            )
+            finish = "tool_calls"
+        reason = FINISH_REASONS.get(finish or "stop", events_pb2.FINISH_REASON_STOP)
+        yield Response(finished=events_pb2.TurnFinished(reason=reason))
+
+
+def chat_messages(history: Any) -> list[dict[str, Any]]:
+    """The history window in the chat format. Reasoning is left out; tool calls left unanswered (a turn
+    paused for client tools and never continued) are dropped, because the endpoints refuse them."""
+    out: list[dict[str, Any]] = []
+    for m in history:
+        texts: list[str] = []
+        calls: list[dict[str, Any]] = []
+        results: list[dict[str, Any]] = []
+        for part in m.parts:
+            kind = part.WhichOneof("kind")
+            if kind == "text":
+                texts.append(part.text.text)
+            elif kind == "data":
+                texts.append(json.dumps(json_format.MessageToDict(part.data.value)))
+            elif kind == "file":
+                texts.append(
+                    f"[file {part.file.name or part.file.uri} ({part.file.mime_type}): {part.file.uri}]"
+                )
+            elif kind == "tool_call":
+                c = part.tool_call
+                calls.append(
+                    {
+                        "id": c.call_id,
+                        "type": "function",
+                        "function": {"name": c.name, "arguments": c.arguments},
+                    }
+                )
+            elif kind == "tool_result":
+                r = part.tool_result
+                results.append({"role": "tool", "tool_call_id": r.call_id, "content": r.output})
+        text = "\n".join(texts)
+        if m.role == message_pb2.ROLE_ASSISTANT:
+            entry: dict[str, Any] = {"role": "assistant", "content": text or None}
+            if calls:
+                entry["tool_calls"] = calls
+            out.append(entry)
+        elif m.role in (message_pb2.ROLE_USER, message_pb2.ROLE_SYSTEM) and text:
+            out.append({"role": "user" if m.role == message_pb2.ROLE_USER else "system", "content": text})
+        out += results
+    answered = {m["tool_call_id"] for m in out if m["role"] == "tool"}
+    asked = {c["id"] for m in out for c in m.get("tool_calls", ())}
+    kept = []
+    for m in out:
+        if m["role"] == "tool" and m["tool_call_id"] not in asked:
+            continue
+        if "tool_calls" in m:
+            m["tool_calls"] = [c for c in m["tool_calls"] if c["id"] in answered]
+            if not m["tool_calls"]:
+                del m["tool_calls"]
+        if m["role"] == "assistant" and not m.get("content") and "tool_calls" not in m:
+            continue
+        kept.append(m)
+    return kept
+
+
+def _error_message(error: Any) -> str:
+    if isinstance(error, Mapping):
+        return str(error.get("message") or error)
+    return str(error)
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        return _error_message(json.loads(body).get("error")) or body[:300].decode(errors="replace")
+    except (ValueError, AttributeError):
+        return body[:300].decode(errors="replace") or "(no body)"

@@ -1,0 +1,786 @@
+"""The turn runner: one turn per session at a time, multitask strategies, stop, continue, replays.
+
+A turn runs in a task of its own, apart from the RPC that started it, so it can outlive its caller
+(`DisconnectBehavior.CONTINUE`) and be followed by several callers (a retry with the same request id
+joins it). Its life:
+
+1. Acquire the session's turn lease in the database (`TurnStore.acquire`). If another turn holds it, the
+   request's strategy decides: reject (ABORTED / TURN_IN_PROGRESS), interrupt or rollback (stop that turn,
+   wait for it to end, take the lease), or enqueue (wait for it to end, take the lease).
+2. Store the input (the user message, or the client tool results of a continue) through the message
+   store, then emit TurnStarted. Rollback deletes the stopped turn's messages first.
+3. Call the agent's backend with the history window and relay its stream: each event is kept for the
+   turn's followers and published to the session's watchers.
+4. Store the assistant message (COMPLETE; INTERRUPTED with the partial output when stopped; ERROR when
+   the agent failed), emit MessageCompleted, release the lease, and emit TurnFinished last.
+
+Stopping a turn cancels only the task that iterates the agent's stream; the turn itself goes on to store
+what was produced and finish. A stop reaches a turn owned by another process through its lease row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
+from datetime import timedelta
+from typing import Protocol
+
+from agentsessions.v1 import agent_service_pb2, events_pb2, message_pb2
+
+from ..api.convert import message_to_pb, session_to_pb
+from ..domain.agents import Agent
+from ..domain.clock import Clock, SystemClock
+from ..domain.errors import DomainError
+from ..domain.model import MessageStatus, NewMessage, Role, Session, StoredMessage
+from ..domain.turns import (
+    DisconnectBehavior,
+    FinishReason,
+    MultitaskStrategy,
+    StopMode,
+    TurnKind,
+    TurnRecord,
+    TurnRequest,
+    TurnState,
+    history_window,
+    turn_in_progress,
+)
+from ..domain.validation import uuid7
+from ..service_layer import SessionsService
+from ..store.turns import Acquired, Acquisition, Existing, TurnStore
+from .backends import AgentBackend, AgentFailure, Backends
+
+log = logging.getLogger(__name__)
+
+TurnEvent = events_pb2.TurnEvent
+_DELTAS = ("text_delta", "reasoning_delta")
+
+
+class TurnStream(Protocol):
+    """What Execute streams: a turn running here, or the stored events of one that ran."""
+
+    turn_id: str
+
+    @property
+    def finished(self) -> bool: ...
+
+    def events(self) -> AsyncIterator[TurnEvent]: ...
+
+    def stop(self, mode: StopMode) -> bool: ...
+
+
+# --- the event log kept for replays --------------------------------------------------------------------
+
+
+def compact(events: Sequence[TurnEvent]) -> list[TurnEvent]:
+    """The events with each run of text (or reasoning) deltas merged into one delta: what a replay sends."""
+    out: list[TurnEvent] = []
+    chunks: list[str] = []
+
+    def close_run() -> None:
+        if len(chunks) > 1:
+            last = out[-1]
+            getattr(last, last.WhichOneof("kind")).text = "".join(chunks)
+        chunks.clear()
+
+    for event in events:
+        kind = event.WhichOneof("kind")
+        if kind in _DELTAS and chunks and out[-1].WhichOneof("kind") == kind:
+            chunks.append(getattr(event, kind).text)
+            continue
+        close_run()
+        if kind in _DELTAS:
+            merged = TurnEvent()
+            merged.CopyFrom(event)
+            out.append(merged)
+            chunks.append(getattr(event, kind).text)
+        else:
+            out.append(event)
+    close_run()
+    return out
+
+
+def encode_log(events: Sequence[TurnEvent]) -> bytes:
+    """Length-prefixed serialized events."""
+    out = bytearray()
+    for event in events:
+        data = event.SerializeToString()
+        out += len(data).to_bytes(4, "big") + data
+    return bytes(out)
+
+
+def decode_log(data: bytes) -> list[TurnEvent]:
+    events, at = [], 0
+    while at < len(data):
+        size = int.from_bytes(data[at : at + 4], "big")
+        events.append(TurnEvent.FromString(data[at + 4 : at + 4 + size]))
+        at += 4 + size
+    return events
+
+
+# --- a turn running in this process ----------------------------------------------------------------------
+
+
+class Turn:
+    """A turn running here: its events so far (followers replay them, then follow live), and its stop."""
+
+    def __init__(
+        self,
+        runner: TurnRunner,
+        record: TurnRecord,
+        request: TurnRequest,
+        agent: Agent,
+        session: Session,
+        rolled_back: Sequence[TurnRecord],
+    ) -> None:
+        self.runner = runner
+        self.record = record
+        self.turn_id = record.turn_id
+        self.session_id = record.session_id
+        self.request = request
+        self.agent = agent
+        self.session = session
+        self.rolled_back = list(rolled_back)
+        self.message_id = uuid7()  # the id the assistant message will be stored under
+        self.registered_at = time.monotonic()
+        self.emitted: list[TurnEvent] = []
+        self.stop_mode = StopMode.NONE
+        self.concluding = False
+        self.started = asyncio.Event()
+        self.start_error: BaseException | None = None
+        self.done = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self._finished = False
+        self._wakeups: list[asyncio.Future[None]] = []
+        # Events wait here for publication to the session's watchers, in order, by one task at a time:
+        # the followers of the turn never wait for a durable event to be written.
+        self._outbox: deque[TurnEvent] = deque()
+        self._publisher: asyncio.Task[None] | None = None
+        self._agent_task: asyncio.Task[None] | None = None
+        self._agent_reason: int | None = None
+        # The assistant message, built as the agent streams: finished parts, and the run of text (or
+        # reasoning) deltas still open.
+        self._parts: list[message_pb2.Part] = []
+        self._open_kind = ""
+        self._open: list[str] = []
+        self._pending_calls: dict[str, str] = {}
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    # --- followers ---
+
+    async def events(self) -> AsyncIterator[TurnEvent]:
+        """Every event of the turn from the first, then live ones until TurnFinished."""
+        loop = asyncio.get_running_loop()
+        i = 0
+        while True:
+            while i < len(self.emitted):
+                yield self.emitted[i]
+                i += 1
+            if self._finished:
+                if i >= len(self.emitted):
+                    return
+                continue
+            wakeup: asyncio.Future[None] = loop.create_future()
+            self._wakeups.append(wakeup)
+            try:
+                await wakeup
+            finally:
+                if not wakeup.done():
+                    self._wakeups.remove(wakeup)
+
+    def _deliver(self, event: TurnEvent, *, last: bool = False) -> None:
+        self.emitted.append(event)
+        if last:
+            self._finished = True
+        wakeups, self._wakeups = self._wakeups, []
+        for wakeup in wakeups:
+            if not wakeup.done():
+                wakeup.set_result(None)
+
+    def _event(self) -> TurnEvent:
+        event = TurnEvent(session_id=self.session_id, turn_id=self.turn_id, index=len(self.emitted) + 1)
+        event.time.FromDatetime(self.runner.clock.now())
+        return event
+
+    def _emit(self, event: TurnEvent) -> None:
+        self._deliver(event)
+        self._publish_later(event)
+
+    def _publish_later(self, event: TurnEvent) -> None:
+        self._outbox.append(event)
+        if self._publisher is None or self._publisher.done():
+            self._publisher = asyncio.create_task(self._publish_all())
+
+    async def _publish_all(self) -> None:
+        while self._outbox:
+            await self.runner._publish(self._outbox.popleft())
+
+    async def _published(self) -> None:
+        """Returns once every event emitted so far was published."""
+        while self._publisher is not None and not self._publisher.done():
+            await asyncio.wait([self._publisher])
+
+    # --- stop ---
+
+    def stop(self, mode: StopMode) -> bool:
+        """Asks the turn to stop; False when it is already past the point where a stop changes anything."""
+        if self._finished or self.concluding:
+            return False
+        self.stop_mode = max(self.stop_mode, mode)
+        if self._agent_task is not None and not self._agent_task.done():
+            self._agent_task.cancel()
+        return True
+
+    # --- the turn's life ---
+
+    async def run(self) -> None:
+        try:
+            try:
+                stored = await self._prepare()
+            except Exception as exc:
+                await self._abandon(exc)
+                return
+            self.started.set()
+            reason, error = await self._drive(stored)
+            await self._conclude(reason, error)
+        except asyncio.CancelledError:
+            if self._agent_task is not None:
+                self._agent_task.cancel()
+            raise
+        except Exception:
+            log.exception("turn %s of session %s failed", self.turn_id, self.session_id)
+            if not self.concluding:
+                with contextlib.suppress(Exception):
+                    await self._conclude(FinishReason.ERROR, _internal_error())
+        finally:
+            self.runner._forget(self)
+            if not self.started.is_set():
+                self.start_error = self.start_error or DomainError("the turn could not start")
+                self.started.set()
+            if not self._finished:
+                self._wake_all()  # its followers' streams end
+            self.done.set()
+
+    def _wake_all(self) -> None:
+        self._finished = True
+        wakeups, self._wakeups = self._wakeups, []
+        for wakeup in wakeups:
+            if not wakeup.done():
+                wakeup.set_result(None)
+
+    async def _abandon(self, exc: Exception) -> None:
+        """The input could not be stored: the turn never started; the caller gets the error."""
+        self.concluding = True
+        if not isinstance(exc, DomainError):
+            log.error("turn %s could not start", self.turn_id, exc_info=exc)
+        try:
+            await self.runner.turns.abandon(self.record)
+        except Exception:
+            log.warning("could not release the lease of turn %s; it runs out by itself", self.turn_id)
+        self.runner._forget(self)
+        self.start_error = exc
+        self.started.set()
+        self._wake_all()
+
+    async def _prepare(self) -> StoredMessage | None:
+        svc = self.runner.service
+        for old in self.rolled_back:
+            await svc.delete_messages(
+                session_id=self.session_id,
+                message_id=None,
+                after_sequence=old.start_sequence,
+                turn_id=old.turn_id,
+            )
+        stored = None
+        new = self.request.message or self.request.tool_results
+        if new is not None:
+            self.session, messages = await svc.append_messages(
+                session_id=self.session_id, messages=[replace(new, turn_id=self.turn_id)]
+            )
+            stored = messages[0]
+        event = self._event()
+        started = event.turn_started
+        started.SetInParent()
+        if stored is not None:
+            started.user_message.CopyFrom(message_to_pb(stored, ui_view=False))
+        started.continued_turn_id = self.request.continue_turn_id
+        started.trigger_name = self.request.trigger_name
+        self._emit(event)
+        return stored
+
+    async def _agent_request(
+        self, backend: AgentBackend, stored: StoredMessage | None
+    ) -> agent_service_pb2.RespondRequest:
+        svc = self.runner.service
+        if backend.uses_history:
+            page = await svc.list_messages(
+                session_id=self.session_id,
+                visible_only=False,
+                descending=True,
+                after_sequence=0,
+                before_sequence=0,
+                page_size=history_window(self.agent.history_window),
+                page_token="",
+            )
+            history = [message_to_pb(m, ui_view=False) for m in reversed(page.items)]
+        else:  # the echo agent answers the input alone
+            history = [message_to_pb(stored, ui_view=False)] if stored is not None else []
+        request = agent_service_pb2.RespondRequest(
+            session=session_to_pb(self.session, svc.clock.now()), turn_id=self.turn_id, history=history
+        )
+        if self.request.kind is TurnKind.MESSAGE and stored is not None:
+            request.message.CopyFrom(message_to_pb(stored, ui_view=False))
+        elif self.request.kind is TurnKind.TRIGGER:
+            request.trigger.CopyFrom(self.request.trigger)
+        elif self.request.kind is TurnKind.CONTINUE:
+            request.continue_turn.CopyFrom(self.request.continue_turn)
+        return request
+
+    async def _drive(self, stored: StoredMessage | None) -> tuple[FinishReason, events_pb2.TurnError | None]:
+        if self.stop_mode:
+            return FinishReason.CANCELLED, None
+        try:
+            backend = self.runner.backends.for_agent(self.agent)
+            request = await self._agent_request(backend, stored)
+        except DomainError as exc:
+            return FinishReason.ERROR, events_pb2.TurnError(reason=exc.reason, message=exc.message)
+        except Exception:
+            log.exception("turn %s: preparing the agent's request failed", self.turn_id)
+            return FinishReason.ERROR, _internal_error()
+        if self.stop_mode:
+            return FinishReason.CANCELLED, None
+        self._agent_task = asyncio.create_task(self._consume(backend, request), name=f"agent-{self.turn_id}")
+        await asyncio.wait([self._agent_task])
+        if self._agent_task.cancelled() or self.stop_mode:
+            return FinishReason.CANCELLED, None
+        failure = self._agent_task.exception()
+        if failure is None:
+            return self._finish_reason()
+        if isinstance(failure, AgentFailure):
+            error = events_pb2.TurnError(
+                reason=failure.reason, message=failure.message, retryable=failure.retryable
+            )
+            return FinishReason.ERROR, error
+        log.error("turn %s: the agent backend failed", self.turn_id, exc_info=failure)
+        return FinishReason.ERROR, _internal_error()
+
+    def _finish_reason(self) -> tuple[FinishReason, events_pb2.TurnError | None]:
+        if self._pending_calls:
+            return FinishReason.CLIENT_TOOL_CALLS, None
+        reason = self._agent_reason
+        if reason == events_pb2.FINISH_REASON_LENGTH:
+            return FinishReason.LENGTH, None
+        if reason == events_pb2.FINISH_REASON_CANCELLED:
+            return FinishReason.CANCELLED, None
+        if reason == events_pb2.FINISH_REASON_ERROR:
+            error = events_pb2.TurnError(reason="AGENT_ERROR", message="the agent reported a failure")
+            return FinishReason.ERROR, error
+        return FinishReason.STOP, None
+
+    async def _consume(self, backend: AgentBackend, request: agent_service_pb2.RespondRequest) -> None:
+        async with contextlib.aclosing(backend.respond(request)) as stream:
+            async for response in stream:
+                kind = response.WhichOneof("kind")
+                if kind == "text_delta":
+                    self._delta("text_delta", response.text_delta.text)
+                elif kind == "reasoning_delta":
+                    self._delta("reasoning_delta", response.reasoning_delta.text)
+                elif kind == "tool_call":
+                    self._tool_call(response.tool_call)
+                elif kind == "client_tool_request":
+                    self._client_tool_request(response.client_tool_request)
+                elif kind == "usage":
+                    event = self._event()
+                    event.usage.CopyFrom(response.usage)
+                    self._emit(event)
+                elif kind == "finished":
+                    self._agent_reason = response.finished.reason
+                    return
+                elif kind == "error":
+                    raise AgentFailure(
+                        response.error.message or "the agent reported an error",
+                        retryable=response.error.retryable,
+                        reason=response.error.reason or "AGENT_ERROR",
+                    )
+
+    def _delta(self, kind: str, text: str) -> None:
+        if not text:
+            return
+        if self._open_kind != kind:
+            self._close_run()
+            self._open_kind = kind
+        self._open.append(text)
+        event = self._event()
+        delta = getattr(event, kind)
+        delta.message_id = self.message_id
+        delta.text = text
+        self._emit(event)
+
+    def _close_run(self) -> None:
+        if self._open:
+            part = message_pb2.Part()
+            text = "".join(self._open)
+            if self._open_kind == "text_delta":
+                part.text.text = text
+            else:
+                part.reasoning.text = text
+            self._parts.append(part)
+        self._open = []
+        self._open_kind = ""
+
+    def _tool_call(self, call_event: events_pb2.ToolCallEvent) -> None:
+        self._close_run()
+        event = self._event()
+        out = event.tool_call
+        out.CopyFrom(call_event)
+        out.call.call_id = out.call.call_id or f"call-{uuid7()}"
+        self._parts.append(message_pb2.Part(tool_call=out.call))
+        if call_event.HasField("result"):
+            out.result.call_id = out.result.call_id or out.call.call_id
+            out.result.name = out.result.name or out.call.name
+            self._parts.append(message_pb2.Part(tool_result=out.result))
+        self._emit(event)
+
+    def _client_tool_request(self, request: events_pb2.ClientToolRequest) -> None:
+        self._close_run()
+        event = self._event()
+        out = event.client_tool_request
+        out.CopyFrom(request)
+        for call in out.calls:
+            call.call_id = call.call_id or f"call-{uuid7()}"
+            call.client_side = True
+            self._pending_calls[call.call_id] = call.name
+            self._parts.append(message_pb2.Part(tool_call=call))
+        self._emit(event)
+
+    async def _conclude(self, reason: FinishReason, error: events_pb2.TurnError | None) -> None:
+        self.concluding = True
+        self._close_run()
+        svc = self.runner.service
+        if error is not None:
+            event = self._event()
+            event.error.CopyFrom(error)
+            self._emit(event)
+        pending = self._pending_calls if reason is FinishReason.CLIENT_TOOL_CALLS else {}
+        if self._parts and self.stop_mode is not StopMode.ROLLBACK:
+            status = {
+                FinishReason.CANCELLED: MessageStatus.INTERRUPTED,
+                FinishReason.ERROR: MessageStatus.ERROR,
+            }.get(reason, MessageStatus.COMPLETE)
+            message = NewMessage(
+                message_id=self.message_id,
+                role=Role.ASSISTANT,
+                content=message_pb2.Message(parts=self._parts).SerializeToString(),
+                status=status,
+                turn_id=self.turn_id,
+                tool_call_ids=tuple(p.tool_call.call_id for p in self._parts if p.HasField("tool_call")),
+                tool_result_ids=tuple(
+                    p.tool_result.call_id for p in self._parts if p.HasField("tool_result")
+                ),
+            )
+            failure: events_pb2.TurnError | None = None
+            try:
+                _, stored = await svc.append_messages(session_id=self.session_id, messages=[message])
+            except DomainError as exc:  # the session expired, ended or went away under the turn
+                failure = events_pb2.TurnError(reason=exc.reason, message=exc.message)
+            except Exception:
+                log.exception("turn %s: storing the assistant message failed", self.turn_id)
+                failure = _internal_error()
+            if failure is None:
+                event = self._event()
+                event.message_completed.message.CopyFrom(message_to_pb(stored[0], ui_view=False))
+                self._emit(event)
+            else:
+                reason, pending = FinishReason.ERROR, {}
+                if error is None:
+                    event = self._event()
+                    event.error.CopyFrom(failure)
+                    self._emit(event)
+        final = self._event()
+        final.turn_finished.reason = int(reason)  # type: ignore[assignment]
+        try:
+            released = await self.runner.turns.finish(
+                self.turn_id,
+                owner=self.runner.owner,
+                reason=reason,
+                pending_calls=pending,
+                events=encode_log(compact([*self.emitted, final])),
+                now=svc.clock.now(),
+            )
+            if not released:
+                log.warning("turn %s lost its lease before it finished", self.turn_id)
+        except Exception:
+            log.warning(
+                "could not release the lease of turn %s; it runs out by itself", self.turn_id, exc_info=True
+            )
+        # Watchers learn of the end before the next turn can start here; followers last, once the lease
+        # is free, so that a caller who saw TurnFinished can start the next turn at once.
+        self._publish_later(final)
+        await self._published()
+        self.runner._forget(self)
+        self._deliver(final, last=True)
+
+
+def _internal_error() -> events_pb2.TurnError:
+    return events_pb2.TurnError(
+        reason="INTERNAL", message="the turn failed; the server logged the details", retryable=True
+    )
+
+
+class Replay:
+    """The stored events of a turn that ran (deltas merged): what a retried request id gets."""
+
+    def __init__(self, record: TurnRecord, events: list[TurnEvent]) -> None:
+        self.turn_id = record.turn_id
+        self._events = events
+
+    @property
+    def finished(self) -> bool:
+        return True
+
+    async def events(self) -> AsyncIterator[TurnEvent]:
+        for event in self._events:
+            yield event
+
+    def stop(self, mode: StopMode) -> bool:
+        return False
+
+
+# --- the runner ------------------------------------------------------------------------------------------
+
+
+class TurnRunner:
+    """Runs the turns of this process and holds their leases.
+
+    `lease_seconds` bounds how long a crashed process keeps a session's turn from others; the lease is
+    renewed every fifth of it, and a stop asked on another replica arrives with the next renewal.
+    """
+
+    def __init__(
+        self,
+        service: SessionsService,
+        turns: TurnStore,
+        backends: Backends,
+        *,
+        lease_seconds: float = 15.0,
+        retry_after_seconds: float = 1.0,
+        lease_clock: Clock | None = None,
+    ) -> None:
+        self.service = service
+        self.turns = turns
+        self.backends = backends
+        self.clock = service.clock
+        self.lease = timedelta(seconds=lease_seconds)
+        self.renew_interval = lease_seconds / 5
+        self.retry_after_seconds = retry_after_seconds
+        self.lease_clock: Clock = lease_clock or SystemClock()
+        self.owner = uuid7()  # this process, as lease rows name it
+        self._running: dict[str, Turn] = {}  # by session id
+        self._by_id: dict[str, Turn] = {}
+        self._waiting: Counter[str] = Counter()
+        self._waiting_changed: asyncio.Condition | None = None
+        self._renewer: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # --- queries ---
+
+    def running_count(self) -> int:
+        """Turns running in this process."""
+        return len(self._by_id)
+
+    def waiting(self, session_id: str) -> int:
+        """Callers here waiting for the session's running turn to end (enqueue, interrupt, rollback)."""
+        return self._waiting[session_id]
+
+    async def wait_for_waiting(self, session_id: str, count: int) -> None:
+        """Returns once at least `count` callers wait for the session's running turn."""
+        condition = self._condition()
+        async with condition:
+            await condition.wait_for(lambda: self._waiting[session_id] >= count)
+
+    # --- use cases ---
+
+    async def execute(self, request: TurnRequest) -> TurnStream:
+        """Starts a turn (after the turn running in the session, per the request's strategy), or joins the
+        turn the request id started before. Returns once the turn has stored its input."""
+        turn_id = uuid7()
+        rolled_back: list[TurnRecord] = []
+        while True:
+            outcome = await self._acquire(request, turn_id)
+            if isinstance(outcome, Existing):
+                return await self._join(outcome.turn)
+            if isinstance(outcome, Acquired):
+                break
+            running = outcome.running
+            if request.strategy is MultitaskStrategy.REJECT:
+                raise turn_in_progress(request.session_id, running.turn_id, self.retry_after_seconds)
+            if request.strategy is MultitaskStrategy.ENQUEUE:
+                await self._wait(running)
+                continue
+            mode = StopMode.ROLLBACK if request.strategy is MultitaskStrategy.ROLLBACK else StopMode.CANCEL
+            if mode is StopMode.ROLLBACK:
+                rolled_back.append(running)
+            await self._stop_and_wait(running, mode)
+        turn = Turn(self, outcome.turn, request, outcome.agent, outcome.session, rolled_back)
+        self._register(turn)
+        turn.task = asyncio.create_task(turn.run(), name=f"turn-{turn_id}")
+        try:
+            await turn.started.wait()
+        except asyncio.CancelledError:
+            if request.on_disconnect is DisconnectBehavior.CANCEL:
+                turn.stop(StopMode.CANCEL)
+            raise
+        if turn.start_error is not None:
+            raise turn.start_error
+        return turn
+
+    async def stop(self, session_id: str, turn_id: str = "") -> tuple[bool, str]:
+        """Stops the session's running turn (only `turn_id`, when given), wherever it runs. Returns whether
+        a running turn was asked to stop, and its id."""
+        local = self._running.get(session_id)
+        if local is not None and (not turn_id or local.turn_id == turn_id):
+            return local.stop(StopMode.CANCEL), local.turn_id
+        record = await self.turns.request_stop(session_id, turn_id, StopMode.CANCEL)
+        if record is None or record.owner == self.owner or not record.leased(self.lease_clock.now()):
+            return False, turn_id
+        return True, record.turn_id
+
+    async def close(self, grace: float = 10.0) -> None:
+        """Stops the turns running here (their partial output is kept, for up to `grace` seconds) and closes
+        the backends."""
+        self._closed = True
+        running = list(self._by_id.values())
+        for turn in running:
+            turn.stop(StopMode.CANCEL)
+        if running:
+            await asyncio.wait([asyncio.ensure_future(t.done.wait()) for t in running], timeout=grace)
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+        await self.backends.close()
+
+    # --- internals ---
+
+    async def _acquire(self, request: TurnRequest, turn_id: str) -> Acquisition:
+        lease_now = self.lease_clock.now()
+        return await self.turns.acquire(
+            request,
+            turn_id=turn_id,
+            owner=self.owner,
+            lease_now=lease_now,
+            lease_until=lease_now + self.lease,
+            now=self.clock.now(),
+        )
+
+    async def _join(self, record: TurnRecord) -> TurnStream:
+        local = self._by_id.get(record.turn_id)
+        if local is not None:
+            return local
+        if record.state is TurnState.RUNNING and record.leased(self.lease_clock.now()):
+            record = await self._wait_foreign(record) or record
+        if record.state is TurnState.FINISHED and record.events is not None:
+            return Replay(record, decode_log(record.events))
+        # Its process went away before it finished: nothing but its end is known.
+        error, finished = TurnEvent(), TurnEvent()
+        for i, event in enumerate((error, finished), start=1):
+            event.session_id, event.turn_id, event.index = record.session_id, record.turn_id, i
+            event.time.FromDatetime(self.clock.now())
+        error.error.CopyFrom(
+            events_pb2.TurnError(
+                reason="TURN_LOST", message="the process running the turn went away", retryable=True
+            )
+        )
+        finished.turn_finished.reason = events_pb2.FINISH_REASON_ERROR
+        return Replay(record, [error, finished])
+
+    async def _stop_and_wait(self, running: TurnRecord, mode: StopMode) -> None:
+        local = self._by_id.get(running.turn_id)
+        if local is not None:
+            local.stop(mode)
+        else:
+            await self.turns.request_stop(running.session_id, running.turn_id, mode)
+        await self._wait(running)
+
+    async def _wait(self, running: TurnRecord) -> None:
+        """Waits until `running` ended (or its owner's lease ran out)."""
+        sid = running.session_id
+        await self._set_waiting(sid, +1)
+        try:
+            local = self._by_id.get(running.turn_id)
+            if local is not None:
+                await local.done.wait()
+            else:
+                await self._wait_foreign(running)
+        finally:
+            await self._set_waiting(sid, -1)
+
+    async def _wait_foreign(self, running: TurnRecord) -> TurnRecord | None:
+        """Polls a turn of another process (every lease renewal interval) until it ended or its lease ran
+        out. A LISTEN/NOTIFY bus could wake this sooner; the poll keeps it correct without one."""
+        while True:
+            current = await self.turns.get(running.session_id, running.turn_id)
+            if current is None or not current.leased(self.lease_clock.now()):
+                return current
+            await asyncio.sleep(self.renew_interval)
+
+    def _condition(self) -> asyncio.Condition:
+        if self._waiting_changed is None:
+            self._waiting_changed = asyncio.Condition()
+        return self._waiting_changed
+
+    async def _set_waiting(self, session_id: str, delta: int) -> None:
+        self._waiting[session_id] += delta
+        if self._waiting[session_id] <= 0:
+            del self._waiting[session_id]
+        condition = self._condition()
+        async with condition:
+            condition.notify_all()
+
+    def _register(self, turn: Turn) -> None:
+        self._running[turn.session_id] = turn
+        self._by_id[turn.turn_id] = turn
+        if self._renewer is None and not self._closed:
+            self._renewer = asyncio.create_task(self._keep_leases(), name="turn-leases")
+
+    def _forget(self, turn: Turn) -> None:
+        if self._running.get(turn.session_id) is turn:
+            del self._running[turn.session_id]
+        self._by_id.pop(turn.turn_id, None)
+
+    async def _publish(self, event: TurnEvent) -> None:
+        try:
+            await self.service.publish_turn_event(event)
+        except Exception:
+            log.warning("could not publish event %d of turn %s", event.index, event.turn_id, exc_info=True)
+
+    async def _keep_leases(self) -> None:
+        """Renews the leases of the turns running here, and applies the stops other replicas asked for."""
+        while True:
+            await asyncio.sleep(self.renew_interval)
+            if not self._by_id:
+                continue
+            asked_at = time.monotonic()
+            try:
+                held = await self.turns.renew(self.owner, self.lease_clock.now() + self.lease)
+            except Exception:
+                log.warning("could not renew the turn leases; retrying", exc_info=True)
+                continue
+            for turn in list(self._by_id.values()):
+                if turn.registered_at > asked_at or turn.concluding:
+                    continue
+                mode = held.get(turn.turn_id)
+                if mode is None:
+                    log.warning(
+                        "turn %s lost its lease (taken over after it ran out); stopping it", turn.turn_id
+                    )
+                    turn.stop(StopMode.CANCEL)
+                elif mode:
+                    turn.stop(mode)
