@@ -40,7 +40,12 @@ def policy_from_pb(pb: session_pb2.TimeoutPolicy) -> TimeoutPolicy:
 
 
 def policy_to_pb(policy: TimeoutPolicy) -> session_pb2.TimeoutPolicy:
-    return session_pb2.TimeoutPolicy(**policy.as_dict())
+    return session_pb2.TimeoutPolicy(
+        timeout_minutes=policy.timeout_minutes,
+        auto_renew=policy.auto_renew,
+        max_duration_minutes=policy.max_duration_minutes,
+        warning_threshold_minutes=policy.warning_threshold_minutes,
+    )
 
 
 def struct_to_dict(pb: struct_pb2.Struct) -> dict[str, Any]:

@@ -50,7 +50,8 @@ def to_status(exc: DomainError) -> grpc.Status:
         delay.FromNanoseconds(int(exc.retry_after_seconds * 1e9))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     status = status_pb2.Status(code=code_pb2.Code.Value(exc.code), message=exc.message, details=details)
-    return rpc_status.to_status(status)
+    converted: grpc.Status = rpc_status.to_status(status)
+    return converted
 
 
 def internal_status() -> grpc.Status:

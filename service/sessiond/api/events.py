@@ -95,9 +95,10 @@ async def watch(
                 last = event.event_id
                 yield event
         while True:
-            event = await live.get()
-            if event is None:
+            received = await live.get()
+            if received is None:
                 raise lagging(session_id, last)
+            event = received
             if event.event_id == 0:
                 if include_deltas or event.turn.WhichOneof("kind") not in _DELTAS:
                     yield event

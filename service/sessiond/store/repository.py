@@ -163,7 +163,7 @@ def _activity_values(s: Session) -> dict[str, Any]:
     }
 
 
-def _message_from_row(row: Row[Any], session_id: str) -> StoredMessage:
+def _message_from_row(row: Row[Any, *tuple[Any, ...]], session_id: str) -> StoredMessage:
     m = row._mapping
     return StoredMessage(
         session_id=session_id,
