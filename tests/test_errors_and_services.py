@@ -1,0 +1,1265 @@
+"""Errors on every RPC (the turn RPCs' too), agents, server stats, reflection, the sync client, and a
+server that survives malformed requests."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+from conftest import POSTGRES_URL, DatabaseTarget, make_settings
+from google.protobuf import descriptor_pb2, field_mask_pb2
+from google.protobuf.descriptor_pool import DescriptorPool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from agentsessions import (
+    Agent,
+    AgentOrigin,
+    AsyncSessionsClient,
+    EchoBackend,
+    Message,
+    MessageOrder,
+    MessageView,
+    Part,
+    PolicySource,
+    RemoteBackend,
+    Role,
+    SessionsClient,
+    SessionStatus,
+    TextPart,
+    errors,
+)
+from agentsessions.v1 import (
+    admin_service_pb2,
+    agent_pb2,
+    agent_service_pb2,
+    agent_service_pb2_grpc,
+    message_service_pb2,
+    message_service_pb2_grpc,
+    session_pb2,
+    session_service_pb2,
+    session_service_pb2_grpc,
+    turn_service_pb2,
+    turn_service_pb2_grpc,
+)
+from sessiond.domain.clock import ManualClock
+from sessiond.server import start_server
+
+DOMAIN = "agentsessions.v1"
+REASON = re.compile(r"[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*")
+SERVED = {
+    "agentsessions.v1.SessionService",
+    "agentsessions.v1.MessageService",
+    "agentsessions.v1.TurnService",
+    "agentsessions.v1.AgentRegistryService",
+    "agentsessions.v1.AdminService",
+}
+
+
+def text_message(text: str = "x") -> Message:
+    return Message(role=Role.ROLE_USER, parts=[Part(text=TextPart(text=text))])
+
+
+async def raw(method: Callable[[Any], Awaitable[Any]], request: Any) -> Any:
+    """A call on a generated stub, with the client's exceptions."""
+    try:
+        return await method(request)
+    except grpc.RpcError as err:
+        raise errors.from_grpc_error(err) from err
+
+
+# --- bad input on every RPC ---------------------------------------------------------------------------
+
+
+@dataclass
+class Ctx:
+    client: AsyncSessionsClient
+    sessions: session_service_pb2_grpc.SessionServiceStub
+    messages: message_service_pb2_grpc.MessageServiceStub
+    agents: agent_service_pb2_grpc.AgentRegistryServiceStub
+    session_id: str  # an ACTIVE session
+
+
+Call = Callable[[Ctx], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Case:
+    service: str
+    rpc: str
+    what: str
+    call: Call
+    field: str
+
+
+BAD_SESSION_IDS = {
+    "empty": "",
+    "double slash": "a//b",
+    "leading slash": "/x",
+    "trailing slash": "x/",
+    "300 chars": "x" * 300,
+    "257 chars": "y" * 257,
+    "NUL": "a\x00b",
+    "newline": "a\nb",
+    "tab": "a\tb",
+    "DEL": "a\x7fb",
+    "space": "a b",
+    "non-ASCII": "sessão",
+    "starts with dot": ".x",
+    "segment starts with dash": "org/-x",
+}
+
+BAD_AGENT_IDS = {
+    "empty": "",
+    "slash": "a/b",
+    "leading dash": "-x",
+    "65 chars": "a" * 65,
+    "space": "a b",
+    "NUL": "a\x00",
+    "newline": "a\n",
+    "non-ASCII": "agént",
+    "colon": "a:b",
+}
+
+
+async def _watch(c: Ctx, session_id: str, after_event_id: int | None = None) -> None:
+    """Opens a watch and reads its first event (a refused watch fails at once; the guard keeps a watch
+    that was wrongly accepted from waiting for events forever)."""
+
+    async def first() -> None:
+        async for _ in c.client.watch_session(
+            session_id=session_id, after_event_id=after_event_id, resume=False
+        ):
+            return
+
+    await asyncio.wait_for(first(), timeout=30)
+
+
+# RPC -> (call with a session id, the field named in the violation)
+SESSION_ID_RPCS: dict[tuple[str, str], tuple[Callable[[Ctx, str], Awaitable[Any]], str]] = {
+    ("SessionService", "CreateSession"): (
+        lambda c, sid: c.client.create_session(agent_id="echo", session_id=sid),
+        "session_id",
+    ),
+    ("SessionService", "GetSession"): (lambda c, sid: c.client.get_session(session_id=sid), "session_id"),
+    ("SessionService", "UpdateSession"): (
+        lambda c, sid: c.client.update_session(session_id=sid, metadata={"a": "b"}),
+        "session.session_id",
+    ),
+    ("SessionService", "EndSession"): (lambda c, sid: c.client.end_session(session_id=sid), "session_id"),
+    ("SessionService", "DeleteSession"): (
+        lambda c, sid: c.client.delete_session(session_id=sid, force=True),
+        "session_id",
+    ),
+    ("SessionService", "RenewSession"): (lambda c, sid: c.client.renew_session(session_id=sid), "session_id"),
+    ("SessionService", "Heartbeat"): (lambda c, sid: c.client.heartbeat(session_id=sid), "session_id"),
+    ("SessionService", "ClearSession"): (lambda c, sid: c.client.clear_session(session_id=sid), "session_id"),
+    ("SessionService", "RestoreSession"): (
+        lambda c, sid: c.client.restore_session(session_id=sid, messages=[text_message()]),
+        "session_id",
+    ),
+    ("SessionService", "WatchSession"): (lambda c, sid: _watch(c, sid), "session_id"),
+    ("MessageService", "AppendMessages"): (
+        lambda c, sid: c.client.append_messages(session_id=sid, messages=[text_message()]),
+        "session_id",
+    ),
+    ("MessageService", "ListMessages"): (lambda c, sid: c.client.list_messages(session_id=sid), "session_id"),
+    ("MessageService", "DeleteMessages"): (
+        lambda c, sid: c.client.delete_messages(session_id=sid, after_sequence=0),
+        "session_id",
+    ),
+}
+
+AGENT_ID_RPCS: dict[tuple[str, str], tuple[Callable[[Ctx, str], Awaitable[Any]], str]] = {
+    ("SessionService", "CreateSession"): (
+        lambda c, aid: c.client.create_session(agent_id=aid),
+        "session.agent_id",
+    ),
+    ("SessionService", "ListSessions"): (lambda c, aid: c.client.list_sessions(agent_id=aid), "agent_id"),
+    ("AgentRegistryService", "CreateAgent"): (
+        lambda c, aid: c.client.create_agent(agent=Agent(agent_id=aid, echo=EchoBackend())),
+        "agent_id",
+    ),
+    ("AgentRegistryService", "GetAgent"): (lambda c, aid: c.client.get_agent(agent_id=aid), "agent_id"),
+    ("AgentRegistryService", "UpdateAgent"): (
+        lambda c, aid: c.client.update_agent(agent=Agent(agent_id=aid, display_name="x")),
+        "agent.agent_id",
+    ),
+    ("AgentRegistryService", "DeleteAgent"): (lambda c, aid: c.client.delete_agent(agent_id=aid), "agent_id"),
+}
+
+
+def _policy(**fields: int) -> session_pb2.TimeoutPolicy:
+    return session_pb2.TimeoutPolicy(**fields)  # type: ignore[arg-type]
+
+
+def _meta(n: int) -> dict[str, str]:
+    return {f"k{i}": "v" for i in range(n)}
+
+
+OTHER_CASES: list[tuple[str, str, str, Call, str]] = [
+    # SessionService
+    (
+        "SessionService",
+        "CreateSession",
+        "no session at all",
+        lambda c: raw(c.sessions.CreateSession, session_service_pb2.CreateSessionRequest()),
+        "session.agent_id",
+    ),
+    (
+        "SessionService",
+        "CreateSession",
+        "user_id with a control character",
+        lambda c: c.client.create_session(agent_id="echo", user_id="u\x01"),
+        "session.user_id",
+    ),
+    (
+        "SessionService",
+        "CreateSession",
+        "user_id of 257 chars",
+        lambda c: c.client.create_session(agent_id="echo", user_id="u" * 257),
+        "session.user_id",
+    ),
+    (
+        "SessionService",
+        "CreateSession",
+        "request_id of 129 chars",
+        lambda c: c.client.create_session(agent_id="echo", request_id="r" * 129),
+        "request_id",
+    ),
+    (
+        "SessionService",
+        "CreateSession",
+        "65 metadata entries",
+        lambda c: c.client.create_session(agent_id="echo", metadata=_meta(65)),
+        "session.metadata",
+    ),
+    (
+        "SessionService",
+        "CreateSession",
+        "bad metadata key",
+        lambda c: c.client.create_session(agent_id="echo", metadata={"bad key": "v"}),
+        "session.metadata['bad key']",
+    ),
+    (
+        "SessionService",
+        "CreateSession",
+        "metadata value too long",
+        lambda c: c.client.create_session(agent_id="echo", metadata={"k": "v" * 1025}),
+        "session.metadata['k']",
+    ),
+    (
+        "SessionService",
+        "CreateSession",
+        "metadata value with NUL",
+        lambda c: c.client.create_session(agent_id="echo", metadata={"k": "a\x00b"}),
+        "session.metadata['k']",
+    ),
+    (
+        "SessionService",
+        "CreateSession",
+        "variables over 64 KiB",
+        lambda c: c.client.create_session(agent_id="echo", variables={"blob": "x" * 70_000}),
+        "session.variables",
+    ),
+    (
+        "SessionService",
+        "CreateSession",
+        "timeout below the minimum",
+        lambda c: c.client.create_session(agent_id="echo", timeout_policy=_policy(timeout_minutes=1)),
+        "session.timeout_policy.timeout_minutes",
+    ),
+    (
+        "SessionService",
+        "CreateSession",
+        "max duration above the maximum",
+        lambda c: c.client.create_session(
+            agent_id="echo", timeout_policy=_policy(max_duration_minutes=100_000)
+        ),
+        "session.timeout_policy.max_duration_minutes",
+    ),
+    (
+        "SessionService",
+        "CreateSession",
+        "warning threshold of 0",
+        lambda c: c.client.create_session(
+            agent_id="echo", timeout_policy=_policy(warning_threshold_minutes=0)
+        ),
+        "session.timeout_policy.warning_threshold_minutes",
+    ),
+    (
+        "SessionService",
+        "ListSessions",
+        "page_size over 1000",
+        lambda c: c.client.list_sessions(page_size=1001),
+        "page_size",
+    ),
+    (
+        "SessionService",
+        "ListSessions",
+        "negative page_size",
+        lambda c: c.client.list_sessions(page_size=-5),
+        "page_size",
+    ),
+    (
+        "SessionService",
+        "ListSessions",
+        "unknown status",
+        lambda c: c.client.list_sessions(status=SessionStatus.ValueType(42)),
+        "status",
+    ),
+    (
+        "SessionService",
+        "ListSessions",
+        "negative status",
+        lambda c: c.client.list_sessions(status=SessionStatus.ValueType(-1)),
+        "status",
+    ),
+    (
+        "SessionService",
+        "ListSessions",
+        "garbage page token",
+        lambda c: c.client.list_sessions(page_token="garbage"),
+        "page_token",
+    ),
+    (
+        "SessionService",
+        "ListSessions",
+        "user_id filter with NUL",
+        lambda c: c.client.list_sessions(user_id="u\x00"),
+        "user_id",
+    ),
+    (
+        "SessionService",
+        "ListSessions",
+        "metadata filter with a bad key",
+        lambda c: c.client.list_sessions(metadata={"bad key": "v"}),
+        "metadata['bad key']",
+    ),
+    (
+        "SessionService",
+        "ListSessions",
+        "metadata filter value with NUL",
+        lambda c: c.client.list_sessions(metadata={"k": "\x00"}),
+        "metadata['k']",
+    ),
+    (
+        "SessionService",
+        "UpdateSession",
+        "unknown update_mask path",
+        lambda c: c.client.update_session(session_id=c.session_id, update_mask=["agent_id"]),
+        "update_mask",
+    ),
+    (
+        "SessionService",
+        "UpdateSession",
+        "empty update_mask",
+        lambda c: raw(
+            c.sessions.UpdateSession,
+            session_service_pb2.UpdateSessionRequest(
+                session=session_pb2.Session(session_id=c.session_id), update_mask=field_mask_pb2.FieldMask()
+            ),
+        ),
+        "update_mask",
+    ),
+    (
+        "SessionService",
+        "UpdateSession",
+        "no session at all",
+        lambda c: raw(
+            c.sessions.UpdateSession,
+            session_service_pb2.UpdateSessionRequest(
+                update_mask=field_mask_pb2.FieldMask(paths=["metadata"])
+            ),
+        ),
+        "session.session_id",
+    ),
+    (
+        "SessionService",
+        "UpdateSession",
+        "timeout above the maximum",
+        lambda c: c.client.update_session(
+            session_id=c.session_id, timeout_policy=_policy(timeout_minutes=5000)
+        ),
+        "session.timeout_policy.timeout_minutes",
+    ),
+    (
+        "SessionService",
+        "UpdateSession",
+        "bad metadata key",
+        lambda c: c.client.update_session(session_id=c.session_id, metadata={"": "v"}),
+        "session.metadata['']",
+    ),
+    (
+        "SessionService",
+        "UpdateSession",
+        "variables over 64 KiB",
+        lambda c: c.client.update_session(session_id=c.session_id, variables={"b": "x" * 70_000}),
+        "session.variables",
+    ),
+    (
+        "SessionService",
+        "WatchSession",
+        "negative after_event_id",
+        lambda c: _watch(c, c.session_id, after_event_id=-1),
+        "after_event_id",
+    ),
+    (
+        "SessionService",
+        "RestoreSession",
+        "message without parts",
+        lambda c: c.client.restore_session(session_id=c.session_id, messages=[Message(role=Role.ROLE_USER)]),
+        "messages[0].parts",
+    ),
+    (
+        "SessionService",
+        "RestoreSession",
+        "101 messages",
+        lambda c: c.client.restore_session(session_id=c.session_id, messages=[text_message()] * 101),
+        "messages",
+    ),
+    # MessageService
+    (
+        "MessageService",
+        "AppendMessages",
+        "no messages",
+        lambda c: c.client.append_messages(session_id=c.session_id, messages=[]),
+        "messages",
+    ),
+    (
+        "MessageService",
+        "AppendMessages",
+        "unspecified role",
+        lambda c: c.client.append_messages(
+            session_id=c.session_id, messages=[Message(parts=[Part(text=TextPart(text="x"))])]
+        ),
+        "messages[0].role",
+    ),
+    (
+        "MessageService",
+        "AppendMessages",
+        "unknown role",
+        lambda c: c.client.append_messages(
+            session_id=c.session_id,
+            messages=[Message(role=Role.ValueType(99), parts=[Part(text=TextPart())])],
+        ),
+        "messages[0].role",
+    ),
+    (
+        "MessageService",
+        "AppendMessages",
+        "empty part",
+        lambda c: c.client.append_messages(
+            session_id=c.session_id, messages=[Message(role=Role.ROLE_USER, parts=[Part()])]
+        ),
+        "messages[0].parts[0]",
+    ),
+    (
+        "MessageService",
+        "ListMessages",
+        "unknown view",
+        lambda c: c.client.list_messages(session_id=c.session_id, view=MessageView.ValueType(3)),
+        "view",
+    ),
+    (
+        "MessageService",
+        "ListMessages",
+        "unknown order",
+        lambda c: c.client.list_messages(session_id=c.session_id, order=MessageOrder.ValueType(-2)),
+        "order",
+    ),
+    (
+        "MessageService",
+        "ListMessages",
+        "page_size over 1000",
+        lambda c: c.client.list_messages(session_id=c.session_id, page_size=1001),
+        "page_size",
+    ),
+    (
+        "MessageService",
+        "ListMessages",
+        "negative after_sequence",
+        lambda c: c.client.list_messages(session_id=c.session_id, after_sequence=-1),
+        "after_sequence",
+    ),
+    (
+        "MessageService",
+        "ListMessages",
+        "negative before_sequence",
+        lambda c: c.client.list_messages(session_id=c.session_id, before_sequence=-(2**63)),
+        "before_sequence",
+    ),
+    (
+        "MessageService",
+        "ListMessages",
+        "garbage page token",
+        lambda c: c.client.list_messages(session_id=c.session_id, page_token="%%%"),
+        "page_token",
+    ),
+    (
+        "MessageService",
+        "DeleteMessages",
+        "no target",
+        lambda c: raw(
+            c.messages.DeleteMessages, message_service_pb2.DeleteMessagesRequest(session_id=c.session_id)
+        ),
+        "target",
+    ),
+    (
+        "MessageService",
+        "DeleteMessages",
+        "empty message_id",
+        lambda c: raw(
+            c.messages.DeleteMessages,
+            message_service_pb2.DeleteMessagesRequest(session_id=c.session_id, message_id=""),
+        ),
+        "message_id",
+    ),
+    (
+        "MessageService",
+        "DeleteMessages",
+        "message_id with NUL",
+        lambda c: c.client.delete_messages(session_id=c.session_id, message_id="m\x00"),
+        "message_id",
+    ),
+    (
+        "MessageService",
+        "DeleteMessages",
+        "message_id of 129 chars",
+        lambda c: c.client.delete_messages(session_id=c.session_id, message_id="m" * 129),
+        "message_id",
+    ),
+    (
+        "MessageService",
+        "DeleteMessages",
+        "negative after_sequence",
+        lambda c: c.client.delete_messages(session_id=c.session_id, after_sequence=-3),
+        "after_sequence",
+    ),
+    # AgentRegistryService
+    (
+        "AgentRegistryService",
+        "CreateAgent",
+        "no agent at all",
+        lambda c: raw(c.agents.CreateAgent, agent_service_pb2.CreateAgentRequest()),
+        "agent_id",
+    ),
+    (
+        "AgentRegistryService",
+        "CreateAgent",
+        "no backend",
+        lambda c: c.client.create_agent(agent=Agent(agent_id=f"nb-{uuid.uuid4().hex[:8]}")),
+        "agent.backend",
+    ),
+    (
+        "AgentRegistryService",
+        "CreateAgent",
+        "remote backend without target",
+        lambda c: c.client.create_agent(agent=Agent(agent_id="r-x", remote=RemoteBackend())),
+        "agent.remote.target",
+    ),
+    (
+        "AgentRegistryService",
+        "CreateAgent",
+        "openai backend without base_url",
+        lambda c: c.client.create_agent(agent={"agentId": "o-x", "openaiChat": {"model": "m"}}),
+        "agent.openai_chat",
+    ),
+    (
+        "AgentRegistryService",
+        "CreateAgent",
+        "negative history_window",
+        lambda c: c.client.create_agent(agent=Agent(agent_id="h-x", echo=EchoBackend(), history_window=-1)),
+        "agent.history_window",
+    ),
+    (
+        "AgentRegistryService",
+        "CreateAgent",
+        "display_name with a control character",
+        lambda c: c.client.create_agent(
+            agent=Agent(agent_id="d-x", echo=EchoBackend(), display_name="a\x1b")
+        ),
+        "agent.display_name",
+    ),
+    (
+        "AgentRegistryService",
+        "CreateAgent",
+        "timeout defaults out of range",
+        lambda c: c.client.create_agent(
+            agent=Agent(agent_id="t-x", echo=EchoBackend(), timeout_defaults=_policy(timeout_minutes=2))
+        ),
+        "agent.timeout_defaults.timeout_minutes",
+    ),
+    (
+        "AgentRegistryService",
+        "ListAgents",
+        "page_size over 1000",
+        lambda c: c.client.list_agents(page_size=1001),
+        "page_size",
+    ),
+    (
+        "AgentRegistryService",
+        "ListAgents",
+        "garbage page token",
+        lambda c: c.client.list_agents(page_token="nope"),
+        "page_token",
+    ),
+    (
+        "AgentRegistryService",
+        "UpdateAgent",
+        "unknown update_mask path",
+        lambda c: c.client.update_agent(agent=Agent(agent_id="echo"), update_mask=["origin"]),
+        "update_mask",
+    ),
+    (
+        "AgentRegistryService",
+        "UpdateAgent",
+        "empty update_mask",
+        lambda c: raw(
+            c.agents.UpdateAgent,
+            agent_service_pb2.UpdateAgentRequest(agent=agent_pb2.Agent(agent_id="echo")),
+        ),
+        "update_mask",
+    ),
+    (
+        "AgentRegistryService",
+        "UpdateAgent",
+        "negative history_window",
+        lambda c: c.client.update_agent(agent=Agent(agent_id="echo", history_window=-4)),
+        "agent.history_window",
+    ),
+    (
+        "AgentRegistryService",
+        "UpdateAgent",
+        "backend masked but missing",
+        lambda c: c.client.update_agent(agent=Agent(agent_id="echo"), update_mask=["backend"]),
+        "agent.backend",
+    ),
+    (
+        "AgentRegistryService",
+        "UpdateAgent",
+        "timeout defaults out of range",
+        lambda c: c.client.update_agent(
+            agent=Agent(agent_id="echo", timeout_defaults=_policy(max_duration_minutes=1))
+        ),
+        "agent.timeout_defaults.max_duration_minutes",
+    ),
+]
+
+
+def all_cases() -> list[Case]:
+    cases: list[Case] = []
+    for (service, rpc), (call, field) in SESSION_ID_RPCS.items():
+        for what, bad in BAD_SESSION_IDS.items():
+            if rpc == "CreateSession" and not bad:
+                continue  # an empty id asks for a generated one
+            cases.append(Case(service, rpc, f"session id {what}", lambda c, f=call, b=bad: f(c, b), field))
+    for (service, rpc), (call, field) in AGENT_ID_RPCS.items():
+        for what, bad in BAD_AGENT_IDS.items():
+            if rpc == "ListSessions" and not bad:
+                continue  # an empty filter matches any agent
+            cases.append(Case(service, rpc, f"agent id {what}", lambda c, f=call, b=bad: f(c, b), field))
+    cases += [Case(*row) for row in OTHER_CASES]
+    return cases
+
+
+CASES = all_cases()
+
+
+def test_the_table_covers_every_rpc() -> None:
+    expected = {
+        (service.name, method.name)
+        for module in (session_service_pb2, message_service_pb2, agent_service_pb2)
+        for service in module.DESCRIPTOR.services_by_name.values()
+        if service.full_name in SERVED
+        for method in service.methods
+    }
+    assert {(c.service, c.rpc) for c in CASES} == expected
+
+
+@pytest.mark.parametrize("service", ["SessionService", "MessageService", "AgentRegistryService"])
+async def test_bad_input_is_invalid_argument_naming_the_field(
+    client: AsyncSessionsClient, unique: str, service: str
+) -> None:
+    session = await client.create_session(agent_id="echo", session_id=f"{unique}/ok")
+    ctx = Ctx(
+        client=client,
+        sessions=session_service_pb2_grpc.SessionServiceStub(client.channel),
+        messages=message_service_pb2_grpc.MessageServiceStub(client.channel),
+        agents=agent_service_pb2_grpc.AgentRegistryServiceStub(client.channel),
+        session_id=session.session_id,
+    )
+    failures: list[str] = []
+    cases = [c for c in CASES if c.service == service]
+    assert cases
+    for case in cases:
+        label = f"{case.rpc} / {case.what}"
+        try:
+            await case.call(ctx)
+        except errors.AgentSessionsError as err:
+            fields = [f for f, _ in err.field_violations]
+            if not isinstance(err, errors.InvalidArgument):
+                failures.append(f"{label}: {err.code.name} {err.reason} {err.message}")
+            elif err.domain != DOMAIN or not err.reason or not REASON.fullmatch(err.reason):
+                failures.append(f"{label}: ErrorInfo domain={err.domain!r} reason={err.reason!r}")
+            elif case.field not in fields:
+                failures.append(f"{label}: violations {fields}, expected {case.field!r}")
+            elif not err.message:
+                failures.append(f"{label}: empty status message")
+        else:
+            failures.append(f"{label}: succeeded")
+    assert not failures, "\n".join(failures)
+    # Nothing those requests carried was applied to the session that exists.
+    after = await client.get_session(session_id=session.session_id)
+    assert after.etag == session.etag
+    assert after.message_count == 0
+
+
+async def test_longest_valid_ids_are_accepted(client: AsyncSessionsClient, unique: str) -> None:
+    long_id = f"{unique}/" + "x" * (256 - len(unique) - 1)
+    assert len(long_id) == 256
+    created = await client.create_session(agent_id="echo", session_id=long_id)
+    assert (await client.get_session(session_id=long_id)).session_id == created.session_id == long_id
+    hierarchical = f"org-1/team.2/user_3:{unique}/conv@7"
+    assert (await client.create_session(agent_id="echo", session_id=hierarchical)).session_id == hierarchical
+    agent_id = f"a{unique}".ljust(64, "z")
+    assert (
+        await client.create_agent(agent=Agent(agent_id=agent_id, echo=EchoBackend()))
+    ).agent_id == agent_id
+    await client.delete_agent(agent_id=agent_id)
+
+
+async def test_not_found_errors(client: AsyncSessionsClient, unique: str) -> None:
+    missing = f"{unique}/missing"
+    calls: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+        ("SESSION_NOT_FOUND", lambda: client.get_session(session_id=missing)),
+        ("SESSION_NOT_FOUND", lambda: client.end_session(session_id=missing)),
+        ("SESSION_NOT_FOUND", lambda: client.heartbeat(session_id=missing)),
+        ("SESSION_NOT_FOUND", lambda: client.renew_session(session_id=missing)),
+        ("SESSION_NOT_FOUND", lambda: client.clear_session(session_id=missing)),
+        ("SESSION_NOT_FOUND", lambda: client.delete_session(session_id=missing)),
+        ("SESSION_NOT_FOUND", lambda: client.update_session(session_id=missing, metadata={})),
+        ("SESSION_NOT_FOUND", lambda: client.restore_session(session_id=missing, messages=[])),
+        ("SESSION_NOT_FOUND", lambda: client.append_messages(session_id=missing, messages=[text_message()])),
+        ("SESSION_NOT_FOUND", lambda: client.list_messages(session_id=missing)),
+        ("SESSION_NOT_FOUND", lambda: client.delete_messages(session_id=missing, message_id="m")),
+        ("AGENT_NOT_FOUND", lambda: client.create_session(agent_id=f"nope-{unique}")),
+        ("AGENT_NOT_FOUND", lambda: client.get_agent(agent_id=f"nope-{unique}")),
+        ("AGENT_NOT_FOUND", lambda: client.delete_agent(agent_id=f"nope-{unique}")),
+        (
+            "AGENT_NOT_FOUND",
+            lambda: client.update_agent(agent=Agent(agent_id=f"nope-{unique}", display_name="x")),
+        ),
+    ]
+    for reason, call in calls:
+        with pytest.raises(errors.NotFound) as info:
+            await call()
+        assert info.value.reason == reason
+        assert info.value.domain == DOMAIN
+        key = "session_id" if reason.startswith("SESSION") else "agent_id"
+        assert info.value.metadata[key] in (missing, f"nope-{unique}")
+    await client.delete_session(session_id=missing, allow_missing=True)
+    await client.delete_agent(agent_id=f"nope-{unique}", allow_missing=True)
+
+
+# --- turn RPCs: errors before a turn starts are statuses; on Connect, error frames ----------------------
+
+
+async def test_turn_rpcs_answer_rich_errors(client: AsyncSessionsClient, target: str, unique: str) -> None:
+    async with grpc.aio.insecure_channel(target) as channel:
+        turns = turn_service_pb2_grpc.TurnServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in turns.Execute(turn_service_pb2.ExecuteRequest(session_id=f"{unique}/x")):
+                pass
+        err = errors.from_grpc_error(info.value)
+        assert isinstance(err, errors.InvalidArgument)
+        assert (err.domain, err.reason, err.field_violations[0][0]) == (DOMAIN, "INVALID_ARGUMENT", "input")
+
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await turns.StopTurn(turn_service_pb2.StopTurnRequest(session_id="bad id"))
+        assert errors.from_grpc_error(info.value).field_violations[0][0] == "session_id"
+
+        # On Connect an error is a frame with the status code the same request would have failed with.
+        call = turns.Connect()
+        await call.write(
+            turn_service_pb2.ConnectRequest(
+                heartbeat=turn_service_pb2.HeartbeatFrame(session_id=f"{unique}/x")
+            )
+        )
+        frame = await call.read()
+        assert frame.error.code == grpc.StatusCode.NOT_FOUND.value[0]
+        assert frame.error.reason == "SESSION_NOT_FOUND"
+        assert isinstance(errors.from_connect_error(frame.error), errors.NotFound)
+        await call.done_writing()
+        assert await call.read() == grpc.aio.EOF
+    # A refused Execute stored nothing.
+    sid = (await client.create_session(agent_id="echo", session_id=f"{unique}/turns")).session_id
+    with pytest.raises(errors.InvalidArgument):
+        async for _ in client.execute(session_id=sid, message={"role": "ROLE_TOOL", "parts": [{"text": {}}]}):
+            pass
+    assert (await client.get_session(session_id=sid)).message_count == 0
+
+
+# --- agents -------------------------------------------------------------------------------------------
+
+
+async def test_echo_is_built_in(client: AsyncSessionsClient) -> None:
+    echo = await client.get_agent(agent_id="echo")
+    assert echo.origin == AgentOrigin.AGENT_ORIGIN_BUILT_IN
+    assert echo.WhichOneof("backend") == "echo"
+    assert echo.etag
+    listed = [a async for a in await client.list_agents()]
+    assert "echo" in [a.agent_id for a in listed]
+    with pytest.raises(errors.FailedPrecondition) as info:
+        await client.delete_agent(agent_id="echo")
+    assert info.value.reason == "AGENT_BUILT_IN"
+    assert info.value.domain == DOMAIN
+    assert (await client.get_agent(agent_id="echo")).origin == AgentOrigin.AGENT_ORIGIN_BUILT_IN
+
+
+async def test_agent_crud(client: AsyncSessionsClient, unique: str) -> None:
+    agent_id = f"agent-{unique}"
+    created = await client.create_agent(
+        agent={
+            "agentId": agent_id,
+            "displayName": "Support bot",
+            "remote": {"target": "127.0.0.1:7000", "timeoutSeconds": 30},
+            "timeoutDefaults": {"timeoutMinutes": 45, "autoRenew": False},
+            "historyWindow": 20,
+        }
+    )
+    assert created.agent_id == agent_id
+    assert created.origin == AgentOrigin.AGENT_ORIGIN_API
+    assert created.display_name == "Support bot"
+    assert created.remote.target == "127.0.0.1:7000"
+    assert created.remote.timeout_seconds == 30
+    assert created.timeout_defaults.timeout_minutes == 45
+    assert created.timeout_defaults.HasField("auto_renew") and not created.timeout_defaults.auto_renew
+    assert not created.timeout_defaults.HasField("max_duration_minutes")
+    assert created.history_window == 20
+    assert created.HasField("create_time") and created.etag
+    assert await client.get_agent(agent_id=agent_id) == created
+
+    with pytest.raises(errors.AlreadyExists) as info:
+        await client.create_agent(agent=Agent(agent_id=agent_id, echo=EchoBackend()))
+    assert info.value.reason == "AGENT_ALREADY_EXISTS"
+    with pytest.raises(errors.FailedPrecondition) as info:
+        await client.delete_agent(agent_id="echo")
+    assert info.value.reason == "AGENT_BUILT_IN"
+
+    # Listed, in pages, each agent once.
+    pager = await client.list_agents(page_size=1)
+    listed = [a.agent_id async for a in pager]
+    assert listed == sorted(set(listed))
+    assert {"echo", agent_id} <= set(listed)
+
+    updated = await client.update_agent(agent=Agent(agent_id=agent_id, display_name="Renamed"))
+    assert updated.display_name == "Renamed"
+    assert updated.remote.target == "127.0.0.1:7000"
+    assert updated.history_window == 20
+    assert updated.etag != created.etag
+    assert updated.origin == AgentOrigin.AGENT_ORIGIN_API
+    with pytest.raises(errors.Aborted) as info:
+        await client.update_agent(agent=Agent(agent_id=agent_id, display_name="Stale", etag=created.etag))
+    assert info.value.reason == "ETAG_MISMATCH"
+    switched = await client.update_agent(
+        agent={"agentId": agent_id, "openaiChat": {"baseUrl": "http://127.0.0.1:11434/v1", "model": "llama"}},
+        update_mask=["backend"],
+    )
+    assert switched.WhichOneof("backend") == "openai_chat"
+    assert switched.openai_chat.model == "llama"
+    assert await client.get_agent(agent_id=agent_id) == switched
+
+    # A session of the agent takes its timeout defaults.
+    session = await client.create_session(agent_id=agent_id, session_id=f"{unique}/agent-session")
+    assert session.effective_timeout_policy.timeout_minutes == 45
+    assert session.effective_timeout_policy.timeout_minutes_source == PolicySource.POLICY_SOURCE_AGENT
+    assert session.effective_timeout_policy.max_duration_minutes_source == PolicySource.POLICY_SOURCE_GLOBAL
+
+    with pytest.raises(errors.FailedPrecondition) as info:
+        await client.delete_agent(agent_id=agent_id)
+    assert info.value.reason == "AGENT_IN_USE"
+    assert info.value.metadata["agent_id"] == agent_id
+    await client.end_session(session_id=session.session_id)
+    with pytest.raises(errors.FailedPrecondition) as info:
+        await client.delete_agent(agent_id=agent_id)
+    assert info.value.reason == "AGENT_IN_USE"
+    assert (await client.get_agent(agent_id=agent_id)).display_name == "Renamed"
+
+    await client.delete_session(session_id=session.session_id)
+    await client.delete_agent(agent_id=agent_id)
+    with pytest.raises(errors.NotFound) as info:
+        await client.get_agent(agent_id=agent_id)
+    assert info.value.reason == "AGENT_NOT_FOUND"
+    with pytest.raises(errors.NotFound):
+        await client.delete_agent(agent_id=agent_id)
+    await client.delete_agent(agent_id=agent_id, allow_missing=True)
+    with pytest.raises(errors.NotFound) as info:
+        await client.create_session(agent_id=agent_id)
+    assert info.value.reason == "AGENT_NOT_FOUND"
+    assert agent_id not in [a.agent_id async for a in await client.list_agents()]
+
+
+async def test_update_agent_with_a_wildcard_mask_replaces_every_mutable_field(
+    client: AsyncSessionsClient, unique: str
+) -> None:
+    agent_id = f"wild-{unique}"
+    await client.create_agent(
+        agent={
+            "agentId": agent_id,
+            "displayName": "Before",
+            "remote": {"target": "127.0.0.1:7000"},
+            "timeoutDefaults": {"timeoutMinutes": 45},
+            "historyWindow": 20,
+        }
+    )
+    replaced = await client.update_agent(
+        agent=Agent(agent_id=agent_id, display_name="After", echo=EchoBackend(), history_window=3),
+        update_mask=["*"],
+    )
+    assert replaced.display_name == "After"
+    assert replaced.WhichOneof("backend") == "echo"
+    assert replaced.history_window == 3
+    assert not replaced.timeout_defaults.HasField("timeout_minutes")
+    assert replaced.origin == AgentOrigin.AGENT_ORIGIN_API
+    assert await client.get_agent(agent_id=agent_id) == replaced
+    await client.delete_agent(agent_id=agent_id)
+
+
+# --- server stats -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def fresh_database(database: DatabaseTarget, tmp_path: Any) -> AsyncIterator[DatabaseTarget]:
+    """An empty database of the backend at hand, for counts no other test touches."""
+    if database.backend == "sqlite":
+        yield DatabaseTarget("sqlite", f"sqlite:///{tmp_path / 'fresh.db'}")
+        return
+    schema = f"f_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        await conn.execute(f"CREATE SCHEMA {schema}")
+        yield DatabaseTarget("postgresql", database.url, schema)
+    finally:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await conn.close()
+
+
+async def test_server_stats(fresh_database: DatabaseTarget, clock: ManualClock) -> None:
+    running = await start_server(make_settings(fresh_database), clock=clock)
+    try:
+        async with AsyncSessionsClient(f"127.0.0.1:{running.port}") as client:
+            stats = await client.get_server_stats()
+            assert (stats.active_sessions, stats.expiring_soon_sessions) == (0, 0)
+            assert (stats.expired_sessions, stats.ended_sessions) == (0, 0)
+            assert stats.version
+            assert stats.database == fresh_database.backend
+            assert stats.running_turns == 0
+            assert stats.HasField("start_time") and stats.HasField("uptime")
+            assert stats.uptime.seconds >= 0
+
+            async def create(name: str, minutes: int) -> str:
+                policy = {"timeoutMinutes": minutes, "autoRenew": False, "warningThresholdMinutes": 5}
+                s = await client.create_session(agent_id="echo", session_id=name, timeout_policy=policy)
+                return s.session_id
+
+            await create("s60", 60)
+            await create("s30", 30)
+            s10 = await create("s10", 10)
+            await client.end_session(session_id=await create("ended60", 60))
+            await client.end_session(session_id=await create("ended10", 10))
+
+            async def counts() -> tuple[int, int, int, int]:
+                s = await client.get_server_stats()
+                by_status = {}
+                for status in (
+                    SessionStatus.SESSION_STATUS_ACTIVE,
+                    SessionStatus.SESSION_STATUS_EXPIRED,
+                    SessionStatus.SESSION_STATUS_ENDED,
+                ):
+                    pager = await client.list_sessions(status=status)
+                    by_status[status] = len([x async for x in pager])
+                # The stats agree with what ListSessions finds.
+                assert (s.active_sessions, s.expired_sessions, s.ended_sessions) == tuple(by_status.values())
+                pager = await client.list_sessions(status=SessionStatus.SESSION_STATUS_ACTIVE)
+                near = len([x async for x in pager if x.near_expiration])
+                assert s.expiring_soon_sessions == near, "expiring soon must match near_expiration"
+                return (s.active_sessions, s.expiring_soon_sessions, s.expired_sessions, s.ended_sessions)
+
+            assert await counts() == (3, 0, 0, 2)
+            clock.advance(minutes=5)  # s10 has exactly the warning threshold left: not under it yet
+            assert not (await client.get_session(session_id=s10)).near_expiration
+            assert await counts() == (3, 0, 0, 2)
+            clock.advance(minutes=1)  # 4 minutes left: expiring soon
+            assert (await client.get_session(session_id=s10)).near_expiration
+            assert await counts() == (3, 1, 0, 2)
+            clock.advance(minutes=4)  # s10 expires
+            assert await counts() == (2, 0, 1, 2)
+            clock.advance(minutes=16)  # s30 has 4 minutes left
+            assert await counts() == (2, 1, 1, 2)
+            clock.advance(minutes=35)  # minute 61: every session has expired or ended
+            assert await counts() == (0, 0, 3, 2)
+            await client.delete_session(session_id=s10)
+            assert await counts() == (0, 0, 2, 2)
+    finally:
+        await running.stop(0)
+
+
+# --- reflection ---------------------------------------------------------------------------------------
+
+
+def _reflect(target: str) -> tuple[list[str], list[str]]:
+    with grpc.insecure_channel(target) as channel:
+        db = ProtoReflectionDescriptorDatabase(channel)
+        services = list(db.get_services())
+        pool = DescriptorPool(db)
+        session_service = pool.FindServiceByName("agentsessions.v1.SessionService")
+        methods = [m.name for m in session_service.methods]
+        # The request types resolve through reflection too.
+        request = pool.FindMessageTypeByName("agentsessions.v1.AppendMessagesRequest")
+        assert "messages" in request.fields_by_name
+    return services, methods
+
+
+async def test_reflection_lists_every_service(target: str) -> None:
+    services, methods = await asyncio.to_thread(_reflect, target)
+    assert len(services) == len(set(services))
+    assert set(services) >= {
+        *SERVED,
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    }
+    assert {"CreateSession", "GetSession", "ListSessions", "WatchSession"} <= set(methods)
+
+
+async def _reflection_v1(target: str, *requests: reflection_pb2.ServerReflectionRequest) -> list[Any]:
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        return [r async for r in call(iter(requests))]
+
+
+async def test_reflection_v1_raw(target: str) -> None:
+    listed, found, missing, itself = await _reflection_v1(
+        target,
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="agentsessions.v1.SessionService"),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="agentsessions.v1.NoSuchThing"),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="grpc.reflection.v1.ServerReflection"),
+    )
+    names = {s.name for s in listed.list_services_response.service}
+    assert names >= {*SERVED, "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"}
+
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw_file)
+        for raw_file in found.file_descriptor_response.file_descriptor_proto
+    ]
+    session_file = next(f for f in files if f.name == "agentsessions/v1/session_service.proto")
+    assert session_file.package == "agentsessions.v1"
+    service = next(s for s in session_file.service if s.name == "SessionService")
+    assert {"CreateSession", "AppendMessages"} & {m.name for m in service.method} == {"CreateSession"}
+    # Its dependencies come along, so a client can build the types with no proto files at hand.
+    assert {"agentsessions/v1/session.proto", "agentsessions/v1/message.proto"} <= {f.name for f in files}
+
+    assert missing.HasField("error_response")
+    assert missing.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+
+    v1_files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw_file)
+        for raw_file in itself.file_descriptor_response.file_descriptor_proto
+    ]
+    assert any(f.package == "grpc.reflection.v1" for f in v1_files)
+
+
+# --- the sync client ----------------------------------------------------------------------------------
+
+
+def _sync_round_trip(target: str, unique: str) -> dict[str, Any]:
+    with SessionsClient(target) as client:
+        session = client.create_session(
+            agent_id="echo", session_id=f"{unique}/sync", user_id=f"sync-{unique}"
+        )
+        first = client.append_text(session_id=session.session_id, role="user", text="hello", message_id="m1")
+        again = client.append_text(session_id=session.session_id, role="user", text="hello", message_id="m1")
+        batch = client.append_messages(
+            session_id=session.session_id,
+            messages=[{"role": "ROLE_ASSISTANT", "parts": [{"text": {"text": f"a{i}"}}]} for i in range(4)],
+        )
+        listed = [m.sequence for m in client.list_messages(session_id=session.session_id, page_size=2)]
+        pages = len(list(client.list_messages(session_id=session.session_id, page_size=2).pages))
+        last = [m.sequence for m in client.last_messages(session_id=session.session_id, n=2)]
+        sessions = [s.session_id for s in client.list_sessions(user_id=f"sync-{unique}")]
+        try:
+            client.get_session(session_id="a//b")
+        except errors.InvalidArgument as err:
+            error: errors.AgentSessionsError = err
+        deleted = client.delete_messages(session_id=session.session_id, after_sequence=3)
+        stats = client.get_server_stats()
+    return {
+        "first": first,
+        "again": again,
+        "batch": [m.sequence for m in batch.messages],
+        "count": batch.session.message_count,
+        "listed": listed,
+        "pages": pages,
+        "last": last,
+        "sessions": sessions,
+        "error": error,
+        "deleted": deleted.deleted_count,
+        "database": stats.database,
+    }
+
+
+async def test_sync_client_round_trip(target: str, unique: str, database: DatabaseTarget) -> None:
+    # The server runs on this test's event loop: the blocking client must run in another thread.
+    result = await asyncio.to_thread(_sync_round_trip, target, unique)
+    assert result["first"].sequence == 1
+    assert result["again"] == result["first"]
+    assert result["batch"] == [2, 3, 4, 5]
+    assert result["count"] == 5
+    assert result["listed"] == [1, 2, 3, 4, 5]
+    assert result["pages"] == 3
+    assert result["last"] == [4, 5]
+    assert result["sessions"] == [f"{unique}/sync"]
+    assert result["error"].field_violations[0][0] == "session_id"
+    assert result["error"].domain == DOMAIN
+    assert result["deleted"] == 2
+    assert result["database"] == database.backend
+
+
+# --- no request crashes the server --------------------------------------------------------------------
+
+GARBAGE = [
+    b"\xff\xff\xff\xff",
+    b"\x0a\xff\xff\xff\xff\x0f",  # field 1, a length far past the end
+    b"\x0a\x05ab",  # field 1, truncated
+    b"\x0a\x02\xc3\x28",  # field 1, invalid UTF-8 in a string
+    b"\x08",  # a tag with no value
+    b"\x12\x03\x0a\x01",  # a nested message cut short
+    bytes(range(256)),
+    b"\x80" * 12,  # a varint that never ends
+    b"",
+]
+
+
+def _served_methods() -> list[tuple[str, bool, bool]]:
+    """(path, client streaming, server streaming) of every method the server serves."""
+    modules = (
+        session_service_pb2,
+        message_service_pb2,
+        agent_service_pb2,
+        admin_service_pb2,
+        turn_service_pb2,
+    )
+    return [
+        (f"/{service.full_name}/{method.name}", method.client_streaming, method.server_streaming)
+        for module in modules
+        for service in module.DESCRIPTOR.services_by_name.values()
+        if service.full_name in SERVED
+        for method in service.methods
+    ]
+
+
+async def _send_raw(
+    channel: grpc.aio.Channel, path: str, cs: bool, ss: bool, payload: bytes
+) -> grpc.StatusCode:
+    try:
+        if not cs and not ss:
+            await channel.unary_unary(path)(payload, timeout=10)
+        elif not cs:
+            async for _ in channel.unary_stream(path)(payload, timeout=10):
+                pass
+        else:
+            async for _ in channel.stream_stream(path)(iter([payload]), timeout=10):
+                pass
+    except grpc.aio.AioRpcError as err:
+        return err.code()
+    return grpc.StatusCode.OK
+
+
+def _tampered(token: str, position: object) -> str:
+    data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    data["p"] = position
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+
+
+async def test_malformed_requests_do_not_crash_the_server(
+    client: AsyncSessionsClient, target: str, unique: str
+) -> None:
+    sid = (await client.create_session(agent_id="echo", session_id=f"{unique}/burst")).session_id
+    await client.append_messages(session_id=sid, messages=[text_message(str(i)) for i in range(3)])
+    async with grpc.aio.insecure_channel(target) as channel:
+        sends = [
+            _send_raw(channel, path, cs, ss, payload)
+            for path, cs, ss in _served_methods()
+            for payload in GARBAGE
+        ]
+        codes = await asyncio.gather(*sends)
+        # Undecodable requests are refused (grpcio answers UNKNOWN when a request does not parse; bytes
+        # that happen to parse get an answer of the contract); never a crash, never a hang.
+        assert set(codes) <= {
+            grpc.StatusCode.OK,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.NOT_FOUND,
+            grpc.StatusCode.UNIMPLEMENTED,
+            grpc.StatusCode.UNKNOWN,
+        }, set(codes)
+        assert grpc.StatusCode.UNKNOWN in codes
+
+    # Decodable but hostile values: each answers with a status of the contract, never INTERNAL.
+    messages_token = (await client.list_messages(session_id=sid, page_size=1)).first_page.next_page_token
+    await client.create_session(agent_id="echo", session_id=f"{unique}/burst2", user_id=f"u-{unique}")
+    await client.create_session(agent_id="echo", session_id=f"{unique}/burst3", user_id=f"u-{unique}")
+    sessions_token = (
+        await client.list_sessions(user_id=f"u-{unique}", page_size=1)
+    ).first_page.next_page_token
+    hostile: list[Callable[[], Awaitable[Any]]] = [
+        lambda: client.list_messages(session_id=sid, after_sequence=2**63 - 1),
+        lambda: client.list_messages(session_id=sid, before_sequence=2**63 - 1, order="descending"),
+        lambda: client.delete_messages(session_id=sid, after_sequence=2**63 - 1),
+        lambda: client.list_messages(session_id=sid, page_size=2**31 - 1),
+        lambda: client.list_sessions(page_size=-(2**31)),
+        lambda: client.list_sessions(user_id="x" * 100_000),
+        lambda: client.list_sessions(metadata={"k" * 500: "v" * 5000}),
+        lambda: client.create_session(agent_id="echo", user_id="é" * 256),
+        lambda: client.create_session(agent_id="echo", variables={"deep": [[[[[[[[[[{}]]]]]]]]]]}),
+        lambda: client.create_session(agent_id="echo", variables={"nul": "a\x00b"}),
+        lambda: client.append_text(session_id=sid, role="user", text="a\x00b"),
+        lambda: client.list_messages(
+            session_id=sid, page_size=1, page_token=_tampered(messages_token, 2**70)
+        ),
+        lambda: client.list_messages(session_id=sid, page_size=1, page_token=_tampered(messages_token, -5)),
+        lambda: client.list_messages(session_id=sid, page_size=1, page_token=_tampered(messages_token, "1")),
+        lambda: client.list_sessions(
+            user_id=f"u-{unique}", page_size=1, page_token=_tampered(sessions_token, 2**64)
+        ),
+        lambda: client.list_agents(page_size=1, page_token=_tampered(messages_token, 7)),
+    ]
+    outcomes = await asyncio.gather(*(call() for call in hostile), return_exceptions=True)
+    for i, outcome in enumerate(outcomes):
+        if isinstance(outcome, BaseException):
+            assert isinstance(outcome, errors.AgentSessionsError), (i, outcome)
+            assert not isinstance(outcome, errors.Internal | errors.Unknown), (i, outcome)
+            assert outcome.domain == DOMAIN, (i, outcome)
+
+    # Still serving, and the data is intact.
+    async with grpc.aio.insecure_channel(target) as channel:
+        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    messages = [m async for m in await client.list_messages(session_id=sid)]
+    assert [m.parts[0].text.text for m in messages][:3] == ["0", "1", "2"]
+    assert (await client.get_server_stats()).version
