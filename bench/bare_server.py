@@ -25,6 +25,23 @@ async def _stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
         yield b"x" * 8
 
 
+# Held streams: each waits for the next Fire, then gets one message (the watcher baseline).
+_fired = asyncio.Condition()
+
+
+async def _hold(request: bytes, context: Any) -> AsyncIterator[bytes]:
+    yield b"ready"
+    async with _fired:
+        await _fired.wait()
+    yield request or b"event"
+
+
+async def _fire(request: bytes, context: Any) -> bytes:
+    async with _fired:
+        _fired.notify_all()
+    return b""
+
+
 async def main(port: int) -> None:
     server = grpc.aio.server()
     server.add_generic_rpc_handlers(
@@ -34,6 +51,8 @@ async def main(port: int) -> None:
                 {
                     "Noop": grpc.unary_unary_rpc_method_handler(_noop),
                     "Stream": grpc.unary_stream_rpc_method_handler(_stream),
+                    "Hold": grpc.unary_stream_rpc_method_handler(_hold),
+                    "Fire": grpc.unary_unary_rpc_method_handler(_fire),
                 },
             )
         ]

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -119,6 +120,10 @@ async def start_server(
 ) -> RunningServer:
     """Opens the database (migrating it unless told not to), then starts serving on `listen`."""
     clock = clock or SystemClock()
+    # The SQLite writer thread and the event loop share the GIL. At the default 5 ms switch interval a
+    # long write group (a sweep batch) can keep the loop, and every call it serves, waiting that long
+    # per hand-over; 1 ms bounds that wait (measured on GetSession p99 during a sweep).
+    sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
     timeouts = settings.timeout_limits()
     declared = (
         load_agents(settings.config_file, now=clock.now(), timeouts=timeouts, limits=settings.limits())

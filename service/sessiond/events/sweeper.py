@@ -34,7 +34,8 @@ class Sweeper:
         retention: timedelta | None,
         notify_interval: float,
         cleanup_interval: float,
-        batch_size: int = 500,
+        batch_size: int = 200,
+        pause: float = 0.005,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -42,6 +43,9 @@ class Sweeper:
         self.notify_interval = notify_interval
         self.cleanup_interval = cleanup_interval
         self.batch_size = batch_size
+        # Between two batches: a batch holds the SQLite writer (and the GIL) for tens of milliseconds,
+        # and serving gets this long to catch up before the next one.
+        self.pause = pause
 
     async def push_notices(self) -> int:
         """Pushes every warning and expiry due now; returns how many sessions it looked at."""
@@ -52,7 +56,7 @@ class Sweeper:
             total += seen
             if seen < self.batch_size:
                 return total
-            await asyncio.sleep(0)  # let serving run between batches
+            await asyncio.sleep(self.pause)  # serving catches up between batches
 
     async def purge(self) -> int:
         """Deletes sessions that ended or expired more than the retention period ago."""
@@ -65,7 +69,7 @@ class Sweeper:
             total += deleted
             if deleted < self.batch_size:
                 return total
-            await asyncio.sleep(0)
+            await asyncio.sleep(self.pause)
 
     async def run_once(self) -> SweepResult:
         """One full pass: notices first (an expired session gets its expiry pushed before it can go)."""
