@@ -172,13 +172,11 @@ class _Execution:
                 await asyncio.wait([self.task])
 
     def abandon(self) -> None:
-        """The caller went away: stop the turn unless it asked to run on, and stop relaying."""
-        if self.request.on_disconnect is DisconnectBehavior.CANCEL:
-            if self.stream is not None:
-                self.stream.stop(StopMode.CANCEL)
-            elif self.task is not None:
-                self.task.cancel()
-        if self.task is not None and self.stream is not None:
+        """The caller went away: stop the turn unless it asked to run on, and stop relaying. (A turn still
+        starting is stopped by the runner when its start is cancelled, per the same behavior.)"""
+        if self.stream is not None and self.request.on_disconnect is DisconnectBehavior.CANCEL:
+            self.stream.stop(StopMode.CANCEL)
+        if self.task is not None:
             self.task.cancel()
 
 

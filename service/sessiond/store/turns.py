@@ -18,7 +18,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, bindparam, delete, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Row,
+    and_,
+    bindparam,
+    delete,
+    insert,
+    literal_column,
+    select,
+    union_all,
+    update,
+)
 
 from ..domain import model
 from ..domain.agents import Agent
@@ -89,7 +100,14 @@ def _record(row: Row[Any], session_id: str) -> TurnRecord:
     )
 
 
-# Statements built once with named parameters (see repository.py for why).
+# Statements built once with named parameters (see repository.py for why). The conditions of the partial
+# indexes are literals, not parameters: a planner uses a partial index only when it can see that the query
+# implies the index's condition.
+_IS_RUNNING = turns.c.state == literal_column(str(int(TurnState.RUNNING)))
+_IS_OPEN_PAUSE = and_(
+    turns.c.finish_reason == literal_column(str(int(FinishReason.CLIENT_TOOL_CALLS))),
+    turns.c.closed_by_turn_id.is_(None),
+)
 _SESSION_PK = select(sessions.c.pk).where(sessions.c.session_id == bindparam("p_session_id"))
 _BY_REQUEST = select(turns).where(
     turns.c.session_pk == bindparam("p_pk"), turns.c.request_id == bindparam("p_request_id")
@@ -97,28 +115,26 @@ _BY_REQUEST = select(turns).where(
 _BY_ID = select(turns).where(
     turns.c.session_pk == bindparam("p_pk"), turns.c.turn_id == bindparam("p_turn_id")
 )
-_RUNNING = select(turns).where(
-    turns.c.session_pk == bindparam("p_pk"), turns.c.state == int(TurnState.RUNNING)
+_RUNNING = select(turns).where(turns.c.session_pk == bindparam("p_pk"), _IS_RUNNING)
+# The running turn and the paused one (at most one: each turn closes the pause before it), in one round trip
+# with an index behind each branch.
+_RUNNING_OR_PAUSED = union_all(
+    _RUNNING,
+    select(turns).where(
+        turns.c.session_pk == bindparam("p_pk"),
+        _IS_OPEN_PAUSE,
+    ),
 )
 _INSERT = insert(turns)
 _TAKE_OVER = (
     update(turns)
-    .where(turns.c.pk == bindparam("p_pk"), turns.c.state == int(TurnState.RUNNING))
+    .where(turns.c.pk == bindparam("p_pk"), _IS_RUNNING)
     .values(
         state=int(TurnState.FINISHED), finish_reason=int(FinishReason.ERROR), finish_time=bindparam("p_now")
     )
 )
 _CLOSE_ONE = (
     update(turns).where(turns.c.pk == bindparam("p_pk")).values(closed_by_turn_id=bindparam("p_turn_id"))
-)
-_CLOSE_PAUSED = (
-    update(turns)
-    .where(
-        turns.c.session_pk == bindparam("p_pk"),
-        turns.c.finish_reason == int(FinishReason.CLIENT_TOOL_CALLS),
-        turns.c.closed_by_turn_id.is_(None),
-    )
-    .values(closed_by_turn_id=bindparam("p_turn_id"))
 )
 _REOPEN_PAUSED = (
     update(turns)
@@ -127,7 +143,7 @@ _REOPEN_PAUSED = (
 )
 _RENEW = (
     update(turns)
-    .where(turns.c.owner == bindparam("p_owner"), turns.c.state == int(TurnState.RUNNING))
+    .where(turns.c.owner == bindparam("p_owner"), _IS_RUNNING)
     .values(lease_expire_time=bindparam("p_until"))
     .returning(turns.c.turn_id, turns.c.stop_mode)
 )
@@ -136,7 +152,7 @@ _FINISH = (
     .where(
         turns.c.turn_id == bindparam("p_turn_id"),
         turns.c.owner == bindparam("p_owner"),
-        turns.c.state == int(TurnState.RUNNING),
+        _IS_RUNNING,
     )
     .values(
         state=int(TurnState.FINISHED),
@@ -149,7 +165,7 @@ _FINISH = (
 _ABANDON = delete(turns).where(
     turns.c.turn_id == bindparam("p_turn_id"),
     turns.c.owner == bindparam("p_owner"),
-    turns.c.state == int(TurnState.RUNNING),
+    _IS_RUNNING,
 )
 _REQUEST_STOP = update(turns).where(turns.c.pk == bindparam("p_pk")).values(stop_mode=bindparam("p_mode"))
 
@@ -196,22 +212,27 @@ class TurnStore:
             if agent_row is None:
                 raise agent_not_found(session.agent_id)
             taken_over = None
-            row = conn.execute(_RUNNING, {"p_pk": session.pk}).first()
-            if row is not None:
-                running = _record(row, sid)
+            rows = conn.execute(_RUNNING_OR_PAUSED, {"p_pk": session.pk}).all()
+            running_row = next((r for r in rows if r.state == TurnState.RUNNING), None)
+            paused_rows = [r for r in rows if r.state != TurnState.RUNNING]
+            if running_row is not None:
+                running = _record(running_row, sid)
                 if running.leased(lease_now):
                     return Busy(running)
-                conn.execute(_TAKE_OVER, {"p_pk": row.pk, "p_now": now})
+                conn.execute(_TAKE_OVER, {"p_pk": running_row.pk, "p_now": now})
                 taken_over = running
             if request.kind is TurnKind.CONTINUE:
-                paused_row = conn.execute(
-                    _BY_ID, {"p_pk": session.pk, "p_turn_id": request.continue_turn_id}
-                ).first()
+                paused_row = next((r for r in paused_rows if r.turn_id == request.continue_turn_id), None)
+                if paused_row is None:  # not the open pause: read it to say why
+                    paused_row = conn.execute(
+                        _BY_ID, {"p_pk": session.pk, "p_turn_id": request.continue_turn_id}
+                    ).first()
                 if paused_row is None:
                     raise turn_not_found(sid, request.continue_turn_id)
                 check_continuable(_record(paused_row, sid), request)
             # A paused turn is continued by this turn, or left behind by it: either way it is closed.
-            conn.execute(_CLOSE_PAUSED, {"p_pk": session.pk, "p_turn_id": turn_id})
+            for row in paused_rows:
+                conn.execute(_CLOSE_ONE, {"p_pk": row.pk, "p_turn_id": turn_id})
             after = session
             if request.kind is TurnKind.TRIGGER:  # the others store a message, which is activity
                 after = model.record_activity(session, now)

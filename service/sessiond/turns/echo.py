@@ -70,10 +70,10 @@ class EchoBackend:
             elif any(line.startswith("/tool ") for line in text.splitlines()):
                 kept = []
                 for line in text.splitlines():
-                    if not line.startswith("/tool "):
+                    name, _, arguments = line.removeprefix("/tool ").strip().partition(" ")
+                    if not line.startswith("/tool ") or not name:
                         kept.append(line)
                         continue
-                    name, _, arguments = line.removeprefix("/tool ").strip().partition(" ")
                     calls.append(
                         message_pb2.ToolCallPart(
                             call_id=f"call-{request.turn_id}-{len(calls) + 1}",
@@ -86,12 +86,16 @@ class EchoBackend:
         out_words = 0
         if reasoning:
             for i, word in enumerate(_words(reasoning)):
-                yield Response(reasoning_delta=events_pb2.ReasoningDelta(text=word))
+                response = Response()
+                response.reasoning_delta.text = word
+                yield response
                 await self._pause(i)
         if text or not calls:
             for i, word in enumerate(_words(text or "(no text)")):
                 out_words += 1
-                yield Response(text_delta=events_pb2.TextDelta(text=word))
+                response = Response()
+                response.text_delta.text = word
+                yield response
                 await self._pause(i)
         in_words = sum(len(_text_of(m).split()) for m in request.history)
         yield Response(

@@ -1,0 +1,508 @@
+"""The agent backends through the published client against a real server: a remote agent written with
+the client package's helper (`agentsessions.agent`), an OpenAI-compatible endpoint served by a local HTTP
+server speaking the real streaming wire format, and agents declared in the config file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import DatabaseTarget, make_settings
+from turn_support import (
+    CANCELLED,
+    CLIENT_TOOL_CALLS,
+    ERROR,
+    LENGTH,
+    STOP,
+    ChatCompletionsServer,
+    Reader,
+    Reply,
+    chunk,
+    kinds,
+    only,
+    reason,
+    text_of,
+    usage_chunk,
+)
+
+from agentsessions import AgentOrigin, AsyncSessionsClient, MessageStatus, Role, SessionStatus
+from agentsessions.agent import client_tool, serve_agent
+from agentsessions.agent import text_of as request_text
+from agentsessions.v1 import agent_service_pb2, events_pb2, message_pb2
+from sessiond.agents_file import ConfigError
+from sessiond.domain.clock import ManualClock
+from sessiond.server import start_server
+
+RespondRequest = agent_service_pb2.RespondRequest
+
+
+def message_text(message: Any) -> str:
+    return "".join(p.text.text for p in message.parts if p.WhichOneof("kind") == "text")
+
+
+async def history(client: AsyncSessionsClient, session_id: str) -> list[message_pb2.Message]:
+    return [m async for m in await client.list_messages(session_id=session_id)]
+
+
+async def session_of(client: AsyncSessionsClient, agent: dict[str, Any], unique: str, name: str) -> str:
+    agent_id = f"{unique}-{name}"
+    await client.create_agent(agent={**agent, "agent_id": agent_id})
+    session = await client.create_session(agent_id=agent_id, session_id=f"{unique}/{name}")
+    return session.session_id
+
+
+async def run(client: AsyncSessionsClient, session_id: str, **kwargs: Any) -> list[events_pb2.TurnEvent]:
+    return [e async for e in client.execute(session_id=session_id, **kwargs)]
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- remote agents ----------------------------------------------------------------------------------------
+
+
+async def test_remote_agent_relays_every_kind_of_event(client: AsyncSessionsClient, unique: str) -> None:
+    seen: list[RespondRequest] = []
+
+    async def agent(request: RespondRequest) -> AsyncIterator[Any]:
+        seen.append(request)
+        yield events_pb2.ReasoningDelta(text="Let me look. ")
+        yield events_pb2.ToolCallEvent(
+            call=message_pb2.ToolCallPart(
+                call_id=f"lookup-{request.turn_id}", name="lookup", arguments='{"q":1}'
+            ),
+            result=message_pb2.ToolResultPart(output="42"),
+        )
+        for word in request_text(request.message).split():
+            yield word.upper() + " "
+        yield events_pb2.Usage(input_tokens=7, output_tokens=2, total_tokens=9)
+
+    async with await serve_agent(agent) as server:
+        sid = await session_of(
+            client, {"remote": {"target": server.target}, "history_window": 3}, unique, "remote"
+        )
+        for text in ("one", "two"):
+            await client.append_text(session_id=sid, role="user", text=text)
+        events = await run(client, sid, text="hello there")
+
+    assert kinds(events) == [
+        "turn_started",
+        "reasoning_delta",
+        "tool_call",
+        "text_delta",
+        "text_delta",
+        "usage",
+        "message_completed",
+        "turn_finished",
+    ]
+    assert text_of(events) == "HELLO THERE "
+    assert only(events, "tool_call").result.call_id == f"lookup-{events[0].turn_id}"
+    assert only(events, "usage").total_tokens == 9
+    assert reason(events) == STOP
+    stored = only(events, "message_completed").message
+    assert [p.WhichOneof("kind") for p in stored.parts] == ["reasoning", "tool_call", "tool_result", "text"]
+
+    (request,) = seen
+    assert request.turn_id == events[0].turn_id
+    assert request.session.session_id == sid
+    assert request.message.message_id == events[0].turn_started.user_message.message_id
+    # The history window: the agent's last 3 messages, oldest first, the new user message last.
+    assert [message_text(m) for m in request.history] == ["one", "two", "hello there"]
+
+
+async def test_remote_client_tool_request_and_continue(client: AsyncSessionsClient, unique: str) -> None:
+    async def agent(request: RespondRequest) -> AsyncIterator[Any]:
+        if request.HasField("continue_turn"):
+            yield f"it is {request.continue_turn.tool_results[0].output}"
+            return
+        yield "Let me check. "
+        yield client_tool("get_time", {"tz": "UTC"}, call_id=f"time-{request.turn_id}")
+
+    async with await serve_agent(agent) as server:
+        sid = await session_of(client, {"remote": {"target": server.target}}, unique, "tools")
+        first = await run(client, sid, text="what time is it?")
+        assert reason(first) == CLIENT_TOOL_CALLS
+        (call,) = only(first, "client_tool_request").calls
+        assert (call.name, json.loads(call.arguments), call.client_side) == ("get_time", {"tz": "UTC"}, True)
+        result = {"call_id": call.call_id, "name": call.name, "output": "noon"}
+        second = await run(client, sid, continue_turn={"turn_id": first[0].turn_id, "tool_results": [result]})
+    assert text_of(second) == "it is noon"
+    assert reason(second) == STOP
+
+
+async def test_remote_agent_failure_mid_stream(client: AsyncSessionsClient, unique: str) -> None:
+    async def agent(request: RespondRequest) -> AsyncIterator[Any]:
+        yield "half an "
+        yield "answer"
+        raise RuntimeError("the model crashed")
+
+    async with await serve_agent(agent) as server:
+        sid = await session_of(client, {"remote": {"target": server.target}}, unique, "crash")
+        events = await run(client, sid, text="go")
+    error = only(events, "error")
+    assert error.reason == "AGENT_UNAVAILABLE"
+    assert error.retryable is False
+    assert "the model crashed" in error.message
+    answer = only(events, "message_completed").message
+    assert (message_text(answer), answer.status) == ("half an answer", MessageStatus.MESSAGE_STATUS_ERROR)
+    assert reason(events) == ERROR
+    assert kinds(events).index("error") < kinds(events).index("message_completed")
+
+
+async def test_unreachable_agent_is_retryable_and_keeps_the_user_message(
+    client: AsyncSessionsClient, unique: str
+) -> None:
+    sid = await session_of(client, {"remote": {"target": f"127.0.0.1:{closed_port()}"}}, unique, "gone")
+    events = await run(client, sid, text="anyone there?")
+    assert kinds(events) == ["turn_started", "error", "turn_finished"]
+    error = only(events, "error")
+    assert (error.reason, error.retryable) == ("AGENT_UNAVAILABLE", True)
+    assert reason(events) == ERROR
+    stored = await history(client, sid)
+    assert [(m.role, message_text(m)) for m in stored] == [(Role.ROLE_USER, "anyone there?")]
+    session = await client.get_session(session_id=sid)
+    assert session.status == SessionStatus.SESSION_STATUS_ACTIVE
+    assert session.message_count == 1
+
+
+async def test_stopping_a_turn_cancels_the_remote_call(client: AsyncSessionsClient, unique: str) -> None:
+    cancelled = asyncio.Event()
+
+    async def agent(request: RespondRequest) -> AsyncIterator[Any]:
+        yield "working "
+        try:
+            await asyncio.Event().wait()
+            yield "never"
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async with await serve_agent(agent) as server:
+        sid = await session_of(client, {"remote": {"target": server.target}}, unique, "stop")
+        reader = Reader(client.execute(session_id=sid, text="go"))
+        await reader.until_kind("text_delta")
+        await client.stop_turn(session_id=sid)
+        tail = await reader.rest()
+        await cancelled.wait()
+    assert reason(tail) == CANCELLED
+    answer = only(tail, "message_completed").message
+    assert (message_text(answer), answer.status) == ("working ", MessageStatus.MESSAGE_STATUS_INTERRUPTED)
+
+
+async def test_on_disconnect_continue_lets_the_turn_finish(client: AsyncSessionsClient, unique: str) -> None:
+    gate = asyncio.Event()
+
+    async def agent(request: RespondRequest) -> AsyncIterator[Any]:
+        text = request_text(request.message)
+        if text == "slow":
+            yield "first "
+            await gate.wait()
+            yield "second"
+        else:
+            yield text
+
+    async with await serve_agent(agent) as server:
+        sid = await session_of(client, {"remote": {"target": server.target}}, unique, "continue")
+        reader = Reader(client.execute(session_id=sid, text="slow", on_disconnect="continue"))
+        await reader.until_kind("text_delta")
+        reader.stream.cancel()
+        gate.set()
+        after = await run(client, sid, text="next", multitask_strategy="enqueue")
+    assert reason(after) == STOP
+    stored = await history(client, sid)
+    assert [(message_text(m), m.status) for m in stored] == [
+        ("slow", MessageStatus.MESSAGE_STATUS_COMPLETE),
+        ("first second", MessageStatus.MESSAGE_STATUS_COMPLETE),
+        ("next", MessageStatus.MESSAGE_STATUS_COMPLETE),
+        ("next", MessageStatus.MESSAGE_STATUS_COMPLETE),
+    ]
+
+
+# --- OpenAI-compatible chat completions -------------------------------------------------------------------
+
+
+@pytest.fixture
+async def endpoint() -> AsyncIterator[ChatCompletionsServer]:
+    async with ChatCompletionsServer() as server:
+        yield server
+
+
+def openai_agent(endpoint: ChatCompletionsServer, **settings: Any) -> dict[str, Any]:
+    return {"openai_chat": {"base_url": endpoint.base_url, "model": "test-model", **settings}}
+
+
+async def test_openai_chat_streams_text_reasoning_and_usage(
+    client: AsyncSessionsClient, endpoint: ChatCompletionsServer, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_LLM_KEY", "sk-test-123")
+    agent = openai_agent(
+        endpoint, api_key_env="TEST_LLM_KEY", system_prompt="Be brief.", max_tokens=64, timeout_seconds=30
+    )
+    sid = await session_of(client, agent, unique, "oai")
+    endpoint.replies.append(
+        Reply(
+            chunks=[
+                chunk(role="assistant", content=""),
+                chunk(reasoning="The user greets. "),
+                chunk(content="Hello"),
+                chunk(content=", world!"),
+                chunk(finish="stop"),
+                usage_chunk(12, 4),
+            ]
+        )
+    )
+    events = await run(client, sid, text="Hi!")
+    assert kinds(events) == [
+        "turn_started",
+        "reasoning_delta",
+        "text_delta",
+        "text_delta",
+        "usage",
+        "message_completed",
+        "turn_finished",
+    ]
+    assert text_of(events) == "Hello, world!"
+    assert text_of(events, "reasoning_delta") == "The user greets. "
+    usage = only(events, "usage")
+    assert (usage.input_tokens, usage.output_tokens, usage.total_tokens) == (12, 4, 16)
+    assert reason(events) == STOP
+
+    (request,) = endpoint.received
+    assert (request.method, request.path) == ("POST", "/v1/chat/completions")
+    assert request.headers["authorization"] == "Bearer sk-test-123"
+    assert request.body["model"] == "test-model"
+    assert request.body["stream"] is True
+    assert request.body["max_tokens"] == 64
+    assert request.body["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi!"},
+    ]
+
+
+async def test_openai_chat_tool_calls_become_client_tool_requests(
+    client: AsyncSessionsClient, endpoint: ChatCompletionsServer, unique: str
+) -> None:
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather in a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    sid = await session_of(client, openai_agent(endpoint, tools=tools), unique, "oaitools")
+    call_id = f"call_{unique}"
+    endpoint.replies.append(
+        Reply(
+            chunks=[
+                chunk(role="assistant", content=None),
+                chunk(
+                    tool_calls=[
+                        {
+                            "index": 0,
+                            "id": call_id,
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": ""},
+                        }
+                    ]
+                ),
+                chunk(tool_calls=[{"index": 0, "function": {"arguments": '{"city": '}}]),
+                chunk(tool_calls=[{"index": 0, "function": {"arguments": '"Paris"}'}}]),
+                chunk(finish="tool_calls"),
+                usage_chunk(30, 9),
+            ]
+        )
+    )
+    first = await run(client, sid, text="Weather in Paris?")
+    assert reason(first) == CLIENT_TOOL_CALLS
+    (call,) = only(first, "client_tool_request").calls
+    assert (call.call_id, call.name, call.arguments, call.client_side) == (
+        call_id,
+        "get_weather",
+        '{"city": "Paris"}',
+        True,
+    )
+    assert endpoint.received[0].body["tools"] == tools
+
+    endpoint.replies.append(Reply(chunks=[chunk(content="Sunny in Paris."), chunk(finish="stop")]))
+    result = {"call_id": call_id, "name": "get_weather", "output": '{"sky": "sunny"}'}
+    second = await run(client, sid, continue_turn={"turn_id": first[0].turn_id, "tool_results": [result]})
+    assert text_of(second) == "Sunny in Paris."
+    assert reason(second) == STOP
+    assert endpoint.received[1].body["messages"] == [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": call_id,
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": call_id, "content": '{"sky": "sunny"}'},
+    ]
+
+
+async def test_openai_chat_length_and_unanswered_calls(
+    client: AsyncSessionsClient, endpoint: ChatCompletionsServer, unique: str
+) -> None:
+    sid = await session_of(client, openai_agent(endpoint), unique, "oailen")
+    endpoint.replies.append(
+        Reply(
+            chunks=[
+                chunk(tool_calls=[{"index": 0, "id": "c1", "function": {"name": "f", "arguments": "{}"}}]),
+                chunk(finish="tool_calls"),
+            ]
+        )
+    )
+    assert reason(await run(client, sid, text="first")) == CLIENT_TOOL_CALLS
+    # Not continued: the next request leaves the unanswered call out (endpoints refuse it).
+    endpoint.replies.append(Reply(chunks=[chunk(content="and so"), chunk(finish="length")]))
+    events = await run(client, sid, text="second")
+    assert reason(events) == LENGTH
+    assert only(events, "message_completed").message.status == MessageStatus.MESSAGE_STATUS_COMPLETE
+    assert endpoint.received[1].body["messages"] == [
+        {"role": "user", "content": "first"},
+        {"role": "user", "content": "second"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("reply", "retryable"),
+    [
+        (Reply(status=503, body={"error": {"message": "overloaded", "type": "server_error"}}), True),
+        (Reply(status=429, body={"error": {"message": "rate limited"}}), True),
+        (Reply(status=400, body={"error": {"message": "bad request: context too long"}}), False),
+        (Reply(chunks=[chunk(content="Hel")], done=False), True),  # cut short
+        (Reply(chunks=[chunk(content="Hel"), {"error": {"message": "backend died"}}]), False),
+    ],
+)
+async def test_openai_chat_failures(
+    client: AsyncSessionsClient, endpoint: ChatCompletionsServer, unique: str, reply: Reply, retryable: bool
+) -> None:
+    sid = await session_of(client, openai_agent(endpoint), unique, "oaierr")
+    endpoint.replies.append(reply)
+    events = await run(client, sid, text="hello?")
+    error = only(events, "error")
+    assert (error.reason, error.retryable) == ("AGENT_UNAVAILABLE", retryable)
+    assert reason(events) == ERROR
+    if reply.status != 200:
+        assert str(reply.status) in error.message
+    stored = await history(client, sid)
+    assert stored[0].role == Role.ROLE_USER and message_text(stored[0]) == "hello?"
+    if reply.chunks:
+        assert (message_text(stored[1]), stored[1].status) == ("Hel", MessageStatus.MESSAGE_STATUS_ERROR)
+    assert (await client.get_session(session_id=sid)).status == SessionStatus.SESSION_STATUS_ACTIVE
+
+
+async def test_openai_chat_missing_api_key_and_unreachable_endpoint(
+    client: AsyncSessionsClient, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TEST_LLM_MISSING_KEY", raising=False)
+    base = f"http://127.0.0.1:{closed_port()}/v1"
+    no_key = await session_of(
+        client,
+        {"openai_chat": {"base_url": base, "model": "m", "api_key_env": "TEST_LLM_MISSING_KEY"}},
+        unique,
+        "nokey",
+    )
+    error = only(await run(client, no_key, text="hi"), "error")
+    assert (error.reason, error.retryable) == ("AGENT_UNAVAILABLE", False)
+    assert "TEST_LLM_MISSING_KEY" in error.message
+    down = await session_of(client, {"openai_chat": {"base_url": base, "model": "m"}}, unique, "down")
+    error = only(await run(client, down, text="hi"), "error")
+    assert (error.reason, error.retryable) == ("AGENT_UNAVAILABLE", True)
+
+
+# --- agents declared in the config file -------------------------------------------------------------------
+
+CONFIG = """
+[[agents]]
+id = "{unique}-support"
+display_name = "Support"
+history_window = 20
+
+[agents.timeout_defaults]
+timeout_minutes = 60
+
+[agents.openai_chat]
+base_url = "http://127.0.0.1:11434/v1"
+model = "llama3.2"
+api_key_env = "OLLAMA_API_KEY"
+system_prompt = "You are helpful."
+
+[[agents]]
+id = "{unique}-slow-echo"
+[agents.echo]
+word_delay_ms = {delay}
+"""
+
+
+async def test_agents_from_the_config_file(
+    database: DatabaseTarget, clock: ManualClock, tmp_path: Path, unique: str
+) -> None:
+    path = tmp_path / "sessiond.toml"
+    path.write_text(CONFIG.format(unique=unique, delay=5))
+    running = await start_server(make_settings(database, config_file=str(path)), clock=clock)
+    try:
+        async with AsyncSessionsClient(f"127.0.0.1:{running.port}") as client:
+            support = await client.get_agent(agent_id=f"{unique}-support")
+            assert support.origin == AgentOrigin.AGENT_ORIGIN_CONFIG
+            assert (support.display_name, support.history_window) == ("Support", 20)
+            assert support.timeout_defaults.timeout_minutes == 60
+            assert support.openai_chat.model == "llama3.2"
+            assert support.openai_chat.api_key_env == "OLLAMA_API_KEY"
+            session = await client.create_session(agent_id=f"{unique}-support")
+            assert session.effective_timeout_policy.timeout_minutes == 60
+            echo = await client.get_agent(agent_id=f"{unique}-slow-echo")
+            assert echo.echo.word_delay_ms == 5
+            first_etag = echo.etag
+    finally:
+        await running.stop(0)
+
+    # Starting again with a changed file updates the agent; an unchanged one stays as it was.
+    path.write_text(CONFIG.format(unique=unique, delay=0))
+    running = await start_server(make_settings(database, config_file=str(path)), clock=clock)
+    try:
+        async with AsyncSessionsClient(f"127.0.0.1:{running.port}") as client:
+            echo = await client.get_agent(agent_id=f"{unique}-slow-echo")
+            assert echo.echo.word_delay_ms == 0 and echo.etag != first_etag
+            sid = (await client.create_session(agent_id=echo.agent_id)).session_id
+            assert text_of(await run(client, sid, text="from config")) == "from config"
+    finally:
+        await running.stop(0)
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        ('[[agents]]\nid = "x"\n', "backend"),
+        ('[[agents]]\nid = "echo"\n[agents.echo]\n', "built-in"),
+        ('[[agents]]\nid = "a"\n[agents.echo]\n[[agents]]\nid = "a"\n[agents.echo]\n', "twice"),
+        ('[[agents]]\nid = "a"\nhistory_window = -1\n[agents.echo]\n', "history_window"),
+        ('[[agents]]\nid = "a"\n[agents.timeout_defaults]\ntimeout_minutes = 1\n[agents.echo]\n', "between"),
+        ('[[agents]]\nid = "a"\ncolour = "red"\n[agents.echo]\n', "colour"),
+        ("[server]\nport = 1\n", "unknown section"),
+        ("not toml [", "cannot read"),
+    ],
+)
+async def test_invalid_config_files_stop_the_start(
+    database: DatabaseTarget, tmp_path: Path, text: str, complaint: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=complaint):
+        await start_server(make_settings(database, config_file=str(path)))

@@ -1,0 +1,706 @@
+"""Agent turns through the published client, with the built-in echo agent: each request type, each finish
+reason, stop and disconnect, continue after a client tool request, idempotent retries, every multitask
+strategy with concurrent callers, Connect, and the turn lease. The echo agent's `/hang TEXT` streams TEXT
+and then waits to be stopped, so the tests synchronize on received events, never on time."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from conftest import DatabaseTarget, make_settings
+from google.protobuf import json_format
+from turn_support import (
+    CANCELLED,
+    CLIENT_TOOL_CALLS,
+    ERROR,
+    LENGTH,
+    STOP,
+    Reader,
+    kinds,
+    only,
+    reason,
+    text_of,
+)
+
+from agentsessions import AsyncSessionsClient, MessageStatus, Role, SessionsClient, SessionStatus, errors
+from sessiond.domain.clock import ManualClock
+from sessiond.domain.turns import TurnKind, TurnRequest
+from sessiond.server import RunningServer, start_server
+from sessiond.store.turns import Acquired, TurnStore
+
+INTERRUPTED = MessageStatus.MESSAGE_STATUS_INTERRUPTED
+COMPLETE = MessageStatus.MESSAGE_STATUS_COMPLETE
+
+
+async def new_session(client: AsyncSessionsClient, unique: str, name: str = "s") -> str:
+    session = await client.create_session(agent_id="echo", session_id=f"{unique}/{name}")
+    return session.session_id
+
+
+async def run(client: AsyncSessionsClient, session_id: str, text: str, **kwargs: object) -> list:  # type: ignore[type-arg]
+    return [e async for e in client.execute(session_id=session_id, text=text, **kwargs)]  # type: ignore[arg-type]
+
+
+async def history(client: AsyncSessionsClient, session_id: str) -> list:  # type: ignore[type-arg]
+    return [m async for m in await client.list_messages(session_id=session_id)]
+
+
+def message_text(message: object) -> str:
+    return "".join(p.text.text for p in message.parts if p.WhichOneof("kind") == "text")  # type: ignore[attr-defined]
+
+
+# --- request types and finish reasons ---------------------------------------------------------------------
+
+
+async def test_message_turn_streams_word_by_word_and_stores_both_messages(
+    client: AsyncSessionsClient, unique: str
+) -> None:
+    sid = await new_session(client, unique)
+    events = await run(client, sid, "hello big world")
+
+    assert kinds(events) == [
+        "turn_started",
+        "text_delta",
+        "text_delta",
+        "text_delta",
+        "usage",
+        "message_completed",
+        "turn_finished",
+    ]
+    assert [e.index for e in events] == list(range(1, len(events) + 1))
+    assert {e.turn_id for e in events} == {events[0].turn_id} and events[0].turn_id
+    assert all(e.session_id == sid for e in events)
+    assert [e.text_delta.text for e in events if e.HasField("text_delta")] == ["hello ", "big ", "world"]
+    user = events[0].turn_started.user_message
+    assert (user.sequence, user.role, message_text(user)) == (1, Role.ROLE_USER, "hello big world")
+    assert user.turn_id == events[0].turn_id
+    answer = only(events, "message_completed").message
+    assert answer.message_id == events[1].text_delta.message_id
+    assert (answer.sequence, answer.role, answer.status) == (2, Role.ROLE_ASSISTANT, COMPLETE)
+    assert message_text(answer) == "hello big world"
+    assert reason(events) == STOP
+
+    stored = await history(client, sid)
+    assert [(m.sequence, m.role, m.status, m.turn_id) for m in stored] == [
+        (1, Role.ROLE_USER, COMPLETE, events[0].turn_id),
+        (2, Role.ROLE_ASSISTANT, COMPLETE, events[0].turn_id),
+    ]
+    assert stored[1] == answer
+
+
+async def test_execute_is_activity_and_renews(
+    client: AsyncSessionsClient, clock: ManualClock, unique: str
+) -> None:
+    sid = await new_session(client, unique)
+    before = await client.get_session(session_id=sid)
+    clock.advance(minutes=10)
+    await run(client, sid, "still here")
+    after = await client.get_session(session_id=sid)
+    assert after.last_activity_time.ToDatetime(UTC) == clock.now()
+    assert after.expire_time.ToDatetime(UTC) == clock.now() + timedelta(minutes=30)
+    assert after.renewal_count == before.renewal_count + 1
+    assert after.message_count == 2
+
+
+async def test_reasoning_deltas_are_streamed_and_stored(client: AsyncSessionsClient, unique: str) -> None:
+    sid = await new_session(client, unique)
+    events = await run(client, sid, "/think step one")
+    assert text_of(events, "reasoning_delta") == "step one"
+    assert text_of(events) == "step one"
+    first_text = kinds(events).index("text_delta")
+    assert kinds(events).index("reasoning_delta") < first_text
+    parts = only(events, "message_completed").message.parts
+    assert [p.WhichOneof("kind") for p in parts] == ["reasoning", "text"]
+    assert parts[0].reasoning.text == "step one"
+
+
+async def test_trigger_turn(client: AsyncSessionsClient, unique: str) -> None:
+    sid = await new_session(client, unique)
+    events = [
+        e
+        async for e in client.execute(
+            session_id=sid, trigger={"name": "daily_digest", "input": {"topic": "news", "count": 3}}
+        )
+    ]
+    started = events[0].turn_started
+    assert started.trigger_name == "daily_digest"
+    assert not started.HasField("user_message")
+    assert text_of(events) == 'trigger daily_digest {"count": 3.0, "topic": "news"}'
+    assert reason(events) == STOP
+    stored = await history(client, sid)
+    assert [m.role for m in stored] == [Role.ROLE_ASSISTANT]
+
+
+async def test_length_finish(client: AsyncSessionsClient, unique: str) -> None:
+    sid = await new_session(client, unique)
+    events = await run(client, sid, "/length cut short")
+    assert reason(events) == LENGTH
+    answer = only(events, "message_completed").message
+    assert (message_text(answer), answer.status) == ("cut short", COMPLETE)
+
+
+async def test_agent_error_event_ends_the_turn_and_keeps_partial_output(
+    client: AsyncSessionsClient, unique: str
+) -> None:
+    sid = await new_session(client, unique)
+    events = await run(client, sid, "/fail so far")
+    error = only(events, "error")
+    assert (error.reason, error.retryable) == ("AGENT_FAILED", False)
+    answer = only(events, "message_completed").message
+    assert (message_text(answer), answer.status) == ("so far", MessageStatus.MESSAGE_STATUS_ERROR)
+    assert kinds(events)[-3:] == ["error", "message_completed", "turn_finished"]
+    assert reason(events) == ERROR
+    assert (await client.get_session(session_id=sid)).status == SessionStatus.SESSION_STATUS_ACTIVE
+
+
+async def test_client_tool_request_then_continue(client: AsyncSessionsClient, unique: str) -> None:
+    sid = await new_session(client, unique)
+    first = await run(client, sid, 'Checking.\n/tool get_weather {"city": "Paris"}\n/tool get_time')
+    assert reason(first) == CLIENT_TOOL_CALLS
+    calls = only(first, "client_tool_request").calls
+    assert [(c.name, c.arguments, c.client_side) for c in calls] == [
+        ("get_weather", '{"city": "Paris"}', True),
+        ("get_time", "{}", True),
+    ]
+    asked = only(first, "message_completed").message
+    assert [p.WhichOneof("kind") for p in asked.parts] == ["text", "tool_call", "tool_call"]
+    paused_turn = first[0].turn_id
+
+    results = [
+        {"call_id": calls[0].call_id, "name": "get_weather", "output": '{"sky": "clear"}'},
+        {"call_id": calls[1].call_id, "name": "get_time", "output": "noon"},
+    ]
+    second = [
+        e
+        async for e in client.execute(
+            session_id=sid, continue_turn={"turn_id": paused_turn, "tool_results": results}
+        )
+    ]
+    started = second[0].turn_started
+    assert started.continued_turn_id == paused_turn
+    assert second[0].turn_id != paused_turn
+    assert started.user_message.role == Role.ROLE_TOOL
+    assert [p.tool_result.call_id for p in started.user_message.parts] == [c.call_id for c in calls]
+    assert text_of(second) == 'get_weather returned {"sky": "clear"}\nget_time returned noon'
+    assert reason(second) == STOP
+
+    stored = await history(client, sid)
+    assert [m.role for m in stored] == [
+        Role.ROLE_USER,
+        Role.ROLE_ASSISTANT,
+        Role.ROLE_TOOL,
+        Role.ROLE_ASSISTANT,
+    ]
+    # The calls and their results stay together in a page (the window an agent receives too).
+    last = await client.last_messages(session_id=sid, n=2)
+    assert [m.role for m in last] == [Role.ROLE_ASSISTANT]
+    last = await client.last_messages(session_id=sid, n=3)
+    assert [m.role for m in last] == [Role.ROLE_ASSISTANT, Role.ROLE_TOOL, Role.ROLE_ASSISTANT]
+
+    # A turn continues once.
+    with pytest.raises(errors.FailedPrecondition) as again:
+        await run_continue(client, sid, paused_turn, results)
+    assert again.value.reason == "TURN_NOT_PAUSED"
+
+
+async def run_continue(client: AsyncSessionsClient, sid: str, turn_id: str, results: list) -> list:  # type: ignore[type-arg]
+    return [
+        e
+        async for e in client.execute(
+            session_id=sid, continue_turn={"turn_id": turn_id, "tool_results": results}
+        )
+    ]
+
+
+async def test_continue_is_checked(client: AsyncSessionsClient, unique: str) -> None:
+    sid = await new_session(client, unique)
+    done = await run(client, sid, "no tools here")
+    with pytest.raises(errors.NotFound) as missing:
+        await run_continue(client, sid, "no-such-turn", [{"call_id": "c1", "output": "x"}])
+    assert missing.value.reason == "TURN_NOT_FOUND"
+    with pytest.raises(errors.FailedPrecondition) as not_paused:
+        await run_continue(client, sid, done[0].turn_id, [{"call_id": "c1", "output": "x"}])
+    assert not_paused.value.reason == "TURN_NOT_PAUSED"
+
+    paused = await run(client, sid, "/tool a\n/tool b")
+    calls = only(paused, "client_tool_request").calls
+    turn_id = paused[0].turn_id
+    with pytest.raises(errors.InvalidArgument) as unknown:
+        await run_continue(client, sid, turn_id, [{"call_id": "other", "output": "x"}])
+    assert unknown.value.field_violations[0][0] == "continue_turn.tool_results"
+    with pytest.raises(errors.InvalidArgument) as partial:
+        await run_continue(client, sid, turn_id, [{"call_id": calls[0].call_id, "output": "x"}])
+    assert "missing" in partial.value.field_violations[0][1]
+    with pytest.raises(errors.InvalidArgument):
+        await run_continue(client, sid, turn_id, [])
+    # Nothing was stored by the refused continues.
+    assert len(await history(client, sid)) == 4
+
+    # A new message leaves the paused turn behind.
+    await run(client, sid, "never mind")
+    with pytest.raises(errors.FailedPrecondition) as superseded:
+        await run_continue(client, sid, turn_id, [{"call_id": c.call_id, "output": "x"} for c in calls])
+    assert superseded.value.reason == "TURN_NOT_PAUSED"
+
+
+async def test_bad_requests_are_invalid_argument(client: AsyncSessionsClient, unique: str) -> None:
+    sid = await new_session(client, unique)
+    cases = [
+        {"message": {"role": "ROLE_ASSISTANT", "parts": [{"text": {"text": "x"}}]}},
+        {"message": {"parts": []}},
+        {"trigger": {"name": ""}},
+        {"continue_turn": {"turn_id": "", "tool_results": [{"call_id": "c"}]}},
+        {"continue_turn": {"turn_id": "t", "tool_results": [{"call_id": "c"}, {"call_id": "c"}]}},
+    ]
+    for case in cases:
+        with pytest.raises(errors.InvalidArgument):
+            [e async for e in client.execute(session_id=sid, **case)]  # type: ignore[arg-type]
+    with pytest.raises(errors.InvalidArgument):
+        await run(client, sid, "x", multitask_strategy=99)
+    assert await history(client, sid) == []
+
+
+async def test_expired_ended_and_missing_sessions_are_refused(
+    client: AsyncSessionsClient, clock: ManualClock, unique: str
+) -> None:
+    expired = await new_session(client, unique, "expired")
+    ended = await new_session(client, unique, "ended")
+    await client.end_session(session_id=ended)
+    clock.advance(minutes=31)
+    fresh = await new_session(client, unique, "fresh")
+    await client.end_session(session_id=ended)
+    with pytest.raises(errors.FailedPrecondition) as exp:
+        await run(client, expired, "hi")
+    assert exp.value.reason == "SESSION_EXPIRED"
+    with pytest.raises(errors.FailedPrecondition) as end:
+        await run(client, ended, "hi")
+    assert end.value.reason == "SESSION_ENDED"
+    with pytest.raises(errors.NotFound) as missing:
+        await run(client, f"{unique}/nope", "hi")
+    assert missing.value.reason == "SESSION_NOT_FOUND"
+    assert await history(client, expired) == []
+    assert reason(await run(client, fresh, "hi")) == STOP
+
+
+# --- stop and disconnect ----------------------------------------------------------------------------------
+
+
+async def test_stop_turn_from_another_client_keeps_partial_text(
+    client: AsyncSessionsClient, target: str, unique: str
+) -> None:
+    sid = await new_session(client, unique)
+    reader = Reader(client.execute(session_id=sid, text="/hang partial answer"))
+    head = await reader.until(lambda e: text_of([e]) == "answer")
+    turn_id = head[0].turn_id
+    stats = await client.get_server_stats()
+    assert stats.running_turns >= 1
+
+    async with AsyncSessionsClient(target) as other:
+        stopped = await other.stop_turn(session_id=sid)
+        assert (stopped.stopped, stopped.turn_id) == (True, turn_id)
+        tail = await reader.rest()
+        assert reason(tail) == CANCELLED
+        answer = only(tail, "message_completed").message
+        assert (message_text(answer), answer.status) == ("partial answer", INTERRUPTED)
+        again = await other.stop_turn(session_id=sid)
+        assert again.stopped is False
+        wrong = await other.stop_turn(session_id=sid, turn_id="some-other-turn")
+        assert wrong.stopped is False
+    stored = await history(client, sid)
+    assert [(m.role, m.status) for m in stored] == [
+        (Role.ROLE_USER, COMPLETE),
+        (Role.ROLE_ASSISTANT, INTERRUPTED),
+    ]
+    with pytest.raises(errors.NotFound):
+        await client.stop_turn(session_id=f"{unique}/nope")
+
+
+async def test_stop_before_any_output_stores_no_assistant_message(
+    client: AsyncSessionsClient, unique: str
+) -> None:
+    sid = await new_session(client, unique)
+    reader = Reader(client.execute(session_id=sid, text="/hang"))
+    await reader.until_kind("usage")
+    await client.stop_turn(session_id=sid)
+    tail = await reader.rest()
+    assert reason(tail) == CANCELLED
+    # "/hang" with no text echoes "(no text)" first, kept as the partial output
+    assert message_text(only(tail, "message_completed").message) == "(no text)"
+
+
+async def test_disconnect_cancels_the_turn_and_keeps_partial_text(
+    client: AsyncSessionsClient, unique: str
+) -> None:
+    sid = await new_session(client, unique)
+    reader = Reader(client.execute(session_id=sid, text="/hang cut off here"))
+    head = await reader.until(lambda e: text_of([e]) == "here")
+    reader.stream.cancel()
+    # The next turn, enqueued, runs once the cancelled one has stored its partial output.
+    after = await run(client, sid, "next", multitask_strategy="enqueue")
+    assert reason(after) == STOP
+    stored = await history(client, sid)
+    assert [(m.role, m.status, message_text(m)) for m in stored] == [
+        (Role.ROLE_USER, COMPLETE, "/hang cut off here"),
+        (Role.ROLE_ASSISTANT, INTERRUPTED, "cut off here"),
+        (Role.ROLE_USER, COMPLETE, "next"),
+        (Role.ROLE_ASSISTANT, COMPLETE, "next"),
+    ]
+    assert stored[1].turn_id == head[0].turn_id
+
+
+# --- multitask strategies ---------------------------------------------------------------------------------
+
+
+async def test_reject_while_a_turn_runs(client: AsyncSessionsClient, unique: str) -> None:
+    sid = await new_session(client, unique)
+    reader = Reader(client.execute(session_id=sid, text="/hang busy"))
+    head = await reader.until_kind("text_delta")
+    with pytest.raises(errors.Aborted) as rejected:
+        await run(client, sid, "me too", multitask_strategy="reject")
+    assert rejected.value.reason == "TURN_IN_PROGRESS"
+    assert rejected.value.retry_delay is not None and rejected.value.retry_delay > 0
+    assert rejected.value.metadata["turn_id"] == head[0].turn_id
+    await client.stop_turn(session_id=sid)
+    assert reason(await reader.rest()) == CANCELLED
+    # Once the turn finished, reject has nothing to reject.
+    assert reason(await run(client, sid, "now", multitask_strategy="reject")) == STOP
+    assert [message_text(m) for m in await history(client, sid)] == ["/hang busy", "busy", "now", "now"]
+
+
+async def test_interrupt_is_the_default(client: AsyncSessionsClient, unique: str) -> None:
+    sid = await new_session(client, unique)
+    first = Reader(client.execute(session_id=sid, text="/hang first answer"))
+    await first.until(lambda e: text_of([e]) == "answer")
+    second, first_tail = await asyncio.gather(run(client, sid, "second"), first.rest())
+    assert reason(first_tail) == CANCELLED
+    assert only(first_tail, "message_completed").message.status == INTERRUPTED
+    assert reason(second) == STOP
+    stored = await history(client, sid)
+    assert [(message_text(m), m.status) for m in stored] == [
+        ("/hang first answer", COMPLETE),
+        ("first answer", INTERRUPTED),
+        ("second", COMPLETE),
+        ("second", COMPLETE),
+    ]
+
+
+async def test_rollback_deletes_the_interrupted_turns_messages(
+    client: AsyncSessionsClient, unique: str
+) -> None:
+    sid = await new_session(client, unique)
+    assert reason(await run(client, sid, "kept")) == STOP
+    first = Reader(client.execute(session_id=sid, text="/hang regret this"))
+    await first.until(lambda e: text_of([e]) == "this")
+    second, first_tail = await asyncio.gather(
+        run(client, sid, "instead", multitask_strategy="rollback"), first.rest()
+    )
+    assert reason(first_tail) == CANCELLED
+    assert "message_completed" not in kinds(first_tail)
+    assert reason(second) == STOP
+    stored = await history(client, sid)
+    assert [message_text(m) for m in stored] == ["kept", "kept", "instead", "instead"]
+    assert [m.sequence for m in stored] == [1, 2, 4, 5]  # numbers are never reused
+    session = await client.get_session(session_id=sid)
+    assert (session.message_count, session.last_sequence) == (4, 5)
+
+
+async def test_enqueue_runs_each_turn_after_the_one_before(
+    client: AsyncSessionsClient, server: RunningServer, unique: str
+) -> None:
+    sid = await new_session(client, unique)
+    first = Reader(client.execute(session_id=sid, text="/hang one"))
+    await first.until_kind("text_delta")
+    queued = [
+        asyncio.create_task(run(client, sid, text, multitask_strategy="enqueue")) for text in ("two", "three")
+    ]
+    assert server.turns is not None
+    await server.turns.wait_for_waiting(sid, 2)
+    assert not any(t.done() for t in queued)
+    await client.stop_turn(session_id=sid)
+    assert reason(await first.rest()) == CANCELLED
+    results = await asyncio.gather(*queued)
+    assert [reason(r) for r in results] == [STOP, STOP]
+    stored = await history(client, sid)
+    # Turns never overlap: each turn's messages are contiguous, user message first.
+    turns = [m.turn_id for m in stored]
+    assert len(stored) == 6
+    assert all(turns[i] == turns[i + 1] for i in (0, 2, 4))
+    assert [m.role for m in stored] == [Role.ROLE_USER, Role.ROLE_ASSISTANT] * 3
+    assert sorted(message_text(m) for m in stored[2:]) == ["three", "three", "two", "two"]
+
+
+async def test_concurrent_interrupts_never_overlap(client: AsyncSessionsClient, unique: str) -> None:
+    sid = await new_session(client, unique)
+    first = Reader(client.execute(session_id=sid, text="/hang base"))
+    await first.until_kind("text_delta")
+    results = await asyncio.gather(*(run(client, sid, f"caller {i}") for i in range(4)), first.rest())
+    assert reason(results[-1]) == CANCELLED
+    assert {reason(r) for r in results[:-1]} <= {STOP, CANCELLED}
+    assert any(reason(r) == STOP for r in results[:-1])  # the last one to start runs to its end
+    stored = await history(client, sid)
+    turns = [m.turn_id for m in stored]
+    for turn_id in set(turns):
+        positions = [i for i, t in enumerate(turns) if t == turn_id]
+        assert positions == list(range(positions[0], positions[-1] + 1)), "turns overlapped"
+        assert stored[positions[0]].role == Role.ROLE_USER
+
+
+# --- idempotent retries -----------------------------------------------------------------------------------
+
+
+async def test_request_id_replays_the_finished_turn(client: AsyncSessionsClient, unique: str) -> None:
+    sid = await new_session(client, unique)
+    first = await run(client, sid, "only once please", request_id="req-1")
+    retry = await run(client, sid, "only once please", request_id="req-1")
+    assert {e.turn_id for e in retry} == {first[0].turn_id}
+    assert text_of(retry) == text_of(first) == "only once please"
+    assert kinds(retry) == ["turn_started", "text_delta", "usage", "message_completed", "turn_finished"]
+    assert only(retry, "message_completed").message == only(first, "message_completed").message
+    assert reason(retry) == STOP
+    assert len(await history(client, sid)) == 2
+    # Another request id is another turn.
+    assert reason(await run(client, sid, "again", request_id="req-2")) == STOP
+    assert len(await history(client, sid)) == 4
+
+
+async def test_request_id_joins_the_running_turn(client: AsyncSessionsClient, unique: str) -> None:
+    sid = await new_session(client, unique)
+    original = Reader(client.execute(session_id=sid, text="/hang joined", request_id="req-j"))
+    head = await original.until_kind("text_delta")
+    joined = Reader(client.execute(session_id=sid, text="/hang joined", request_id="req-j"))
+    joined_head = await joined.until_kind("text_delta")
+    assert [e.SerializeToString() for e in joined_head] == [e.SerializeToString() for e in head]
+    await client.stop_turn(session_id=sid)
+    original_tail, joined_tail = await asyncio.gather(original.rest(), joined.rest())
+    assert original_tail == joined_tail
+    assert reason(joined_tail) == CANCELLED
+    assert len(await history(client, sid)) == 2
+
+
+# --- Connect ----------------------------------------------------------------------------------------------
+
+
+async def test_connect_execute_stop_heartbeat_and_errors(client: AsyncSessionsClient, unique: str) -> None:
+    sid = await new_session(client, unique)
+    conn = client.connect(session_id=sid)
+    reader = Reader(conn)
+    await conn.send_execute(text="/hang first words")
+    first = await reader.until(lambda r: r.HasField("turn_event") and text_of([r.turn_event]) == "words")
+    first_turn = first[-1].turn_event.turn_id
+
+    # A new execute interrupts the previous turn; its events all come first.
+    await conn.send_execute(text="second")
+    frames = await reader.until(
+        lambda r: (
+            r.HasField("turn_event")
+            and r.turn_event.turn_id != first_turn
+            and r.turn_event.HasField("turn_finished")
+        )
+    )
+    events = [f.turn_event for f in frames if f.HasField("turn_event")]
+    old = [e for e in events if e.turn_id == first_turn]
+    new = [e for e in events if e.turn_id != first_turn]
+    assert reason(old) == CANCELLED
+    assert events.index(old[-1]) < events.index(new[0])
+    assert reason(new) == STOP and text_of(new) == "second"
+
+    await conn.send_heartbeat()
+    beat = await reader.until(lambda r: r.HasField("session"))
+    assert beat[-1].session.session_id == sid
+
+    # An error is a frame; the stream stays open.
+    await conn.send_execute(message={"role": "ROLE_ASSISTANT", "parts": [{"text": {"text": "x"}}]})
+    bad = await reader.until(lambda r: r.HasField("error"))
+    err = errors.from_connect_error(bad[-1].error)
+    assert isinstance(err, errors.InvalidArgument)
+
+    await conn.send_execute(text="/hang third")
+    third = await reader.until(lambda r: r.HasField("turn_event") and r.turn_event.HasField("text_delta"))
+    await conn.send_stop()
+    stopped = await reader.until(
+        lambda r: r.HasField("turn_event") and r.turn_event.HasField("turn_finished")
+    )
+    assert reason([f.turn_event for f in stopped]) == CANCELLED
+    assert stopped[-1].turn_event.turn_id == third[-1].turn_event.turn_id
+
+    await conn.done_writing()
+    assert [f for f in await reader.rest() if f.HasField("turn_event")] == []
+    stored = await history(client, sid)
+    assert [message_text(m) for m in stored] == [
+        "/hang first words",
+        "first words",
+        "second",
+        "second",
+        "/hang third",
+        "third",
+    ]
+
+
+async def test_connect_disconnect_cancels_the_running_turn(client: AsyncSessionsClient, unique: str) -> None:
+    sid = await new_session(client, unique)
+    conn = client.connect(session_id=sid)
+    reader = Reader(conn)
+    await conn.send_execute(text="/hang gone")
+    await reader.until(lambda r: r.HasField("turn_event") and r.turn_event.HasField("text_delta"))
+    conn.cancel()
+    after = await run(client, sid, "later", multitask_strategy="enqueue")
+    assert reason(after) == STOP
+    stored = await history(client, sid)
+    assert [(message_text(m), m.status) for m in stored][:2] == [
+        ("/hang gone", COMPLETE),
+        ("gone", INTERRUPTED),
+    ]
+
+
+# --- the lease --------------------------------------------------------------------------------------------
+
+
+async def test_a_crashed_owners_lease_runs_out(
+    client: AsyncSessionsClient, server: RunningServer, clock: ManualClock, unique: str
+) -> None:
+    """A turn held by a process that no longer renews its lease blocks the session only until the lease
+    runs out; a retry of that turn's request id learns that it was lost."""
+    sid = await new_session(client, unique)
+    store = TurnStore(server.service.store)
+    wall = datetime.now(UTC)
+    ghost = await store.acquire(
+        TurnRequest(session_id=sid, kind=TurnKind.TRIGGER, request_id="ghost-req"),
+        turn_id=f"ghost-{unique}",
+        owner="ghost-process",
+        lease_now=wall,
+        lease_until=wall + timedelta(hours=1),
+        now=clock.now(),
+    )
+    assert isinstance(ghost, Acquired)
+
+    with pytest.raises(errors.Aborted) as busy:
+        await run(client, sid, "blocked", multitask_strategy="reject")
+    assert busy.value.metadata["turn_id"] == f"ghost-{unique}"
+    # StopTurn reaches a turn of another process through its lease row.
+    stop = await client.stop_turn(session_id=sid)
+    assert (stop.stopped, stop.turn_id) == (True, f"ghost-{unique}")
+    running = await store.running(sid)
+    assert running is not None and running.stop_mode == 1
+
+    # The ghost stops renewing: its lease runs out.
+    await store.renew("ghost-process", wall - timedelta(seconds=1))
+    assert reason(await run(client, sid, "free again", multitask_strategy="reject")) == STOP
+    replay = [e async for e in client.execute(session_id=sid, trigger={"name": "x"}, request_id="ghost-req")]
+    assert only(replay, "error").reason == "TURN_LOST"
+    assert reason(replay) == ERROR
+
+
+async def test_server_stats_count_running_turns(client: AsyncSessionsClient, unique: str) -> None:
+    sid = await new_session(client, unique)
+    before = (await client.get_server_stats()).running_turns
+    reader = Reader(client.execute(session_id=sid, text="/hang counted"))
+    await reader.until_kind("text_delta")
+    assert (await client.get_server_stats()).running_turns == before + 1
+    await client.stop_turn(session_id=sid)
+    await reader.rest()
+    assert (await client.get_server_stats()).running_turns == before
+
+
+async def test_turn_events_reach_watchers(client: AsyncSessionsClient, unique: str) -> None:
+    """Every turn event is published to the session's event bus (WatchSession relays it)."""
+    sid = await new_session(client, unique)
+    watch = client.watch_session(session_id=sid, after_event_id=0, include_deltas=True)
+    watched = Reader(watch)
+    # Any event received proves the watch subscribed (it does before reading storage): deltas are live
+    # only, so the turn must start after that.
+    await client.append_text(session_id=sid, role="user", text="ping")
+    await watched.until(lambda e: e.HasField("messages_appended"))
+    events = await run(client, sid, "watch me")
+    seen = await watched.until(lambda e: e.HasField("turn") and e.turn.HasField("turn_finished"))
+    watch.cancel()
+    relayed = [e.turn for e in seen if e.HasField("turn")]
+    assert [e.index for e in relayed] == [e.index for e in events]
+    assert json_format.MessageToDict(relayed[-1]) == json_format.MessageToDict(events[-1])
+
+
+async def test_one_turn_per_session_across_servers(
+    database: DatabaseTarget, clock: ManualClock, unique: str
+) -> None:
+    """Two servers on one database, as two replicas: the lease row keeps one turn running per session,
+    and a stop or an interrupt from one replica reaches the turn the other one runs."""
+    settings = make_settings(database, turn_lease_seconds=1.0)
+    first, second = await start_server(settings, clock=clock), await start_server(settings, clock=clock)
+    try:
+        async with (
+            AsyncSessionsClient(f"127.0.0.1:{first.port}") as a,
+            AsyncSessionsClient(f"127.0.0.1:{second.port}") as b,
+        ):
+            sid = await new_session(a, unique)
+            running = Reader(a.execute(session_id=sid, text="/hang on replica one"))
+            head = await running.until(lambda e: text_of([e]) == "one")
+            with pytest.raises(errors.Aborted) as busy:
+                await run(b, sid, "from two", multitask_strategy="reject")
+            assert busy.value.metadata["turn_id"] == head[0].turn_id
+
+            # StopTurn on replica two stops the turn replica one runs (at its next lease renewal).
+            stopped = await b.stop_turn(session_id=sid)
+            assert (stopped.stopped, stopped.turn_id) == (True, head[0].turn_id)
+            tail = await running.rest()
+            assert reason(tail) == CANCELLED
+            assert message_text(only(tail, "message_completed").message) == "/hang on replica one"[6:]
+
+            # Interrupt from replica two: replica one's turn ends first, then replica two's runs.
+            running = Reader(a.execute(session_id=sid, text="/hang again"))
+            await running.until_kind("text_delta")
+            second_turn, tail = await asyncio.gather(run(b, sid, "took over"), running.rest())
+            assert reason(tail) == CANCELLED
+            assert reason(second_turn) == STOP
+            stored = await history(a, sid)
+            assert [message_text(m) for m in stored][-4:] == [
+                "/hang again",
+                "again",
+                "took over",
+                "took over",
+            ]
+    finally:
+        await first.stop(0)
+        await second.stop(0)
+
+
+def _sync_turns(target: str, sid: str) -> tuple[list[str], list[str], str]:
+    with SessionsClient(target) as client:
+        events = list(client.execute(session_id=sid, text="sync hello"))
+        connection = client.connect(session_id=sid)
+        connection.send_execute(text="/hang over the socket")
+        frames = []
+        for frame in connection:
+            frames.append(frame)
+            if frame.HasField("turn_event") and text_of([frame.turn_event]) == "socket":
+                connection.send_stop()
+            if frame.HasField("turn_event") and frame.turn_event.HasField("turn_finished"):
+                connection.done_writing()
+        stopped = client.stop_turn(session_id=sid)
+        turn_events = [f.turn_event for f in frames if f.HasField("turn_event")]
+        return kinds(events), kinds(turn_events), str(stopped.stopped)
+
+
+async def test_sync_client_execute_and_connect(client: AsyncSessionsClient, target: str, unique: str) -> None:
+    sid = await new_session(client, unique)
+    executed, connected, stopped = await asyncio.to_thread(_sync_turns, target, sid)
+    assert executed[0] == "turn_started" and executed[-1] == "turn_finished"
+    assert connected[-2:] == ["message_completed", "turn_finished"]
+    assert stopped == "False"
+    stored = await history(client, sid)
+    assert [(message_text(m), m.status) for m in stored][-2:] == [
+        ("/hang over the socket", COMPLETE),
+        ("over the socket", INTERRUPTED),
+    ]
+
+
+async def test_deleting_a_session_takes_its_turns_along(client: AsyncSessionsClient, unique: str) -> None:
+    sid = await new_session(client, unique)
+    await run(client, sid, "one", request_id="r1")
+    await run(client, sid, "/tool t")
+    await client.delete_session(session_id=sid, force=True)
+    # The id can be used again, with nothing of the old session's turns.
+    await client.create_session(agent_id="echo", session_id=sid)
+    events = await run(client, sid, "one", request_id="r1")
+    assert events[0].turn_started.user_message.sequence == 1
+    assert len(await history(client, sid)) == 2
