@@ -7,9 +7,12 @@ PY := $(BIN)/python
 STAMP := $(VENV)/.installed
 PROTO_FILES := $(wildcard proto/agentsessions/v1/*.proto)
 STUBS := clients/python/agentsessions/v1
-BUF := node_modules/.bin/buf
+# Node.js tooling (the buf CLI, the Node client example) comes from clients/node/package-lock.json.
+NODE_DIR := clients/node
+NODE_MODULES := $(NODE_DIR)/node_modules/.package-lock.json
+BUF := $(NODE_DIR)/node_modules/.bin/buf
 
-.PHONY: install run test proto check lint typecheck buflint stubs-check bench postgres clean
+.PHONY: install run test proto descriptor node check lint typecheck buflint stubs-check bench postgres clean
 
 install: $(STAMP)
 
@@ -34,6 +37,12 @@ postgres:
 proto: install
 	bash .ci/protogen $(STUBS)
 
+## The contract as a FileDescriptorSet (imports and comments included), for clients with no generated code.
+## Built, not committed: the .proto files stay the one source, so there is nothing to drift.
+descriptor: install
+	bash .ci/descriptor build/agentsessions.v1.binpb
+	@echo "descriptor: build/agentsessions.v1.binpb"
+
 stubs-check: install
 	@tmp=$$(mktemp -d) && bash .ci/protogen $$tmp/v1 && \
 	  diff -r -x __init__.py -x __pycache__ $$tmp/v1 $(STUBS) && rm -rf $$tmp && echo "stubs: in step with proto/"
@@ -45,8 +54,15 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-$(BUF):
-	npm install --no-save --no-audit --no-fund --silent @bufbuild/buf@1.75.0
+node: $(NODE_MODULES)
+
+# `npm install` with the lock file, not `npm ci`: the lock pins every version, but npm ci also wants an
+# entry for each platform build of buf, and the registry here serves only the Linux ones.
+$(NODE_MODULES): $(NODE_DIR)/package-lock.json
+	npm install --prefix $(NODE_DIR) --no-save --no-audit --no-fund --loglevel=error
+
+$(BUF): $(NODE_MODULES)
+	@:
 
 buflint: $(BUF)
 	cd proto && ../$(BUF) lint
@@ -59,4 +75,4 @@ bench: install postgres
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) var node_modules .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) var build node_modules $(NODE_DIR)/node_modules .pytest_cache .mypy_cache .ruff_cache

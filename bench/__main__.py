@@ -4,26 +4,21 @@ Each server runs in its own process; this process is the load generator and uses
 stubs against both, so the ratios compare what the servers do, not client libraries. Figures are
 throughput (calls/s, a fixed number of calls with a fixed number in flight) and latency (sequential
 calls, median and p99). Environment: BENCH_DATABASE=sqlite|postgresql|both (default both),
-BENCH_SCALE (default 1.0) scales call counts.
+BENCH_SCALE (default 1.0) scales call counts, BENCH_LARGE_HISTORY (100000) is the long history of the
+"last 50" read, BENCH_WATCHERS (10000) the idle watchers, BENCH_SWEEP_SESSIONS (1000000) the expired
+sessions swept. At the defaults a full run takes about half an hour on 2 cores, most of it the sweeps.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 
-import asyncpg
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agentsessions.v1 import (
     message_pb2,
@@ -33,55 +28,11 @@ from agentsessions.v1 import (
     session_service_pb2,
     session_service_pb2_grpc,
 )
+from bench import clients, events, harness, turns
 
 SCALE = float(os.environ.get("BENCH_SCALE", "1.0"))
-POSTGRES_URL = os.environ.get("SESSIOND_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
 IN_FLIGHT = 64
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def _wait_ready(target: str, *, health: bool) -> None:
-    deadline = time.monotonic() + 60
-    async with grpc.aio.insecure_channel(target) as channel:
-        while True:
-            try:
-                if health:
-                    reply = await health_pb2_grpc.HealthStub(channel).Check(
-                        health_pb2.HealthCheckRequest(), timeout=1
-                    )
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                else:
-                    await asyncio.wait_for(channel.channel_ready(), 1)
-                    return
-            except (grpc.aio.AioRpcError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server at {target} did not come up")
-            await asyncio.sleep(0.1)
-
-
-@contextmanager
-def _process(args: list[str], env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(
-        [sys.executable, *args],
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.DEVNULL,
-        stderr=None if os.environ.get("BENCH_VERBOSE") else subprocess.DEVNULL,
-    )
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 async def throughput(calls: int, in_flight: int, call: Callable[[int], Awaitable[object]]) -> float:
@@ -116,10 +67,10 @@ def _n(base: int) -> int:
 
 
 async def bare_baseline() -> dict[str, float]:
-    port = _free_port()
-    with _process(["-m", "bench.bare_server", str(port)]):
+    port = harness.free_port()
+    with harness.process(["-m", "bench.bare_server", str(port)]):
         target = f"127.0.0.1:{port}"
-        await _wait_ready(target, health=False)
+        await harness.wait_ready(target, health=False)
         async with grpc.aio.insecure_channel(target) as channel:
             noop = channel.unary_unary("/bench.Bare/Noop")
             payload = b"x" * 64
@@ -127,24 +78,6 @@ async def bare_baseline() -> dict[str, float]:
             rate = await throughput(_n(20000), IN_FLIGHT, lambda i: noop(payload))
             lat = await latencies(_n(500), lambda: noop(payload))
     return {"unary_rps": rate, "unary_p50": _p(lat, 0.5)}
-
-
-@contextmanager
-def _database(kind: str) -> Iterator[tuple[str, dict[str, str]]]:
-    if kind == "sqlite":
-        with tempfile.TemporaryDirectory() as tmp:
-            yield f"sqlite:///{Path(tmp) / 'bench.db'}", {}
-        return
-    schema = f"bench_{uuid.uuid4().hex[:10]}"
-    yield POSTGRES_URL, {"SESSIOND_DATABASE_SCHEMA": schema, "_BENCH_SCHEMA": schema}
-
-
-async def _pg(sql: str) -> None:
-    conn = await asyncpg.connect(POSTGRES_URL)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
 
 
 def _text(text: str, message_id: str = "") -> message_pb2.Message:
@@ -156,20 +89,13 @@ def _text(text: str, message_id: str = "") -> message_pb2.Message:
 
 
 async def sessiond_workloads(kind: str) -> dict[str, float]:
-    port = _free_port()
-    with _database(kind) as (url, env):
-        schema = env.pop("_BENCH_SCHEMA", None)
-        if schema:
-            await _pg(f"CREATE SCHEMA {schema}")
-        try:
-            args = ["-m", "sessiond.cli", "serve", "--listen", f"127.0.0.1:{port}", "--database-url", url]
-            with _process(args, {**env, "SESSIOND_LOG_LEVEL": "WARNING"}):
-                target = f"127.0.0.1:{port}"
-                await _wait_ready(target, health=True)
-                return await _measure(target)
-        finally:
-            if schema:
-                await _pg(f"DROP SCHEMA {schema} CASCADE")
+    port = harness.free_port()
+    async with harness.database(kind) as (url, env):
+        args = ["-m", "sessiond.cli", "serve", "--listen", f"127.0.0.1:{port}", "--database-url", url]
+        with harness.process(args, {**env, "SESSIOND_LOG_LEVEL": "WARNING", "SESSIOND_SWEEPER": "false"}):
+            target = f"127.0.0.1:{port}"
+            await harness.wait_ready(target, health=True)
+            return await _measure(target)
 
 
 async def _measure(target: str) -> dict[str, float]:
@@ -290,6 +216,9 @@ async def main() -> None:
         bare = await bare_baseline()
         results = await sessiond_workloads(kind)
         _report(kind, bare, results)
+        turns.report(await turns.workloads(kind, scale=SCALE))
+        clients.report(kind, await clients.workloads(kind, scale=SCALE))
+        events.report(kind, await events.run(kind, harness))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from typing import Any, Generic, TypeVar
 
 from agentsessions.v1 import events_pb2
 
-from .domain import model, paging
+from .domain import model, paging, state
 from .domain.agents import Agent, AgentOrigin
 from .domain.clock import Clock
 from .domain.errors import InvalidArgument, NotFound, etag_mismatch
@@ -76,6 +76,7 @@ class SessionsService:
     ) -> tuple[Session, bool]:
         self.timeouts.validate(policy, "session.timeout_policy")
         now = self.clock.now()
+        own, shared = state.split(variables)  # `user:` / `app:` keys go to the shared scopes
 
         def build(agent: Agent) -> Session:
             return model.new_session(
@@ -83,7 +84,7 @@ class SessionsService:
                 agent_id=agent.agent_id,
                 user_id=user_id,
                 metadata=metadata,
-                variables=variables,
+                variables=own,
                 policy=policy,
                 agent_policy=agent.timeout_defaults,
                 effective=resolve(policy, agent.timeout_defaults, self.timeouts),
@@ -91,7 +92,7 @@ class SessionsService:
                 now=now,
             )
 
-        return await self.store.create_session(agent_id, build)
+        return await self.store.create_session(agent_id, build, shared=replace(shared, limits=self.limits))
 
     async def get_session(self, *, session_id: str) -> Session:
         return await self.store.get_session(session_id)
@@ -116,7 +117,12 @@ class SessionsService:
         return Page(items, token)
 
     async def update_session(self, *, session_id: str, update: SessionUpdate) -> Session:
-        unknown = sorted(update.paths - UPDATABLE_SESSION_PATHS)
+        # `variables.<key>` paths patch one variable each, in the scope its prefix names (domain.state).
+        variable_paths = {p for p in update.paths if p.startswith("variables.")}
+        keys = frozenset(state.key_from_path(p) for p in variable_paths)
+        if keys and "variables" in update.paths:
+            raise InvalidArgument.field("update_mask", "names both variables and variables.<key> paths")
+        unknown = sorted(update.paths - UPDATABLE_SESSION_PATHS - variable_paths)
         if unknown:
             raise InvalidArgument.field(
                 "update_mask",
@@ -126,6 +132,10 @@ class SessionsService:
             raise InvalidArgument.field("update_mask", "names no field to update")
         policy_paths = {p for p in update.paths if p.startswith("timeout_policy")}
         now = self.clock.now()
+        if "variables" in update.paths:
+            own, shared = state.split(update.variables)
+        else:
+            _, shared = state.patch({}, keys, update.variables)
 
         def change(session: Session) -> Session:
             if update.etag and update.etag != session.etag:
@@ -135,7 +145,11 @@ class SessionsService:
             if "metadata" in update.paths:
                 changed = replace(changed, metadata=update.metadata)
             if "variables" in update.paths:
-                changed = replace(changed, variables=update.variables)
+                changed = replace(changed, variables=own)
+            elif keys:
+                patched, _ = state.patch(session.variables, keys, update.variables)
+                if patched != session.variables:
+                    changed = replace(changed, variables=patched)
             if policy_paths:
                 fields = (
                     POLICY_FIELDS
@@ -156,12 +170,14 @@ class SessionsService:
             out: list[tuple[str, dict[str, Any]]] = []
             if policy_paths and (after.effective != before.effective or after.policy != before.policy):
                 out.append(("timeout_changed", {}))
-            data_paths = sorted(update.paths & {"metadata", "variables"})
+            data_paths = sorted(update.paths & {"metadata", "variables"} | ({"variables"} if keys else set()))
             if data_paths:
                 out.append(("updated", {"paths": data_paths}))
             return out
 
-        return await self.store.change_session(session_id, change, events, now=now)
+        return await self.store.change_session(
+            session_id, change, events, now=now, shared=replace(shared, limits=self.limits)
+        )
 
     async def end_session(self, *, session_id: str) -> Session:
         now = self.clock.now()

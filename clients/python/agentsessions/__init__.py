@@ -11,6 +11,7 @@
                 print(event.text_delta.text, end="")
 
 The generated messages and stubs live in ``agentsessions.v1``; the common ones are re-exported here.
+:mod:`agentsessions.agent` turns an async function into a remote agent (``AgentService``) in a few lines.
 """
 
 from agentsessions import errors

@@ -15,6 +15,7 @@ from ..domain.agents import BACKEND_KINDS, Agent, AgentOrigin
 from ..domain.errors import InvalidArgument
 from ..domain.model import NewMessage, Session, StoredMessage
 from ..domain.policy import POLICY_FIELDS, TimeoutPolicy
+from ..domain.state import merged as merged_variables
 from ..domain.turns import MAX_HISTORY_WINDOW
 from ..domain.validation import (
     Limits,
@@ -79,7 +80,7 @@ def session_to_pb(s: Session, now: datetime) -> session_pb2.Session:
         agent_id=s.agent_id,
         user_id=s.user_id,
         metadata=s.metadata,
-        variables=dict_to_struct(s.variables),
+        variables=dict_to_struct(merged_variables(s.variables, s.shared)),
         status=int(status),  # type: ignore[arg-type]
         near_expiration=s.near_expiration(now),
         timeout_policy=policy_to_pb(s.policy),

@@ -6,12 +6,14 @@ Every rule takes `now`; nothing here reads a clock, a database or the network.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from .errors import FailedPrecondition
 from .policy import EffectivePolicy, TimeoutPolicy, next_expiry
+from .state import Scope
 
 ZERO = timedelta(0)
 
@@ -69,6 +71,8 @@ class Session:
     # The expire_time a warning / an expiry event was pushed for: at most one of each per expiry window.
     warned_expire_time: datetime | None = None
     notified_expire_time: datetime | None = None
+    # The `user:` and `app:` variables (domain.state), loaded only by the reads that show them merged.
+    shared: Mapping[Scope, Mapping[str, Any]] = field(default_factory=dict)
 
     @property
     def etag(self) -> str:

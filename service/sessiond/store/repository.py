@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import Connection, Row, and_, bindparam, delete, exists, func, insert, select, update
+from sqlalchemy import Connection, Row, and_, bindparam, delete, exists, func, insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql import Select
 
@@ -28,8 +28,18 @@ from ..domain.errors import (
 )
 from ..domain.model import NewMessage, Session, Status, StoredMessage
 from ..domain.policy import EffectivePolicy, Source, TimeoutPolicy
+from ..domain.state import Scope, ScopedChanges
 from .database import Database
-from .tables import agents, messages, session_events, session_labels, sessions, tool_calls
+from .tables import (
+    agents,
+    messages,
+    scoped_variables,
+    session_events,
+    session_labels,
+    sessions,
+    tool_calls,
+    turns,
+)
 
 T = TypeVar("T")
 
@@ -115,6 +125,13 @@ def _session_from_row(row: Row[Any]) -> Session:
         warned_expire_time=m["warned_expire_time"],
         notified_expire_time=m["notified_expire_time"],
     )
+
+
+def _session_with_shared(row: Row[Any]) -> Session:
+    """A session read with its shared scopes joined (`_SHARED_COLUMNS`)."""
+    m = row._mapping
+    shared = {Scope.APP: m["app_variables"] or {}, Scope.USER: m["user_variables"] or {}}
+    return replace(_session_from_row(row), shared=shared)
 
 
 def _session_values(s: Session) -> dict[str, Any]:
@@ -305,6 +322,41 @@ _PURGE_EXPIRED = (
 )
 _INSERT_SESSION = insert(sessions).returning(sessions.c.pk)
 _AGENT_BY_ID = select(agents).where(agents.c.agent_id == bindparam("p_agent_id"))
+_SHARED_KEY = tuple_(scoped_variables.c.scope, scoped_variables.c.agent_id, scoped_variables.c.user_id)
+_SHARED_BY_KEYS = select(scoped_variables).where(_SHARED_KEY.in_(bindparam("p_keys", expanding=True)))
+# Reads that show sessions merged join their two shared scopes (primary-key lookups) in the same statement:
+# a second statement would be a second round trip through aiosqlite on every GetSession.
+_APP_SCOPE = scoped_variables.alias("app_scope")
+_USER_SCOPE = scoped_variables.alias("user_scope")
+_SESSIONS_WITH_SHARED = sessions.outerjoin(
+    _APP_SCOPE,
+    and_(
+        _APP_SCOPE.c.scope == int(Scope.APP),
+        _APP_SCOPE.c.agent_id == sessions.c.agent_id,
+        _APP_SCOPE.c.user_id == "",
+    ),
+).outerjoin(
+    _USER_SCOPE,
+    and_(
+        _USER_SCOPE.c.scope == int(Scope.USER),
+        _USER_SCOPE.c.agent_id == sessions.c.agent_id,
+        _USER_SCOPE.c.user_id == sessions.c.user_id,
+    ),
+)
+_SHARED_COLUMNS = (
+    _APP_SCOPE.c.variables.label("app_variables"),
+    _USER_SCOPE.c.variables.label("user_variables"),
+)
+_SESSION_WITH_SHARED_BY_ID = (
+    select(sessions, *_SHARED_COLUMNS)
+    .select_from(_SESSIONS_WITH_SHARED)
+    .where(sessions.c.session_id == bindparam("p_session_id"))
+)
+_SHARED_BY_KEY = select(scoped_variables.c.variables).where(
+    scoped_variables.c.scope == bindparam("p_scope"),
+    scoped_variables.c.agent_id == bindparam("p_agent_id"),
+    scoped_variables.c.user_id == bindparam("p_user_id"),
+)
 _MESSAGES_BY_IDS = select(*_MESSAGE_COLUMNS).where(
     messages.c.session_pk == bindparam("p_pk"), messages.c.message_id.in_(bindparam("p_ids", expanding=True))
 )
@@ -432,6 +484,53 @@ class Store:
                 [{"session_pk": pk, "key": k, "value": v} for k, v in metadata.items()],
             )
 
+    @staticmethod
+    def _shared_key(scope: Scope, session: Session) -> tuple[int, str, str]:
+        return int(scope), session.agent_id, session.user_id if scope is Scope.USER else ""
+
+    def _with_shared(self, conn: Connection, session: Session) -> Session:
+        """A session read in a write's transaction, with its `app:` and `user:` variables (one statement)."""
+        keys = [self._shared_key(scope, session) for scope in Scope]
+        rows = conn.execute(_SHARED_BY_KEYS, {"p_keys": keys})
+        shared = {(r.scope, r.agent_id, r.user_id): r.variables for r in rows}
+        return replace(
+            session, shared={scope: shared.get(self._shared_key(scope, session), {}) for scope in Scope}
+        )
+
+    def _write_shared(
+        self, conn: Connection, session: Session, changes: ScopedChanges, now: datetime
+    ) -> None:
+        """Applies `changes` to the scopes of `session`'s agent and user, scope by scope (locked on
+        PostgreSQL; two first writers of one scope race on its primary key, and the loser runs again)."""
+        for scope in changes.scopes():
+            scope_id, agent_id, user_id = self._shared_key(scope, session)
+            key = {"p_scope": scope_id, "p_agent_id": agent_id, "p_user_id": user_id}
+            stmt = _SHARED_BY_KEY.with_for_update() if self._for_update else _SHARED_BY_KEY
+            current = conn.execute(stmt, key).scalar_one_or_none()
+            updated = changes.apply(scope, current or {})
+            where = (
+                scoped_variables.c.scope == scope_id,
+                scoped_variables.c.agent_id == agent_id,
+                scoped_variables.c.user_id == user_id,
+            )
+            if current is None:
+                if updated:
+                    conn.execute(
+                        insert(scoped_variables).values(
+                            scope=scope_id,
+                            agent_id=agent_id,
+                            user_id=user_id,
+                            variables=updated,
+                            update_time=now,
+                        )
+                    )
+            elif updated:
+                conn.execute(
+                    update(scoped_variables).where(*where).values(variables=updated, update_time=now)
+                )
+            else:
+                conn.execute(delete(scoped_variables).where(*where))
+
     # --- agents ----------------------------------------------------------------------------------------
 
     async def ensure_agent(self, agent: Agent) -> Agent:
@@ -510,15 +609,19 @@ class Store:
                     reason="AGENT_IN_USE",
                     metadata={"agent_id": agent_id},
                 )
+            conn.execute(delete(scoped_variables).where(scoped_variables.c.agent_id == agent_id))
             conn.execute(delete(agents).where(agents.c.agent_id == agent_id))
 
         await self.db.write(op)
 
     # --- sessions --------------------------------------------------------------------------------------
 
-    async def create_session(self, agent_id: str, build: Callable[[Agent], Session]) -> tuple[Session, bool]:
+    async def create_session(
+        self, agent_id: str, build: Callable[[Agent], Session], *, shared: ScopedChanges | None = None
+    ) -> tuple[Session, bool]:
         """Inserts the session `build` makes from its agent; returns (session, created). A request id seen
-        before returns the session it created, and created=False."""
+        before returns the session it created, and created=False. With `shared`, the shared variables it
+        sets are written too, and the session comes back with its shared variables."""
 
         def op(conn: Connection) -> tuple[Session, bool]:
             agent_row = conn.execute(_AGENT_BY_ID, {"p_agent_id": agent_id}).first()
@@ -528,7 +631,8 @@ class Store:
             if new.request_id:
                 row = conn.execute(_SESSION_BY_REQUEST, {"p_request_id": new.request_id}).first()
                 if row is not None:
-                    return _session_from_row(row), False
+                    first = _session_from_row(row)
+                    return (self._with_shared(conn, first) if shared is not None else first), False
             taken = conn.execute(_SESSION_PK_BY_ID, {"p_session_id": new.session_id}).first()
             if taken is not None:
                 raise AlreadyExists(
@@ -546,16 +650,20 @@ class Store:
             )
             pk = conn.execute(_INSERT_SESSION, values).scalar_one()
             self._insert_labels(conn, pk, new.metadata)
-            return replace(new, pk=pk), True
+            created = replace(new, pk=pk)
+            if shared is None:
+                return created, True
+            self._write_shared(conn, created, shared, new.create_time)
+            return self._with_shared(conn, created), True
 
         return await self.db.write(op)
 
     async def get_session(self, session_id: str) -> Session:
         def op(conn: Connection) -> Session:
-            row = conn.execute(_SESSION_BY_ID, {"p_session_id": session_id}).first()
+            row = conn.execute(_SESSION_WITH_SHARED_BY_ID, {"p_session_id": session_id}).first()
             if row is None:
                 raise session_not_found(session_id)
-            return _session_from_row(row)
+            return _session_with_shared(row)
 
         return await self.db.read(op)
 
@@ -565,7 +673,7 @@ class Store:
         """Newest first, strictly older than `before_pk` (0: from the newest)."""
 
         def op(conn: Connection) -> list[Session]:
-            stmt: Select[Any] = select(sessions)
+            stmt: Select[Any] = select(sessions, *_SHARED_COLUMNS).select_from(_SESSIONS_WITH_SHARED)
             if before_pk:
                 stmt = stmt.where(sessions.c.pk < before_pk)
             if flt.agent_id:
@@ -589,7 +697,7 @@ class Store:
                     )
                 )
             stmt = stmt.order_by(sessions.c.pk.desc()).limit(limit)
-            return [_session_from_row(r) for r in conn.execute(stmt)]
+            return [_session_with_shared(r) for r in conn.execute(stmt)]
 
         return await self.db.read(op)
 
@@ -600,9 +708,12 @@ class Store:
         events: Callable[[Session, Session], Sequence[tuple[str, Mapping[str, Any]]]] = lambda b, a: (),
         *,
         now: datetime,
+        shared: ScopedChanges | None = None,
     ) -> Session:
         """Read-modify-write of one session under its lock: `change` applies the domain rule and `events`
-        names the events the change makes (kind, detail), stored in the same transaction."""
+        names the events the change makes (kind, detail), stored in the same transaction. With `shared`,
+        the shared variables it changes are written too (once `change` accepted the write), and the session
+        comes back with its shared variables."""
 
         def fn(conn: Connection, sink: list[Any]) -> Session:
             before = self._lock_session(conn, session_id)
@@ -611,7 +722,10 @@ class Store:
                 for kind, detail in events(before, after):
                     after = self._event(conn, after, kind, now, sink, detail=detail)
             self._save_session(conn, before, after)
-            return after
+            if shared is None:
+                return after
+            self._write_shared(conn, after, shared, now)
+            return self._with_shared(conn, after)
 
         return await self._write(fn)
 
@@ -634,7 +748,7 @@ class Store:
                     metadata={"session_id": session_id},
                 )
             # Children first: no reliance on ON DELETE CASCADE being enforced by the connection.
-            for table in (messages, tool_calls, session_labels, session_events):
+            for table in (messages, tool_calls, session_labels, session_events, turns):
                 conn.execute(delete(table).where(table.c.session_pk == session.pk))
             conn.execute(delete(sessions).where(sessions.c.pk == session.pk))
             self._event(None, session, "deleted", now, sink)  # the log goes with the session: live only
@@ -969,7 +1083,7 @@ class Store:
                 if len(pks) >= limit:
                     break
             if pks:
-                for table in (messages, tool_calls, session_labels, session_events):
+                for table in (messages, tool_calls, session_labels, session_events, turns):
                     conn.execute(delete(table).where(table.c.session_pk.in_(pks)))
                 conn.execute(delete(sessions).where(sessions.c.pk.in_(pks)))
             return len(pks)

@@ -238,3 +238,15 @@ turns = Table(
         postgresql_where=text("finish_reason = 2 AND closed_by_turn_id IS NULL"),
     ),
 )
+
+# Variables shared by sessions (domain.state): scope 1 is an agent's (`app:` keys, user_id ''), scope 2 one
+# user's of an agent (`user:` keys). One row per scope holding a JSON object, read by primary key.
+scoped_variables = Table(
+    "scoped_variables",
+    metadata,
+    Column("scope", SmallInteger, primary_key=True),
+    Column("agent_id", String(64), primary_key=True),
+    Column("user_id", String(256), primary_key=True),
+    Column("variables", JSON, nullable=False),
+    Column("update_time", UTCDateTime, nullable=False),
+)

@@ -1,0 +1,385 @@
+"""A Google ADK ``BaseSessionService`` kept by Agent Sessions, so an ADK ``Runner`` keeps its sessions in the
+service instead of a per-process database::
+
+    from google.adk.runners import Runner
+    from agentsessions.integrations.adk import AgentSessionsService
+
+    sessions = AgentSessionsService("sessiond:50051")
+    runner = Runner(app_name="weather_app", agent=root_agent, session_service=sessions)
+
+How ADK's model maps onto the service:
+
+- An app is a service agent (``app_name`` is the agent id), registered on first use when missing. A session
+  is a service session of that agent, with ``user_id`` as its user and ADK's session id as its id. Session
+  ids are global in the service, as on Vertex AI Agent Engine: an id that another app or user holds is
+  ``AlreadyExistsError`` too, and reads of it through another app or user find nothing.
+- State is the session's variables, with ADK's scopes served by the service itself: ``user:`` keys are
+  shared by the user's sessions of the app, ``app:`` keys by all the app's sessions, ``temp:`` keys are
+  never stored. A state delta is written key by key, so concurrent sessions never overwrite each other's
+  keys. Numbers travel as JSON numbers (``google.protobuf.Value``): a whole number reads back as an
+  ``int``, whatever it was written as.
+- Each event is one message: readable parts (text, thoughts as reasoning, function calls and responses as
+  tool calls and results linked by call id) for the UI view and other clients, and the event itself,
+  verbatim JSON, in a hidden data part of type ``adk.event``, which is what comes back. Messages that
+  other writers appended (a gateway, an agent turn) come back as equivalent events.
+- ``get_session`` with ``num_recent_events=N`` reads one page of the newest N messages: O(N) whatever the
+  history's length, and never a function response without its call (the window then starts after it, so
+  it may hold fewer than N events). ``after_timestamp`` keeps the events from the newest back to the first
+  one older than it, as ADK's in-memory service does.
+- ``append_event`` appends the event (idempotent on the event id), then applies its state delta. There is
+  no stale-session check: appends are ordered by the service's sequence numbers, not by timestamps, so
+  two writers of one session never fail each other.
+- ``get_user_state`` is not offered (ADK's base raises ``NotImplementedError``): the service reads shared
+  state through a session, whose ``state`` holds the ``user:`` keys.
+- The service's timeouts apply: an expired session stays readable, and appends to it raise
+  :class:`agentsessions.errors.FailedPrecondition` (reason ``SESSION_EXPIRED``); pass a
+  ``timeout_policy`` to create sessions with longer ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable
+from typing import Any
+
+from google.adk.errors.already_exists_error import AlreadyExistsError
+from google.adk.errors.session_not_found_error import SessionNotFoundError
+from google.adk.events.event import Event
+from google.adk.sessions.base_session_service import (
+    BaseSessionService,
+    GetSessionConfig,
+    ListSessionsResponse,
+)
+from google.adk.sessions.session import Session
+from google.adk.sessions.state import State
+from google.genai import types
+from google.protobuf import json_format
+
+from agentsessions import errors
+from agentsessions._requests import TimeoutPolicyInput
+from agentsessions.client import DEFAULT_TARGET, AsyncSessionsClient
+from agentsessions.integrations import _frames
+from agentsessions.v1 import message_pb2, session_pb2
+
+__all__ = ["EVENT_TYPE", "AgentSessionsService", "event_from_message", "message_from_event"]
+
+#: ``DataPart.type`` of the hidden part holding an event's JSON.
+EVENT_TYPE = "adk.event"
+
+# Whole numbers up to this size are exact in a double, so reading them back as int loses nothing.
+_EXACT_INT = 2**53
+
+
+def message_from_event(event: Event) -> message_pb2.Message:
+    """The message that stores ``event``: its readable parts, then the event itself as JSON (hidden). The
+    event id is the message id, so appending the same event twice stores it once."""
+    parts: list[message_pb2.Part] = []
+    responds = False
+    # Calls and responses without an id cannot be linked: they stay in the record only.
+    for part in (event.content.parts or []) if event.content else []:
+        if part.text:
+            if part.thought:
+                parts.append(message_pb2.Part(reasoning=message_pb2.ReasoningPart(text=part.text)))
+            else:
+                parts.append(message_pb2.Part(text=message_pb2.TextPart(text=part.text)))
+        elif part.function_call is not None and part.function_call.id:
+            call = part.function_call
+            parts.append(
+                message_pb2.Part(
+                    tool_call=message_pb2.ToolCallPart(
+                        call_id=call.id,
+                        name=call.name or "",
+                        arguments=json.dumps(call.args or {}, ensure_ascii=False, default=str),
+                    )
+                )
+            )
+        elif part.function_response is not None and part.function_response.id:
+            response = part.function_response
+            responds = True
+            parts.append(
+                message_pb2.Part(
+                    tool_result=message_pb2.ToolResultPart(
+                        call_id=response.id,
+                        name=response.name or "",
+                        output=json.dumps(response.response or {}, ensure_ascii=False, default=str),
+                    )
+                )
+            )
+    if responds:
+        role = message_pb2.ROLE_TOOL
+    elif event.author == "user":
+        role = message_pb2.ROLE_USER
+    else:
+        role = message_pb2.ROLE_ASSISTANT
+    return message_pb2.Message(
+        message_id=event.id,
+        role=role,
+        parts=[*parts, _frames.record_part(EVENT_TYPE, event.model_dump_json(exclude_none=True))],
+        hidden=not parts,  # state-only events and the like: the model's, not the UI's
+    )
+
+
+def event_from_message(message: message_pb2.Message) -> Event:
+    """The event a stored message holds: the verbatim event this adapter stored, or for a message another
+    writer appended, its equivalent (text, function calls and responses)."""
+    text = _frames.record_text(message, EVENT_TYPE)
+    if text is not None:
+        return Event.model_validate_json(text)
+    parts: list[types.Part] = []
+    for part in message.parts:
+        kind = part.WhichOneof("kind")
+        if kind == "text":
+            parts.append(types.Part(text=part.text.text))
+        elif kind == "reasoning":
+            parts.append(types.Part(text=part.reasoning.text, thought=True))
+        elif kind == "tool_call":
+            call = part.tool_call
+            try:
+                args = json.loads(call.arguments) if call.arguments else {}
+            except ValueError:
+                args = {"arguments": call.arguments}
+            if not isinstance(args, dict):
+                args = {"arguments": args}
+            parts.append(
+                types.Part(
+                    function_call=types.FunctionCall(id=call.call_id or None, name=call.name, args=args)
+                )
+            )
+        elif kind == "tool_result":
+            result = part.tool_result
+            try:
+                output = json.loads(result.output)
+            except ValueError:
+                output = result.output
+            response = output if isinstance(output, dict) else {"result": output}
+            parts.append(
+                types.Part(
+                    function_response=types.FunctionResponse(
+                        id=result.call_id or None, name=result.name, response=response
+                    )
+                )
+            )
+    user = message.role in (message_pb2.ROLE_USER, message_pb2.ROLE_TOOL)
+    return Event(
+        id=message.message_id,
+        invocation_id=message.turn_id,
+        author="user" if message.role == message_pb2.ROLE_USER else "model",
+        content=types.Content(role="user" if user else "model", parts=parts) if parts else None,
+        timestamp=message.create_time.seconds + message.create_time.nanos / 1e9,
+    )
+
+
+def _exact(value: Any) -> Any:
+    """A JSON value read from a ``google.protobuf.Value``, whole numbers back to ``int``."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= _EXACT_INT:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _exact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_exact(v) for v in value]
+    return value
+
+
+def _state(session: session_pb2.Session) -> dict[str, Any]:
+    return {k: _exact(v) for k, v in json_format.MessageToDict(session.variables).items()}
+
+
+async def _no_events() -> list[Event]:
+    return []
+
+
+async def _decoded(messages: Awaitable[list[message_pb2.Message]]) -> list[Event]:
+    return [event_from_message(m) for m in await messages]
+
+
+def _quoted(key: str) -> str:
+    """The update-mask path of one variable (AIP-161: the key in backticks)."""
+    return f"variables.`{key}`"
+
+
+class AgentSessionsService(BaseSessionService):
+    """A Google ADK session service stored in Agent Sessions.
+
+    Args:
+        target: the server, when no client is given.
+        client: an :class:`~agentsessions.AsyncSessionsClient` to share; by default one is opened on
+            ``target`` when first needed (close it with :meth:`close`).
+        timeout_policy: the timeout policy of the sessions it creates (default: the app agent's and the
+            server's defaults).
+        register_apps: register an app as a service agent on first use when it is not one yet.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        client: AsyncSessionsClient | None = None,
+        timeout_policy: TimeoutPolicyInput | None = None,
+        register_apps: bool = True,
+    ) -> None:
+        self._client = client
+        self._owns_client = client is None
+        self._target = target
+        self._timeout_policy = timeout_policy
+        self._register_apps = register_apps
+
+    @property
+    def client(self) -> AsyncSessionsClient:
+        """The client in use (opened on first use when none was given)."""
+        if self._client is None:
+            self._client = AsyncSessionsClient(self._target)
+        return self._client
+
+    async def close(self) -> None:
+        """Closes the client this service opened (a client passed in stays open)."""
+        if self._owns_client and self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    def _to_adk(self, stored: session_pb2.Session, events: list[Event] | None = None) -> Session:
+        return Session(
+            id=stored.session_id,
+            app_name=stored.agent_id,
+            user_id=stored.user_id,
+            state=_state(stored),
+            events=events or [],
+            last_update_time=stored.update_time.seconds + stored.update_time.nanos / 1e9,
+        )
+
+    async def _owned(self, app_name: str, user_id: str, session_id: str) -> session_pb2.Session | None:
+        """The stored session if it exists and belongs to this app and user."""
+        try:
+            stored = await self.client.get_session(session_id=session_id.strip())
+        except errors.NotFound:
+            return None
+        if stored.agent_id != app_name or stored.user_id != user_id:
+            return None
+        return stored
+
+    async def create_session(
+        self,
+        *,
+        app_name: str,
+        user_id: str,
+        state: dict[str, Any] | None = None,
+        session_id: str | None = None,
+    ) -> Session:
+        """Creates a session (its id generated, time-ordered, when none is given). ``user:`` and ``app:``
+        keys of ``state`` go to the shared scopes; ``temp:`` keys are dropped. A taken id raises
+        ``AlreadyExistsError``."""
+        for attempt in range(2):
+            try:
+                stored = await self.client.create_session(
+                    agent_id=app_name,
+                    session_id=(session_id or "").strip(),
+                    user_id=user_id,
+                    variables=state or {},
+                    timeout_policy=self._timeout_policy,
+                )
+                return self._to_adk(stored)
+            except errors.AlreadyExists as err:
+                raise AlreadyExistsError(f"Session with id {session_id} already exists.") from err
+            except errors.NotFound as err:
+                if err.reason != "AGENT_NOT_FOUND" or not self._register_apps or attempt:
+                    raise
+                await _frames.ensure_agent(self.client, app_name)
+        raise AssertionError("unreachable")
+
+    async def get_session(
+        self,
+        *,
+        app_name: str,
+        user_id: str,
+        session_id: str,
+        config: GetSessionConfig | None = None,
+    ) -> Session | None:
+        """The session with its merged state and its events (all, or as ``config`` limits them), or None."""
+        recent = config.num_recent_events if config else None
+        after = config.after_timestamp if config else None
+        session_id = session_id.strip()
+        if recent == 0:
+            events: Awaitable[list[Event]] = _no_events()
+        elif after is not None:
+            events = self._events_since(session_id, after, recent)
+        elif recent is not None:
+            events = _decoded(_frames.newest(self.client, session_id, recent))
+        else:
+            events = _decoded(_frames.history(self.client, session_id))
+        # The session and its events are read at once: one round trip of latency, not two. Events read for
+        # a session that turns out not to be this app's and user's are dropped unseen.
+        stored, found = await asyncio.gather(
+            self._owned(app_name, user_id, session_id), events, return_exceptions=True
+        )
+        for outcome in (stored, found):
+            if isinstance(outcome, errors.NotFound):  # deleted meanwhile
+                return None
+            if isinstance(outcome, BaseException):
+                raise outcome
+        assert not isinstance(stored, BaseException) and not isinstance(found, BaseException)
+        return None if stored is None else self._to_adk(stored, found)
+
+    async def _events_since(self, session_id: str, after: float, limit: int | None) -> list[Event]:
+        """From the newest event back to (not including) the first one older than ``after``: descending
+        pages, read only as far as needed."""
+        found: list[Event] = []
+        pager = await self.client.list_messages(
+            session_id=session_id,
+            order=message_pb2.MESSAGE_ORDER_DESCENDING,
+            page_size=min(limit or _frames.MAX_PAGE, _frames.MAX_PAGE),
+        )
+        async for message in pager:
+            event = event_from_message(message)
+            if event.timestamp < after or (limit is not None and len(found) == limit):
+                break
+            found.append(event)
+        return found[::-1]
+
+    async def list_sessions(self, *, app_name: str, user_id: str | None = None) -> ListSessionsResponse:
+        """The app's sessions (of one user, when given), without events, oldest update first."""
+        pager = await self.client.list_sessions(
+            agent_id=app_name, user_id=user_id or "", page_size=_frames.MAX_PAGE
+        )
+        sessions = [self._to_adk(s) async for s in pager if user_id is None or s.user_id == user_id]
+        sessions.sort(key=lambda s: (s.last_update_time, s.user_id, s.id))
+        return ListSessionsResponse(sessions=sessions)
+
+    async def delete_session(self, *, app_name: str, user_id: str, session_id: str) -> None:
+        """Deletes a session and its events; a missing one is no error."""
+        if await self._owned(app_name, user_id, session_id) is None:
+            return
+        await self.client.delete_session(session_id=session_id.strip(), force=True, allow_missing=True)
+
+    async def append_event(self, session: Session, event: Event) -> Event:
+        """Stores ``event`` and applies its state delta: own keys to the session, ``user:`` and ``app:`` keys
+        to the shared scopes (``temp:`` keys only to the in-memory session). Partial events are not stored."""
+        if event.partial:
+            return event
+        if any(e.id == event.id and e == event for e in session.events):
+            return event  # an equal re-delivery, as ADK's in-memory service treats it
+        if not event.id:
+            event.id = Event.new_id()
+        self._apply_temp_state(session, event)
+        event = self._trim_temp_delta_state(event)
+        writes: list[Awaitable[object]] = [
+            self.client.append_messages(session_id=session.id, messages=[message_from_event(event)])
+        ]
+        delta = {
+            k: v for k, v in (event.actions.state_delta or {}).items() if not k.startswith(State.TEMP_PREFIX)
+        }
+        if delta:
+            # Both writes are idempotent (the event id; values set key by key), so they go at once, and a
+            # retried append_event converges whichever of them failed.
+            writes.append(
+                self.client.update_session(
+                    session_id=session.id, variables=delta, update_mask=[_quoted(k) for k in delta]
+                )
+            )
+        for outcome in await asyncio.gather(*writes, return_exceptions=True):
+            if isinstance(outcome, errors.NotFound) and outcome.reason == "SESSION_NOT_FOUND":
+                raise SessionNotFoundError(f"Session {session.id} not found.") from outcome
+            if isinstance(outcome, BaseException):
+                raise outcome
+        self._commit_event_to_session(session, event)
+        session.last_update_time = event.timestamp
+        return event

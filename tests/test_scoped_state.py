@@ -1,0 +1,188 @@
+"""Scoped state: `user:` keys shared by a user's sessions of an agent, `app:` keys by all of an agent's
+sessions, `temp:` keys never stored; read merged into each session, written by prefix (docs/design.md)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from google.protobuf import json_format
+
+from agentsessions import AsyncSessionsClient, Session, errors
+
+
+def _vars(session: Session) -> dict[str, Any]:
+    return json_format.MessageToDict(session.variables)
+
+
+@pytest.fixture
+async def agent(client: AsyncSessionsClient, unique: str) -> str:
+    agent_id = f"app-{unique}"
+    await client.create_agent(agent={"agent_id": agent_id, "echo": {}})
+    return agent_id
+
+
+async def test_create_routes_keys_by_prefix_and_reads_merge_them(
+    client: AsyncSessionsClient, agent: str, unique: str
+) -> None:
+    created = await client.create_session(
+        agent_id=agent,
+        session_id=f"{unique}/s1",
+        user_id="alice",
+        variables={"topic": "tea", "user:lang": "fr", "app:model": "m1", "temp:scratch": 1},
+    )
+    assert _vars(created) == {"topic": "tea", "user:lang": "fr", "app:model": "m1"}  # temp: is not stored
+    assert _vars(await client.get_session(session_id=f"{unique}/s1")) == _vars(created)
+
+    # Another session of alice with the agent shares both scopes; its own keys are its own.
+    mine = await client.create_session(agent_id=agent, session_id=f"{unique}/s2", user_id="alice")
+    assert _vars(mine) == {"user:lang": "fr", "app:model": "m1"}
+    # Bob shares the agent's scope only; another agent shares nothing.
+    bob = await client.create_session(agent_id=agent, session_id=f"{unique}/s3", user_id="bob")
+    assert _vars(bob) == {"app:model": "m1"}
+    other = await client.create_session(agent_id="echo", session_id=f"{unique}/s4", user_id="alice")
+    assert _vars(other) == {}
+
+
+async def test_updating_variables_replaces_own_keys_and_only_sets_shared_ones(
+    client: AsyncSessionsClient, agent: str, unique: str
+) -> None:
+    a = f"{unique}/a"
+    await client.create_session(
+        agent_id=agent, session_id=a, user_id="u", variables={"x": 1, "y": 2, "user:k1": "a", "user:k2": "b"}
+    )
+    updated = await client.update_session(
+        session_id=a, variables={"x": 10, "user:k1": "A", "app:mode": "fast", "temp:t": True}
+    )
+    # y is gone (own keys are replaced); user:k2 stays (shared keys are written key by key).
+    assert _vars(updated) == {"x": 10, "user:k1": "A", "user:k2": "b", "app:mode": "fast"}
+    assert _vars(await client.get_session(session_id=a)) == _vars(updated)
+
+
+async def test_key_paths_set_and_remove_single_variables(
+    client: AsyncSessionsClient, agent: str, unique: str
+) -> None:
+    a, b = f"{unique}/a", f"{unique}/b"
+    await client.create_session(
+        agent_id=agent, session_id=a, user_id="u", variables={"keep": 1, "drop": 2, "user:theme": "dark"}
+    )
+    await client.create_session(agent_id=agent, session_id=b, user_id="u")
+    updated = await client.update_session(
+        session_id=a,
+        variables={"new": [1, {"n": None}], "app:limit": 5, "temp:x": 1},
+        update_mask=[
+            "variables.new",
+            "variables.drop",  # absent from the request: removed
+            "variables.`user:theme`",  # removed from alice's user scope, for every session
+            "variables.`app:limit`",
+            "variables.temp:x",  # never stored, quoted or not
+        ],
+    )
+    assert _vars(updated) == {"keep": 1, "new": [1, {"n": None}], "app:limit": 5}
+    assert _vars(await client.get_session(session_id=b)) == {"app:limit": 5}
+
+
+async def test_a_change_of_shared_keys_alone_keeps_the_etag(
+    client: AsyncSessionsClient, agent: str, unique: str
+) -> None:
+    created = await client.create_session(agent_id=agent, session_id=f"{unique}/e", user_id="u")
+    updated = await client.update_session(
+        session_id=created.session_id, variables={"user:seen": True}, update_mask=["variables.`user:seen`"]
+    )
+    assert updated.etag == created.etag
+    assert _vars(updated) == {"user:seen": True}
+    own = await client.update_session(
+        session_id=created.session_id, variables={"mine": True}, update_mask=["variables.mine"]
+    )
+    assert own.etag != created.etag
+
+
+async def test_list_sessions_shows_each_session_merged(
+    client: AsyncSessionsClient, agent: str, unique: str
+) -> None:
+    for user in ("u1", "u2"):
+        await client.create_session(
+            agent_id=agent,
+            session_id=f"{unique}/{user}",
+            user_id=user,
+            variables={"user:name": user, "n": 1},
+        )
+    await client.update_session(
+        session_id=f"{unique}/u1", variables={"app:v": 2}, update_mask=["variables.`app:v`"]
+    )
+    listed = {s.session_id: _vars(s) async for s in await client.list_sessions(agent_id=agent)}
+    assert listed == {
+        f"{unique}/u1": {"n": 1, "user:name": "u1", "app:v": 2},
+        f"{unique}/u2": {"n": 1, "user:name": "u2", "app:v": 2},
+    }
+
+
+async def test_bad_masks_and_oversized_scopes_are_rejected(
+    client: AsyncSessionsClient, agent: str, unique: str
+) -> None:
+    sid = f"{unique}/bad"
+    await client.create_session(agent_id=agent, session_id=sid, user_id="u")
+    with pytest.raises(errors.InvalidArgument) as caught:
+        await client.update_session(
+            session_id=sid, variables={"a": 1}, update_mask=["variables", "variables.a"]
+        )
+    assert caught.value.field_violations[0][0] == "update_mask"
+    with pytest.raises(errors.InvalidArgument):
+        await client.update_session(session_id=sid, variables={}, update_mask=["variables."])
+    # Each scope is a variables object of its own, under the same size limit (64 KiB by default).
+    big = "x" * 40_000
+    await client.update_session(session_id=sid, variables={"user:a": big}, update_mask=["variables.`user:a`"])
+    with pytest.raises(errors.InvalidArgument) as caught:
+        await client.update_session(
+            session_id=sid, variables={"user:b": big}, update_mask=["variables.`user:b`"]
+        )
+    assert "user:" in caught.value.field_violations[0][0]  # session.variables (user: keys)
+    assert _vars(await client.get_session(session_id=sid)) == {"user:a": big}  # nothing half-written
+
+
+async def test_an_ended_session_cannot_write_shared_state(
+    client: AsyncSessionsClient, agent: str, unique: str
+) -> None:
+    sid = f"{unique}/ended"
+    await client.create_session(agent_id=agent, session_id=sid, user_id="u")
+    await client.end_session(session_id=sid)
+    with pytest.raises(errors.FailedPrecondition) as caught:
+        await client.update_session(session_id=sid, variables={"app:x": 1}, update_mask=["variables.`app:x`"])
+    assert caught.value.reason == "SESSION_ENDED"
+    other = await client.create_session(agent_id=agent, session_id=f"{unique}/other", user_id="u")
+    assert _vars(other) == {}
+
+
+async def test_concurrent_writers_of_one_scope_lose_nothing(
+    client: AsyncSessionsClient, agent: str, unique: str
+) -> None:
+    ids = [f"{unique}/c{i}" for i in range(8)]
+    for sid in ids:
+        await client.create_session(agent_id=agent, session_id=sid, user_id="shared-user")
+    await asyncio.gather(
+        *(
+            client.update_session(
+                session_id=sid,
+                variables={f"user:k{i}": i, f"app:k{i}": i},
+                update_mask=[f"variables.`user:k{i}`", f"variables.`app:k{i}`"],
+            )
+            for i, sid in enumerate(ids)
+        )
+    )
+    merged = _vars(await client.get_session(session_id=ids[0]))
+    assert merged == {**{f"user:k{i}": i for i in range(8)}, **{f"app:k{i}": i for i in range(8)}}
+
+
+async def test_deleting_the_agent_deletes_its_shared_state(client: AsyncSessionsClient, unique: str) -> None:
+    agent_id = f"gone-{unique}"
+    await client.create_agent(agent={"agent_id": agent_id, "echo": {}})
+    sid = f"{unique}/gone"
+    await client.create_session(
+        agent_id=agent_id, session_id=sid, user_id="u", variables={"app:a": 1, "user:b": 2}
+    )
+    await client.delete_session(session_id=sid, force=True)
+    await client.delete_agent(agent_id=agent_id)
+    await client.create_agent(agent={"agent_id": agent_id, "echo": {}})
+    again = await client.create_session(agent_id=agent_id, session_id=sid, user_id="u")
+    assert _vars(again) == {}
