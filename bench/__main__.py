@@ -6,7 +6,8 @@ throughput (calls/s, a fixed number of calls with a fixed number in flight) and 
 calls, median and p99). Environment: BENCH_DATABASE=sqlite|postgresql|both (default both),
 BENCH_SCALE (default 1.0) scales call counts, BENCH_LARGE_HISTORY (100000) is the long history of the
 "last 50" read, BENCH_WATCHERS (10000) the idle watchers, BENCH_SWEEP_SESSIONS (1000000) the expired
-sessions swept. At the defaults a full run takes about half an hour on 2 cores, most of it the sweeps.
+sessions swept, BENCH_ONLY (core,turns,clients,events) picks parts. At the defaults a full run takes
+about half an hour on 2 cores, most of it the sweeps.
 """
 
 from __future__ import annotations
@@ -212,13 +213,17 @@ async def main() -> None:
     kinds = os.environ.get("BENCH_DATABASE", "both")
     selected = ["sqlite", "postgresql"] if kinds == "both" else [kinds]
     print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}, grpcio {grpc.__version__}")
+    parts = set(os.environ.get("BENCH_ONLY", "core,turns,clients,events").split(","))
     for kind in selected:
-        bare = await bare_baseline()
-        results = await sessiond_workloads(kind)
-        _report(kind, bare, results)
-        turns.report(await turns.workloads(kind, scale=SCALE))
-        clients.report(kind, await clients.workloads(kind, scale=SCALE))
-        events.report(kind, await events.run(kind, harness))
+        if "core" in parts:
+            bare = await bare_baseline()
+            _report(kind, bare, await sessiond_workloads(kind))
+        if "turns" in parts:
+            turns.report(await turns.workloads(kind, scale=SCALE))
+        if "clients" in parts:
+            clients.report(kind, await clients.workloads(kind, scale=SCALE))
+        if "events" in parts:
+            events.report(kind, await events.run(kind, harness))
 
 
 if __name__ == "__main__":
