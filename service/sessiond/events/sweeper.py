@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from ..domain.clock import Clock
-from ..store.repository import Store
+from ..store.repository import SWEEP_START, Store
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,9 @@ class Sweeper:
     async def push_notices(self) -> int:
         """Pushes every warning and expiry due now; returns how many sessions it looked at."""
         now = self.clock.now()
-        total = 0
+        total, cursor = 0, SWEEP_START
         while True:
-            seen = await self.store.push_due_notices(now, limit=self.batch_size)
+            seen, cursor = await self.store.push_due_notices(now, limit=self.batch_size, after=cursor)
             total += seen
             if seen < self.batch_size:
                 return total
@@ -64,12 +64,17 @@ class Sweeper:
             return 0
         cutoff = self.clock.now() - self.retention
         total = 0
-        while True:
-            deleted = await self.store.purge(cutoff, limit=self.batch_size)
-            total += deleted
-            if deleted < self.batch_size:
-                return total
-            await asyncio.sleep(self.pause)
+        for ended in (True, False):
+            cursor = SWEEP_START
+            while True:
+                deleted, cursor = await self.store.purge(
+                    cutoff, ended=ended, limit=self.batch_size, after=cursor
+                )
+                total += deleted
+                if deleted < self.batch_size:
+                    break
+                await asyncio.sleep(self.pause)
+        return total
 
     async def run_once(self) -> SweepResult:
         """One full pass: notices first (an expired session gets its expiry pushed before it can go)."""

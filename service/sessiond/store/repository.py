@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Connection, Row, and_, bindparam, delete, exists, func, insert, select, tuple_, update
@@ -31,6 +31,7 @@ from ..domain.policy import EffectivePolicy, Source, TimeoutPolicy
 from ..domain.state import Scope, ScopedChanges
 from .database import Database
 from .tables import (
+    UTCDateTime,
     agents,
     messages,
     scoped_variables,
@@ -42,6 +43,10 @@ from .tables import (
 )
 
 T = TypeVar("T")
+
+# Where a sweeper pass stands: the (time, pk) of the last row it handled.
+SweepCursor = tuple[datetime, int]
+SWEEP_START: SweepCursor = (datetime(1970, 1, 1, tzinfo=UTC), 0)
 
 
 class EventEncoder(Protocol):
@@ -294,10 +299,19 @@ _EVENTS_AFTER = (
     .order_by(session_events.c.event_id)
     .limit(bindparam("p_limit"))
 )
+# The sweeper walks its queries by keyset, (time, pk) past the last row of the previous batch: on
+# PostgreSQL the rows a batch updated or deleted leave dead index entries behind, and a plain
+# "ORDER BY time LIMIT n" would walk every one of them again in every later batch (a million-session
+# purge slowed to 190 rows/s that way).
+_SWEEP_AFTER_TIME = bindparam("p_after_time", type_=UTCDateTime())
 _DUE_NOTICES = (
     select(sessions)
-    .where(sessions.c.next_notify_time < bindparam("p_now"))
-    .order_by(sessions.c.next_notify_time)
+    .where(
+        sessions.c.next_notify_time < bindparam("p_now", type_=UTCDateTime()),
+        tuple_(sessions.c.next_notify_time, sessions.c.pk)
+        > tuple_(_SWEEP_AFTER_TIME, bindparam("p_after_pk")),
+    )
+    .order_by(sessions.c.next_notify_time, sessions.c.pk)
     .limit(bindparam("p_limit"))
 )
 _UPDATE_NOTICES = (
@@ -311,13 +325,23 @@ _UPDATE_NOTICES = (
     )
 )
 _PURGE_ENDED = (
-    select(sessions.c.pk)
-    .where(sessions.c.end_time.is_not(None), sessions.c.end_time <= bindparam("p_cutoff"))
+    select(sessions.c.pk, sessions.c.end_time.label("at"))
+    .where(
+        sessions.c.end_time.is_not(None),
+        sessions.c.end_time <= bindparam("p_cutoff", type_=UTCDateTime()),
+        tuple_(sessions.c.end_time, sessions.c.pk) > tuple_(_SWEEP_AFTER_TIME, bindparam("p_after_pk")),
+    )
+    .order_by(sessions.c.end_time, sessions.c.pk)
     .limit(bindparam("p_limit"))
 )
 _PURGE_EXPIRED = (
-    select(sessions.c.pk)
-    .where(sessions.c.end_time.is_(None), sessions.c.expire_time <= bindparam("p_cutoff"))
+    select(sessions.c.pk, sessions.c.expire_time.label("at"))
+    .where(
+        sessions.c.end_time.is_(None),
+        sessions.c.expire_time <= bindparam("p_cutoff", type_=UTCDateTime()),
+        tuple_(sessions.c.expire_time, sessions.c.pk) > tuple_(_SWEEP_AFTER_TIME, bindparam("p_after_pk")),
+    )
+    .order_by(sessions.c.expire_time, sessions.c.pk)
     .limit(bindparam("p_limit"))
 )
 _INSERT_SESSION = insert(sessions).returning(sessions.c.pk)
@@ -1039,14 +1063,19 @@ class Store:
 
     # --- sweeper ---------------------------------------------------------------------------------------
 
-    async def push_due_notices(self, now: datetime, *, limit: int) -> int:
-        """Pushes the expiry warnings and expiries due at `now` for up to `limit` sessions, in one
-        transaction; returns how many sessions it looked at (fewer than `limit`: nothing more is due).
-        On PostgreSQL, rows another sweeper holds are skipped, so no event is ever pushed twice."""
+    async def push_due_notices(
+        self, now: datetime, *, limit: int, after: SweepCursor = SWEEP_START
+    ) -> tuple[int, SweepCursor]:
+        """Pushes the expiry warnings and expiries due at `now` for up to `limit` sessions past `after`, in
+        one transaction. Returns how many sessions it looked at (fewer than `limit`: nothing more is due)
+        and the cursor for the next batch of the same pass. On PostgreSQL, rows another sweeper holds are
+        skipped, so no event is ever pushed twice. A notice never makes a session due again in the same
+        pass (a warning moves it to its expiry, an expiry to nothing), so the cursor only moves forward."""
 
-        def fn(conn: Connection, sink: list[Any]) -> int:
+        def fn(conn: Connection, sink: list[Any]) -> tuple[int, SweepCursor]:
             stmt = _DUE_NOTICES.with_for_update(skip_locked=True) if self._for_update else _DUE_NOTICES
-            rows = conn.execute(stmt, {"p_now": now, "p_limit": limit}).all()
+            params = {"p_now": now, "p_limit": limit, "p_after_time": after[0], "p_after_pk": after[1]}
+            rows = conn.execute(stmt, params).all()
             pending: list[dict[str, Any]] = []
             updates = []
             for row in rows:
@@ -1066,27 +1095,30 @@ class Store:
                 conn.execute(_INSERT_EVENT, pending)
             if updates:
                 conn.execute(_UPDATE_NOTICES, updates)
-            return len(rows)
+            cursor = (rows[-1].next_notify_time, rows[-1].pk) if rows else after
+            return len(rows), cursor
 
         return await self._write(fn)
 
-    async def purge(self, cutoff: datetime, *, limit: int) -> int:
-        """Deletes up to `limit` sessions that ended, or expired, before `cutoff`, with their messages and
-        events. Returns how many it deleted (fewer than `limit`: none is left)."""
+    async def purge(
+        self, cutoff: datetime, *, ended: bool, limit: int, after: SweepCursor = SWEEP_START
+    ) -> tuple[int, SweepCursor]:
+        """Deletes up to `limit` sessions past `after` that ended (or, with ended=False, expired) before
+        `cutoff`, with their messages and events. Returns how many it deleted (fewer than `limit`: none is
+        left) and the cursor for the next batch."""
 
-        def fn(conn: Connection, sink: list[Any]) -> int:
-            pks: list[int] = []
-            for stmt in (_PURGE_ENDED, _PURGE_EXPIRED):
-                if self._for_update:
-                    stmt = stmt.with_for_update(skip_locked=True)
-                pks += conn.execute(stmt, {"p_cutoff": cutoff, "p_limit": limit - len(pks)}).scalars().all()
-                if len(pks) >= limit:
-                    break
+        def fn(conn: Connection, sink: list[Any]) -> tuple[int, SweepCursor]:
+            stmt = _PURGE_ENDED if ended else _PURGE_EXPIRED
+            if self._for_update:
+                stmt = stmt.with_for_update(skip_locked=True)
+            params = {"p_cutoff": cutoff, "p_limit": limit, "p_after_time": after[0], "p_after_pk": after[1]}
+            rows = conn.execute(stmt, params).all()
+            pks = [r.pk for r in rows]
             if pks:
                 for table in (messages, tool_calls, session_labels, session_events, turns):
                     conn.execute(delete(table).where(table.c.session_pk.in_(pks)))
                 conn.execute(delete(sessions).where(sessions.c.pk.in_(pks)))
-            return len(pks)
+            return len(pks), ((rows[-1].at, rows[-1].pk) if rows else after)
 
         return await self._write(fn)
 

@@ -112,10 +112,11 @@ sessions = Table(
     Column("next_notify_time", UTCDateTime, nullable=True),
     Index(None, "agent_id", "pk"),
     Index(None, "user_id", "pk"),
-    Index(None, "expire_time"),
+    Index(None, "expire_time", "pk"),
     Index(None, "warn_time"),
-    Index(None, "next_notify_time"),
-    Index(None, "end_time"),
+    # The sweeper walks these by keyset (time, pk).
+    Index(None, "next_notify_time", "pk"),
+    Index(None, "end_time", "pk"),
 )
 
 # The durable event log of each session: what WatchSession replays. `payload` is a serialized
