@@ -7,15 +7,14 @@ Time only moves when a test moves the injected clock.
 
 from __future__ import annotations
 
-import contextlib
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
+from assertions import raises, ts
 from google.protobuf import json_format
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from agentsessions import (
     AsyncSessionsClient,
@@ -30,29 +29,10 @@ from agentsessions import (
 )
 from sessiond.domain.clock import ManualClock
 
-DOMAIN = "agentsessions.v1"
 ACTIVE = SessionStatus.SESSION_STATUS_ACTIVE
 EXPIRED = SessionStatus.SESSION_STATUS_EXPIRED
 ENDED = SessionStatus.SESSION_STATUS_ENDED
 DEFAULT_TIMEOUT = timedelta(minutes=30)
-
-
-def ts(value: Timestamp) -> datetime:
-    return value.ToDatetime(tzinfo=UTC)
-
-
-@contextlib.contextmanager
-def raises(
-    cls: type[errors.AgentSessionsError], reason: str, **metadata: str
-) -> Iterator[pytest.ExceptionInfo[errors.AgentSessionsError]]:
-    """Expects `cls` with an ErrorInfo of our domain, `reason`, and at least the `metadata` pairs given."""
-    with pytest.raises(cls) as info:
-        yield info
-    err = info.value
-    assert err.domain == DOMAIN, err
-    assert err.reason == reason, err
-    for key, value in metadata.items():
-        assert err.metadata.get(key) == value, (key, err.metadata)
 
 
 def text_message(text: str, *, role: Role = Role.ROLE_USER, message_id: str = "") -> Message:

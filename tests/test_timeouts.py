@@ -7,14 +7,13 @@ injected clock, and every status read is computed at the moment of the call.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from assertions import raises, ts
 from conftest import DatabaseTarget, make_settings
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from agentsessions import (
     Agent,
@@ -30,7 +29,6 @@ from sessiond.domain.clock import ManualClock
 from sessiond.domain.errors import InvalidArgument as ConfigRejected
 from sessiond.server import RunningServer, start_server
 
-DOMAIN = "agentsessions.v1"
 ACTIVE = SessionStatus.SESSION_STATUS_ACTIVE
 EXPIRED = SessionStatus.SESSION_STATUS_EXPIRED
 SESSION = PolicySource.POLICY_SOURCE_SESSION
@@ -39,26 +37,8 @@ GLOBAL = PolicySource.POLICY_SOURCE_GLOBAL
 US = timedelta(microseconds=1)
 
 
-def ts(value: Timestamp) -> datetime:
-    return value.ToDatetime(tzinfo=UTC)
-
-
 def minutes(n: float) -> timedelta:
     return timedelta(minutes=n)
-
-
-@contextlib.contextmanager
-def raises(
-    cls: type[errors.AgentSessionsError], reason: str, **metadata: str
-) -> Iterator[pytest.ExceptionInfo[errors.AgentSessionsError]]:
-    """Expects `cls` with an ErrorInfo of our domain, `reason`, and at least the `metadata` pairs given."""
-    with pytest.raises(cls) as info:
-        yield info
-    err = info.value
-    assert err.domain == DOMAIN, err
-    assert err.reason == reason, err
-    for key, value in metadata.items():
-        assert err.metadata.get(key) == value, (key, err.metadata)
 
 
 def effective(session: Session) -> tuple[int, bool, int, int]:
