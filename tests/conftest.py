@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,14 +39,31 @@ async def database(
         path: Path = tmp_path_factory.mktemp("sqlite") / "sessiond.db"
         yield DatabaseTarget("sqlite", f"sqlite:///{path}")
         return
-    schema = f"t_{uuid.uuid4().hex[:12]}"
+    async with new_schema("t") as schema:
+        yield DatabaseTarget("postgresql", POSTGRES_URL, schema)
+
+
+@asynccontextmanager
+async def new_schema(prefix: str) -> AsyncIterator[str]:
+    """A schema of its own in the PostgreSQL test database, dropped afterwards."""
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
     conn = await asyncpg.connect(POSTGRES_URL)
     try:
         await conn.execute(f"CREATE SCHEMA {schema}")
-        yield DatabaseTarget("postgresql", POSTGRES_URL, schema)
+        yield schema
     finally:
         await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         await conn.close()
+
+
+@pytest.fixture
+async def fresh_database(database: DatabaseTarget, tmp_path: Path) -> AsyncIterator[DatabaseTarget]:
+    """An empty database of the backend at hand: nothing has migrated it or written to it."""
+    if database.backend == "sqlite":
+        yield DatabaseTarget("sqlite", f"sqlite:///{tmp_path / 'fresh.db'}")
+        return
+    async with new_schema("f") as schema:
+        yield DatabaseTarget("postgresql", database.url, schema)
 
 
 @pytest.fixture

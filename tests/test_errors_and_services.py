@@ -8,14 +8,13 @@ import base64
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
 import grpc
 import pytest
-from conftest import POSTGRES_URL, DatabaseTarget, make_settings
+from conftest import DatabaseTarget, make_settings
 from google.protobuf import descriptor_pb2, field_mask_pb2
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -937,22 +936,6 @@ async def test_update_agent_with_a_wildcard_mask_replaces_every_mutable_field(
 
 
 # --- server stats -------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def fresh_database(database: DatabaseTarget, tmp_path: Any) -> AsyncIterator[DatabaseTarget]:
-    """An empty database of the backend at hand, for counts no other test touches."""
-    if database.backend == "sqlite":
-        yield DatabaseTarget("sqlite", f"sqlite:///{tmp_path / 'fresh.db'}")
-        return
-    schema = f"f_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(POSTGRES_URL)
-    try:
-        await conn.execute(f"CREATE SCHEMA {schema}")
-        yield DatabaseTarget("postgresql", database.url, schema)
-    finally:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await conn.close()
 
 
 async def test_server_stats(fresh_database: DatabaseTarget, clock: ManualClock) -> None:

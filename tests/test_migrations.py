@@ -7,13 +7,10 @@ import asyncio
 import os
 import sqlite3
 import sys
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from conftest import POSTGRES_URL, DatabaseTarget
@@ -30,22 +27,6 @@ PYTHON = (
     else Path(sys.executable)
 )
 TABLES = set(metadata.tables)
-
-
-@pytest.fixture
-async def fresh_database(database: DatabaseTarget, tmp_path: Path) -> AsyncIterator[DatabaseTarget]:
-    """An empty database of the backend at hand: nothing migrated it yet."""
-    if database.backend == "sqlite":
-        yield DatabaseTarget("sqlite", f"sqlite:///{tmp_path / 'fresh.db'}")
-        return
-    schema = f"m_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(POSTGRES_URL)
-    try:
-        await conn.execute(f"CREATE SCHEMA {schema}")
-        yield DatabaseTarget("postgresql", database.url, schema)
-    finally:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await conn.close()
 
 
 def _differences(connection: Connection) -> list[Any]:
