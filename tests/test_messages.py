@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import asyncpg
 import pytest
 from conftest import DatabaseTarget, make_settings
 from google.protobuf import json_format, struct_pb2
@@ -318,6 +320,60 @@ async def test_concurrent_appends_are_gap_free(client: AsyncSessionsClient, uniq
     session = await client.get_session(session_id=sid)
     assert session.message_count == 160
     assert session.last_sequence == 160
+
+
+async def test_appends_see_what_another_connection_committed(
+    client: AsyncSessionsClient, database: DatabaseTarget, unique: str
+) -> None:
+    """The SQLite writer keeps session rows between its transactions; a change committed by another
+    connection (another process, an operator's sqlite3 shell) must reach the next append."""
+    sid = await new_session(client, unique)
+    assert (await client.append_text(session_id=sid, role="user", text="one")).sequence == 1
+    sql = "UPDATE sessions SET last_sequence = last_sequence + 5 WHERE session_id = "
+    if database.backend == "sqlite":
+        with sqlite3.connect(database.url.removeprefix("sqlite:///"), timeout=30) as conn:
+            conn.execute(sql + "?", (sid,))
+    else:
+        conn = await asyncpg.connect(database.url, server_settings={"search_path": database.schema or ""})
+        try:
+            await conn.execute(sql + "$1", sid)
+        finally:
+            await conn.close()
+    assert (await client.append_text(session_id=sid, role="user", text="two")).sequence == 7
+
+
+async def test_appends_racing_an_end_never_land_after_it(client: AsyncSessionsClient, unique: str) -> None:
+    """Writers append while the session is ended under them (on SQLite the end often shares a group
+    commit with appends): every append acknowledged is stored, and none is acknowledged after the end."""
+    sid = await new_session(client, unique)
+    acknowledged: list[int] = []
+    enough = asyncio.Event()
+
+    async def writer(w: int) -> None:
+        for i in range(1000):
+            try:
+                stored = await client.append_text(session_id=sid, role="user", text=f"w{w}-{i}")
+            except errors.FailedPrecondition as exc:
+                assert exc.reason == "SESSION_ENDED"
+                return
+            acknowledged.append(stored.sequence)
+            if len(acknowledged) >= 40:
+                enough.set()
+        raise AssertionError("the session never ended")
+
+    async def end() -> int:
+        await enough.wait()
+        return (await client.end_session(session_id=sid)).message_count
+
+    *_, count_at_end = await asyncio.gather(*(writer(w) for w in range(16)), end())
+    assert sorted(acknowledged) == list(range(1, len(acknowledged) + 1))
+    assert count_at_end == len(acknowledged)
+    session = await client.get_session(session_id=sid)
+    assert session.message_count == len(acknowledged) == session.last_sequence
+    assert [m.sequence for m in await all_messages(client, sid)] == sorted(acknowledged)
+    with pytest.raises(errors.FailedPrecondition) as info:
+        await client.append_text(session_id=sid, role="user", text="late")
+    assert info.value.reason == "SESSION_ENDED"
 
 
 async def test_concurrent_batches_are_contiguous(client: AsyncSessionsClient, unique: str) -> None:

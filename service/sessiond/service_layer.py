@@ -216,9 +216,9 @@ class SessionsService:
     # --- messages ---------------------------------------------------------------------------------------
 
     async def append_messages(
-        self, *, session_id: str, messages: Sequence[NewMessage]
+        self, *, session_id: str, messages: Sequence[NewMessage], live: list[Any] | None = None
     ) -> tuple[Session, list[StoredMessage]]:
-        return await self.store.append_messages(session_id, messages, self.clock.now())
+        return await self.store.append_messages(session_id, messages, self.clock.now(), live)
 
     async def list_messages(
         self,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
@@ -26,11 +26,21 @@ from ..domain.validation import (
     uuid7,
 )
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def set_time(field: timestamp_pb2.Timestamp, value: datetime) -> None:
+    """`field.FromDatetime(value)` for the store's aware datetimes, in a fraction of its time (it is
+    pure Python and shows in profiles of every read)."""
+    delta = value - _EPOCH
+    field.seconds = delta.days * 86_400 + delta.seconds
+    field.nanos = delta.microseconds * 1000
+
 
 def _ts(value: datetime) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
+    delta = value - _EPOCH
+    seconds = delta.days * 86_400 + delta.seconds
+    return timestamp_pb2.Timestamp(seconds=seconds, nanos=delta.microseconds * 1000)
 
 
 # --- sessions -----------------------------------------------------------------------------------------
@@ -107,7 +117,9 @@ def session_to_pb(s: Session, now: datetime) -> session_pb2.Session:
     )
     if s.end_time is not None:
         pb.end_time.CopyFrom(_ts(s.end_time))
-    pb.time_remaining.FromTimedelta(s.time_remaining(now))
+    remaining = s.time_remaining(now)
+    pb.time_remaining.seconds = remaining.days * 86_400 + remaining.seconds
+    pb.time_remaining.nanos = remaining.microseconds * 1000
     return pb
 
 
@@ -207,13 +219,13 @@ def message_to_pb(m: StoredMessage, *, ui_view: bool) -> message_pb2.Message:
     pb.message_id = m.message_id
     pb.session_id = m.session_id
     pb.sequence = m.sequence
-    pb.role = int(m.role)  # type: ignore[assignment]
+    pb.role = m.role  # type: ignore[assignment]
     pb.hidden = m.hidden
-    pb.status = int(m.status)  # type: ignore[assignment]
+    pb.status = m.status  # type: ignore[assignment]
     pb.turn_id = m.turn_id
     if m.metadata:
         pb.metadata.update(m.metadata)
-    pb.create_time.FromDatetime(m.create_time)
+    set_time(pb.create_time, m.create_time)
     return pb
 
 

@@ -34,7 +34,7 @@ def encode_event(
     """Builds the SessionEvent of a change: its stored form (without message bodies, which replay reads
     from the history) and its live form."""
     event = events_pb2.SessionEvent(session_id=session.session_id, event_id=event_id)
-    event.time.FromDatetime(time)
+    convert.set_time(event.time, time)
     if kind != "turn":
         event.session.CopyFrom(convert.session_to_pb(session, time))
         event.session.last_event_id = event_id
@@ -50,9 +50,9 @@ def encode_event(
     elif kind == "turn":
         event.turn.CopyFrom(detail["turn"])
     elif kind == "expiring_soon":
-        event.expiring_soon.expire_time.FromDatetime(session.expire_time)
+        convert.set_time(event.expiring_soon.expire_time, session.expire_time)
     elif kind == "renewed":
-        event.renewed.expire_time.FromDatetime(session.expire_time)
+        convert.set_time(event.renewed.expire_time, session.expire_time)
         event.renewed.manual = bool(detail.get("manual"))
     elif kind == "timeout_changed":
         event.timeout_changed.effective_timeout_policy.CopyFrom(event.session.effective_timeout_policy)

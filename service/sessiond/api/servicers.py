@@ -209,7 +209,16 @@ class MessageServicer(message_service_pb2_grpc.MessageServiceServicer):
     ) -> message_service_pb2.AppendMessagesResponse:
         check_session_id(request.session_id, self.svc.limits)
         new = convert.new_messages_from_pb(request.messages, self.svc.limits)
-        session, stored = await self.svc.append_messages(session_id=request.session_id, messages=new)
+        live: list[events_pb2.SessionEvent] = []
+        session, stored = await self.svc.append_messages(
+            session_id=request.session_id, messages=new, live=live
+        )
+        if len(live) == 1 and len(live[0].messages_appended.messages) == len(stored):
+            # Nothing was there already: the event published holds this answer, converted once.
+            event = live[0]
+            return message_service_pb2.AppendMessagesResponse(
+                messages=event.messages_appended.messages, session=event.session
+            )
         return message_service_pb2.AppendMessagesResponse(
             messages=[convert.message_to_pb(m, ui_view=False) for m in stored],
             session=convert.session_to_pb(session, self.svc.clock.now()),

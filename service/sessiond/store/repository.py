@@ -29,7 +29,7 @@ from ..domain.errors import (
 from ..domain.model import NewMessage, Session, Status, StoredMessage
 from ..domain.policy import EffectivePolicy, Source, TimeoutPolicy
 from ..domain.state import Scope, ScopedChanges
-from .database import Database
+from .database import Database, WriteCache
 from .tables import (
     UTCDateTime,
     agents,
@@ -185,21 +185,27 @@ def _activity_values(s: Session) -> dict[str, Any]:
     }
 
 
+_ROLES = {int(r): r for r in model.Role}
+_MESSAGE_STATUSES = {int(s): s for s in model.MessageStatus}
+
+
 def _message_from_row(row: Row[Any, *tuple[Any, ...]], session_id: str) -> StoredMessage:
-    m = row._mapping
+    """A message from a row of `_MESSAGE_COLUMNS` (unpacked by position: this runs for every message
+    of every page)."""
+    sequence, message_id, role, content, hidden, metadata, status, turn_id, create_time, start, end = row
     return StoredMessage(
-        session_id=session_id,
-        sequence=m["sequence"],
-        message_id=m["message_id"],
-        role=model.Role(m["role"]),
-        content=m["content"],
-        hidden=m["hidden"],
-        metadata=m["metadata"],
-        status=model.MessageStatus(m["status"]),
-        turn_id=m["turn_id"],
-        create_time=m["create_time"],
-        group_start=m["group_start"],
-        group_end=m["group_end"],
+        session_id,
+        sequence,
+        message_id,
+        _ROLES[role],
+        content,
+        hidden,
+        metadata,
+        _MESSAGE_STATUSES[status],
+        turn_id,
+        create_time,
+        start,
+        end,
     )
 
 
@@ -723,7 +729,7 @@ class Store:
             stmt = stmt.order_by(sessions.c.pk.desc()).limit(limit)
             return [_session_with_shared(r) for r in conn.execute(stmt)]
 
-        return await self.db.read(op)
+        return await self.db.read(op, scan=True)
 
     async def change_session(
         self,
@@ -783,21 +789,38 @@ class Store:
     # --- messages --------------------------------------------------------------------------------------
 
     async def append_messages(
-        self, session_id: str, new_messages: Sequence[NewMessage], now: datetime
+        self,
+        session_id: str,
+        new_messages: Sequence[NewMessage],
+        now: datetime,
+        live: list[Any] | None = None,
     ) -> tuple[Session, list[StoredMessage]]:
         """Appends atomically with gap-free sequence numbers. Messages whose caller-chosen id is already
-        stored are returned as stored and not appended again."""
+        stored are returned as stored and not appended again. `live`, when given, receives the live forms
+        of the events published (the caller may build its answer from them instead of converting again)."""
         op = _AppendOp(self, session_id, new_messages, now, [])
         result = await self.db.write(op)
         self._deliver(op.events)
+        if live is not None:
+            live.extend(op.events)
         return result
 
     def _append_many(self, conn: Connection, ops: Sequence[_AppendOp]) -> list[Outcome]:
         """Runs a group of appends with one SELECT, one INSERT and one UPDATE for all of them; the domain
         rules still apply request by request, in order, on the in-memory sessions."""
-        ids = list({op.session_id for op in ops})
-        stmt = _SESSIONS_BY_IDS.with_for_update() if self._for_update else _SESSIONS_BY_IDS
-        state = {row.session_id: _session_from_row(row) for row in conn.execute(stmt, {"p_ids": ids})}
+        cache: WriteCache | None = conn.info.get(WriteCache.KEY)
+        state: dict[str, Session] = {}
+        missing = []
+        for session_id in {op.session_id for op in ops}:
+            cached = cache.get(session_id) if cache is not None else None
+            if cached is not None:
+                state[session_id] = cached
+            else:
+                missing.append(session_id)
+        if missing:
+            stmt = _SESSIONS_BY_IDS.with_for_update() if self._for_update else _SESSIONS_BY_IDS
+            rows = conn.execute(stmt, {"p_ids": missing})
+            state.update((row.session_id, _session_from_row(row)) for row in rows)
         original = dict(state)
         pending_messages: list[StoredMessage] = []
         pending_calls: list[dict[str, Any]] = []
@@ -865,6 +888,9 @@ class Store:
         changed = [s for sid, s in state.items() if s is not original[sid]]
         if changed:
             conn.execute(_UPDATE_SESSION_ACTIVITY, [_activity_values(s) for s in changed])
+        if cache is not None:
+            for session_id, session in state.items():
+                cache.stage(session_id, session)
         return outcomes
 
     @staticmethod
@@ -967,7 +993,7 @@ class Store:
                 "p_before": q.before_sequence,
                 "p_limit": q.limit,
             }
-            rows = [_message_from_row(r, session_id) for r in conn.execute(stmt, params)]
+            rows = [_message_from_row(r, session_id) for r in conn.execute(stmt, params).all()]
             if not rows and conn.execute(_SESSION_PK_BY_ID, params).first() is None:
                 raise session_not_found(session_id)
             return rows
@@ -1137,7 +1163,7 @@ class Store:
             row = (conn.execute(stmt)).one()
             return dict(row._mapping)
 
-        return await self.db.read(op)
+        return await self.db.read(op, scan=True)
 
 
 def _message_values(session_pk: int, m: StoredMessage) -> dict[str, Any]:
