@@ -14,11 +14,16 @@
   * get_items(limit=20) on a 2,000-item session: sequential calls, median latency.
 
 Both sides run their client code in this one event loop; sessiond runs in its own process, as in production.
+
+The gRPC ceiling: the same two shapes (8 writers at once, sequential reads) against a bare grpc.aio no-op
+server, one call each, measured in the same run. No service reached over gRPC from Python can pass it; where
+a target asks for more, the report says so.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import tempfile
 import time
@@ -27,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 from agents.memory import SQLiteSession
 from google.adk.events.event import Event
 from google.adk.events.event_actions import EventActions
@@ -160,6 +166,7 @@ async def workloads(kind: str, *, scale: float) -> dict[str, float]:
                 s.close()
         out |= {f"oai_sqlite_{k}": v for k, v in local.items()}
 
+    out |= await _bare_ceiling(per_writer=per_writer, rounds=rounds)
     port = harness.free_port()
     serve = ["-m", "sessiond.cli", "serve", "--listen", f"127.0.0.1:{port}", "--database-url"]
     async with harness.database(kind) as (url, env):
@@ -176,6 +183,24 @@ async def workloads(kind: str, *, scale: float) -> dict[str, float]:
                 ours = await _openai(remote_session, per_writer=per_writer, rounds=rounds)
                 out |= {f"oai_ours_{k}": v for k, v in ours.items()}
     return out
+
+
+async def _bare_ceiling(*, per_writer: int, rounds: int) -> dict[str, float]:
+    """A bare grpc.aio no-op unary call (a turn's worth of bytes each way), 8 at once and one at a time."""
+    port = harness.free_port()
+    with harness.process(["-m", "bench.bare_server", str(port)]):
+        target = f"127.0.0.1:{port}"
+        await harness.wait_ready(target, health=False)
+        async with grpc.aio.insecure_channel(target) as channel:
+            noop = channel.unary_unary("/bench.Bare/Noop")
+            payload = json.dumps(_turn(0)).encode()
+
+            async def call(w: int = 0, i: int = 0) -> None:
+                await noop(payload)
+
+            await _concurrently(WRITERS, 50, call)  # warm-up
+            rate = await _concurrently(WRITERS, per_writer, call)
+            return {"bare_rps": rate, "bare_p50": await _median_latency(rounds, call)}
 
 
 def report(kind: str, r: dict[str, float]) -> None:
@@ -196,6 +221,11 @@ def report(kind: str, r: dict[str, float]) -> None:
         f"Agents SDK add_items (2 items/call), {WRITERS} sessions at once: adapter "
         f"{r['oai_ours_add_calls_rps']:,.0f} calls/s, "
         f"SQLiteSession {r['oai_sqlite_add_calls_rps']:,.0f} calls/s  = {ratio:.2f}x  target >= 1x"
+    )
+    ceiling = r["bare_rps"] / r["oai_sqlite_add_calls_rps"]
+    print(
+        f"gRPC ceiling, bare grpc.aio no-op: {r['bare_rps']:,.0f} calls/s with {WRITERS} at once "
+        f"(= {ceiling:.2f}x SQLiteSession's add rate), p50 {r['bare_p50'] * 1e3:.2f} ms one at a time"
     )
     ratio = r["oai_ours_last20_p50"] / r["oai_sqlite_last20_p50"]
     print(
