@@ -17,6 +17,7 @@ import pytest
 from conftest import DatabaseTarget, make_settings
 from google.protobuf import descriptor_pb2, field_mask_pb2
 from google.protobuf.descriptor_pool import DescriptorPool
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
@@ -1174,6 +1175,64 @@ async def _send_raw(
     return grpc.StatusCode.OK
 
 
+# Bytes that no message type of ours decodes: an invalid wire type, a varint that never ends, a length
+# past the end of the input.
+UNDECODABLE = [b"\xff\xff\xff\xff", b"\x80" * 12, b"\x0a\xff\xff\xff\xff\x0f"]
+
+
+def _error_info(err: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    for key, value in err.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    return info
+    raise AssertionError(f"no ErrorInfo in {err}")
+
+
+@pytest.mark.parametrize("payload", UNDECODABLE, ids=["wire-type", "endless-varint", "past-the-end"])
+async def test_undecodable_requests_are_invalid_argument_with_error_info(target: str, payload: bytes) -> None:
+    """grpcio answers UNKNOWN when a request does not parse; the server's own decoders turn that into
+    INVALID_ARGUMENT with an ErrorInfo naming the message type, on every RPC (Connect: an error frame, and
+    the stream goes on)."""
+    modules = (
+        session_service_pb2,
+        message_service_pb2,
+        agent_service_pb2,
+        admin_service_pb2,
+        turn_service_pb2,
+    )
+    methods = [
+        method
+        for module in modules
+        for service in module.DESCRIPTOR.services_by_name.values()
+        if service.full_name in SERVED
+        for method in service.methods
+    ]
+    async with grpc.aio.insecure_channel(target) as channel:
+        for method in methods:
+            path = f"/{method.containing_service.full_name}/{method.name}"
+            if method.client_streaming:
+                call = channel.stream_stream(
+                    path, response_deserializer=turn_service_pb2.ConnectResponse.FromString
+                )
+                frames = [frame async for frame in call(iter([payload]), timeout=10)]
+                assert [f.error.reason for f in frames] == ["MALFORMED_REQUEST"], (path, frames)
+                assert frames[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+                continue
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                if method.server_streaming:
+                    async for _ in channel.unary_stream(path)(payload, timeout=10):
+                        pass
+                else:
+                    await channel.unary_unary(path)(payload, timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (path, info.value)
+            error = _error_info(info.value)
+            assert (error.reason, error.domain) == ("MALFORMED_REQUEST", DOMAIN), path
+            assert error.metadata["message_type"] == method.input_type.full_name, path
+
+
 def _tampered(token: str, position: object) -> str:
     data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
     data["p"] = position
@@ -1192,16 +1251,15 @@ async def test_malformed_requests_do_not_crash_the_server(
             for payload in GARBAGE
         ]
         codes = await asyncio.gather(*sends)
-        # Undecodable requests are refused (grpcio answers UNKNOWN when a request does not parse; bytes
-        # that happen to parse get an answer of the contract); never a crash, never a hang.
+        # Undecodable requests are refused as bad input; bytes that happen to parse get an answer of the
+        # contract; never a crash, never a hang, never UNKNOWN.
         assert set(codes) <= {
             grpc.StatusCode.OK,
             grpc.StatusCode.INVALID_ARGUMENT,
             grpc.StatusCode.NOT_FOUND,
             grpc.StatusCode.UNIMPLEMENTED,
-            grpc.StatusCode.UNKNOWN,
         }, set(codes)
-        assert grpc.StatusCode.UNKNOWN in codes
+        assert grpc.StatusCode.INVALID_ARGUMENT in codes
 
     # Decodable but hostile values: each answers with a status of the contract, never INTERNAL.
     messages_token = (await client.list_messages(session_id=sid, page_size=1)).first_page.next_page_token

@@ -9,6 +9,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,6 +29,7 @@ from agentsessions.v1 import (
 
 from .agents_file import apply_agents, load_agents
 from .api import reflection
+from .api.errors import guard_decoding
 from .api.events import encode_event
 from .api.servicers import (
     AdminServicer,
@@ -156,22 +158,24 @@ async def start_server(
                 ("grpc.so_reuseport", 0),
             ]
         )
+        # Undecodable requests get INVALID_ARGUMENT with an ErrorInfo, not UNKNOWN.
+        guarded = cast(grpc.aio.Server, guard_decoding(server))
         session_service_pb2_grpc.add_SessionServiceServicer_to_server(
-            SessionServicer(service, watch_buffer=settings.watch_buffer), server
+            SessionServicer(service, watch_buffer=settings.watch_buffer), guarded
         )
-        message_service_pb2_grpc.add_MessageServiceServicer_to_server(MessageServicer(service), server)
+        message_service_pb2_grpc.add_MessageServiceServicer_to_server(MessageServicer(service), guarded)
         runner = TurnRunner(
             service,
             TurnStore(store),
             Backends(http_timeout_seconds=settings.agent_http_timeout_seconds),
             lease_seconds=settings.turn_lease_seconds,
         )
-        turn_service_pb2_grpc.add_TurnServiceServicer_to_server(TurnServicer(service, runner), server)
+        turn_service_pb2_grpc.add_TurnServiceServicer_to_server(TurnServicer(service, runner), guarded)
         agent_service_pb2_grpc.add_AgentRegistryServiceServicer_to_server(
-            AgentRegistryServicer(service), server
+            AgentRegistryServicer(service), guarded
         )
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(service, database=db.dialect, running_turns=runner.running_count), server
+            AdminServicer(service, database=db.dialect, running_turns=runner.running_count), guarded
         )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

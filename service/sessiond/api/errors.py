@@ -14,10 +14,11 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from ..domain.errors import DomainError
+from ..domain.errors import DomainError, InvalidArgument
 
 DOMAIN = "agentsessions.v1"
 log = logging.getLogger(__name__)
@@ -58,6 +59,59 @@ def internal_status() -> grpc.Status:
     return to_status(DomainError("internal error; the server logged the details", reason="INTERNAL"))
 
 
+class Undecodable:
+    """What a request that is not a valid protobuf message turns into (see `guard_decoding`), so that the
+    servicer answers INVALID_ARGUMENT with an ErrorInfo instead of grpc's bare UNKNOWN."""
+
+    __slots__ = ("message_type", "problem")
+
+    def __init__(self, message_type: str, problem: str) -> None:
+        self.message_type = message_type
+        self.problem = problem
+
+    def error(self) -> InvalidArgument:
+        return InvalidArgument(
+            f"the request does not decode as a {self.message_type} ({self.problem})",
+            reason="MALFORMED_REQUEST",
+            metadata={"message_type": self.message_type},
+        )
+
+
+def _guarded(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    message_class = getattr(deserialize, "__self__", None)
+    message_type = getattr(getattr(message_class, "DESCRIPTOR", None), "full_name", "request message")
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as exc:
+            return Undecodable(message_type, str(exc))
+
+    return decode
+
+
+class guard_decoding:
+    """Stands in for the server in a generated `add_XServicer_to_server` call and registers the service's
+    handlers with request decoders that never raise: an undecodable request reaches the servicer as an
+    `Undecodable`, which `unary`, `streaming` and the Connect reader answer as bad input."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        """Ignored: the same handlers arrive through `add_registered_method_handlers`."""
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        guarded = {
+            name: handler._replace(request_deserializer=_guarded(handler.request_deserializer))  # type: ignore[attr-defined]
+            for name, handler in handlers.items()
+        }
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, guarded),))
+        self._server.add_registered_method_handlers(service, guarded)
+
+
 def unary(
     fn: Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]],
 ) -> Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]:
@@ -66,6 +120,8 @@ def unary(
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
         try:
+            if type(request) is Undecodable:
+                raise request.error()
             return await fn(self, request, context)
         except DomainError as exc:
             await context.abort_with_status(to_status(exc))
@@ -89,6 +145,8 @@ def streaming(
         self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Resp]:
         try:
+            if type(request) is Undecodable:
+                raise request.error()
             async for item in fn(self, request, context):
                 yield item
         except DomainError as exc:

@@ -31,7 +31,7 @@ from ..events.bus import Subscription
 from ..service_layer import SessionsService
 from ..turns.runner import TurnRunner, TurnStream
 from . import convert
-from .errors import streaming, unary
+from .errors import Undecodable, streaming, unary
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +221,10 @@ class _Connection:
     async def _read(self, requests: AsyncIterator[turn_service_pb2.ConnectRequest]) -> None:
         try:
             async for frame in requests:
-                kind = frame.WhichOneof("frame")
                 try:
+                    if type(frame) is Undecodable:
+                        raise frame.error()
+                    kind = frame.WhichOneof("frame")
                     if kind == "execute":
                         self._execute(frame.execute)
                     elif kind == "stop":
