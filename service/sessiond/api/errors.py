@@ -102,12 +102,14 @@ class guard_decoding:
         """Ignored: the same handlers arrive through `add_registered_method_handlers`."""
 
     def add_registered_method_handlers(
-        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
     ) -> None:
-        guarded = {
-            name: handler._replace(request_deserializer=_guarded(handler.request_deserializer))  # type: ignore[attr-defined]
-            for name, handler in handlers.items()
-        }
+        guarded = {}
+        for name, handler in handlers.items():
+            decode = handler.request_deserializer
+            if decode is not None:
+                handler = handler._replace(request_deserializer=_guarded(decode))  # type: ignore[attr-defined]
+            guarded[name] = handler
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, guarded),))
         self._server.add_registered_method_handlers(service, guarded)
 
@@ -120,7 +122,7 @@ def unary(
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
         try:
-            if type(request) is Undecodable:
+            if isinstance(request, Undecodable):
                 raise request.error()
             return await fn(self, request, context)
         except DomainError as exc:
@@ -145,7 +147,7 @@ def streaming(
         self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Resp]:
         try:
-            if type(request) is Undecodable:
+            if isinstance(request, Undecodable):
                 raise request.error()
             async for item in fn(self, request, context):
                 yield item

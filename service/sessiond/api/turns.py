@@ -222,7 +222,7 @@ class _Connection:
         try:
             async for frame in requests:
                 try:
-                    if type(frame) is Undecodable:
+                    if isinstance(frame, Undecodable):
                         raise frame.error()
                     kind = frame.WhichOneof("frame")
                     if kind == "execute":
