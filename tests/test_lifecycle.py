@@ -7,6 +7,7 @@ Time only moves when a test moves the injected clock.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
@@ -125,6 +126,57 @@ async def test_duplicate_session_id_is_already_exists(client: AsyncSessionsClien
         await client.create_session(agent_id="echo", session_id=session_id, user_id="second")
 
     assert await client.get_session(session_id=session_id) == first
+
+
+async def test_concurrent_creates_answer_as_if_made_one_after_another(
+    client: AsyncSessionsClient, unique: str
+) -> None:
+    """Creates in flight together (on SQLite and PostgreSQL written in one group): one id taken once,
+    one request id creating once, a missing agent failing alone, labels and shared state as for a
+    create on its own."""
+    await client.create_session(agent_id="echo", user_id=f"u-{unique}", variables={"user:seen": True})
+    calls: list[Awaitable[Any]] = []
+    calls += [client.create_session(agent_id="echo", session_id=f"{unique}/same") for _ in range(5)]
+    calls += [
+        client.create_session(agent_id="echo", session_id=f"{unique}/r{k}", request_id=f"req-{unique}")
+        for k in range(5)
+    ]
+    calls += [client.create_session(agent_id=f"missing-{unique}") for _ in range(3)]
+    calls += [
+        client.create_session(
+            agent_id="echo", user_id=f"u-{unique}", metadata={"batch": unique, "k": str(k)}, request_id=""
+        )
+        for k in range(10)
+    ]
+    calls += [client.create_session(agent_id="echo", user_id=f"u-{unique}", variables={"user:n": 1})]
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+
+    same, requested, missing, labelled, sharing = (
+        outcomes[:5],
+        outcomes[5:10],
+        outcomes[10:13],
+        outcomes[13:23],
+        outcomes[23],
+    )
+    made = [o for o in same if not isinstance(o, BaseException)]
+    assert len(made) == 1 and made[0].session_id == f"{unique}/same"
+    for o in same:
+        if isinstance(o, BaseException):
+            assert isinstance(o, errors.AlreadyExists) and o.reason == "SESSION_ALREADY_EXISTS", o
+    assert all(not isinstance(o, BaseException) for o in requested), requested
+    assert len({o.session_id for o in requested}) == 1  # type: ignore[union-attr]
+    assert len({o.create_time.ToMicroseconds() for o in requested}) == 1  # type: ignore[union-attr]
+    for o in missing:
+        assert isinstance(o, errors.NotFound) and o.reason == "AGENT_NOT_FOUND", o
+    assert not isinstance(sharing, BaseException)
+    assert json_format.MessageToDict(sharing.variables)["user:n"] == 1
+    for o in labelled:
+        assert not isinstance(o, BaseException), o
+        # Every one of them comes back merged with its user's shared state.
+        assert json_format.MessageToDict(o.variables).get("user:seen") is True, o
+    listed = [s async for s in await client.list_sessions(metadata={"batch": unique})]
+    assert sorted(s.metadata["k"] for s in listed) == sorted(str(k) for k in range(10))
+    assert {s.session_id for s in listed} == {o.session_id for o in labelled}  # type: ignore[union-attr]
 
 
 async def test_same_request_id_returns_the_first_session(

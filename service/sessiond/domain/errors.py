@@ -96,6 +96,14 @@ def session_not_found(session_id: str) -> NotFound:
     )
 
 
+def session_exists(session_id: str) -> AlreadyExists:
+    return AlreadyExists(
+        f"session {session_id!r} already exists",
+        reason="SESSION_ALREADY_EXISTS",
+        metadata={"session_id": session_id},
+    )
+
+
 def agent_not_found(agent_id: str) -> NotFound:
     return NotFound(
         f"agent {agent_id!r} does not exist", reason="AGENT_NOT_FOUND", metadata={"agent_id": agent_id}

@@ -6,6 +6,7 @@ or not at all. Hot paths use Core statements; the statements a list or a page ru
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -24,6 +25,7 @@ from ..domain.errors import (
     NotFound,
     agent_not_found,
     etag_mismatch,
+    session_exists,
     session_not_found,
 )
 from ..domain.model import NewMessage, Session, Status, StoredMessage
@@ -270,6 +272,7 @@ _SESSION_BY_ID = select(sessions).where(sessions.c.session_id == bindparam("p_se
 _SESSION_BY_ID_FOR_UPDATE = _SESSION_BY_ID.with_for_update()
 _SESSIONS_BY_IDS = select(sessions).where(sessions.c.session_id.in_(bindparam("p_ids", expanding=True)))
 _SESSION_BY_REQUEST = select(sessions).where(sessions.c.request_id == bindparam("p_request_id"))
+_SESSIONS_BY_REQUESTS = select(sessions).where(sessions.c.request_id.in_(bindparam("p_ids", expanding=True)))
 _SESSION_PK_BY_ID = select(sessions.c.pk).where(sessions.c.session_id == bindparam("p_session_id"))
 _UPDATE_SESSION = (
     update(sessions)
@@ -351,7 +354,12 @@ _PURGE_EXPIRED = (
     .limit(bindparam("p_limit"))
 )
 _INSERT_SESSION = insert(sessions).returning(sessions.c.pk)
+_INSERT_SESSIONS = insert(sessions).returning(sessions.c.pk, sort_by_parameter_order=True)
+_SESSION_IDS_TAKEN = select(sessions.c.session_id).where(
+    sessions.c.session_id.in_(bindparam("p_ids", expanding=True))
+)
 _AGENT_BY_ID = select(agents).where(agents.c.agent_id == bindparam("p_agent_id"))
+_AGENTS_BY_IDS = select(agents).where(agents.c.agent_id.in_(bindparam("p_ids", expanding=True)))
 _SHARED_KEY = tuple_(scoped_variables.c.scope, scoped_variables.c.agent_id, scoped_variables.c.user_id)
 _SHARED_BY_KEYS = select(scoped_variables).where(_SHARED_KEY.in_(bindparam("p_keys", expanding=True)))
 # Reads that show sessions merged join their two shared scopes (primary-key lookups) in the same statement:
@@ -653,40 +661,119 @@ class Store:
         before returns the session it created, and created=False. With `shared`, the shared variables it
         sets are written too, and the session comes back with its shared variables."""
 
-        def op(conn: Connection) -> tuple[Session, bool]:
-            agent_row = conn.execute(_AGENT_BY_ID, {"p_agent_id": agent_id}).first()
-            if agent_row is None:
-                raise agent_not_found(agent_id)
-            new = build(_agent_from_row(agent_row))
-            if new.request_id:
-                row = conn.execute(_SESSION_BY_REQUEST, {"p_request_id": new.request_id}).first()
-                if row is not None:
-                    first = _session_from_row(row)
-                    return (self._with_shared(conn, first) if shared is not None else first), False
-            taken = conn.execute(_SESSION_PK_BY_ID, {"p_session_id": new.session_id}).first()
-            if taken is not None:
-                raise AlreadyExists(
-                    f"session {new.session_id!r} already exists",
-                    reason="SESSION_ALREADY_EXISTS",
-                    metadata={"session_id": new.session_id},
-                )
-            values = _session_values(new)
-            values.update(
-                session_id=new.session_id,
-                agent_id=new.agent_id,
-                user_id=new.user_id,
-                create_time=new.create_time,
-                request_id=new.request_id,
-            )
-            pk = conn.execute(_INSERT_SESSION, values).scalar_one()
-            self._insert_labels(conn, pk, new.metadata)
-            created = replace(new, pk=pk)
-            if shared is None:
-                return created, True
-            self._write_shared(conn, created, shared, new.create_time)
-            return self._with_shared(conn, created), True
+        return await self.db.write(_CreateOp(self, agent_id, build, shared))  # type: ignore[no-any-return]
 
-        return await self.db.write(op)
+    def _create_one(self, conn: Connection, op: _CreateOp) -> tuple[Session, bool]:
+        agent_row = conn.execute(_AGENT_BY_ID, {"p_agent_id": op.agent_id}).first()
+        if agent_row is None:
+            raise agent_not_found(op.agent_id)
+        new = op.build(_agent_from_row(agent_row))
+        if new.request_id:
+            row = conn.execute(_SESSION_BY_REQUEST, {"p_request_id": new.request_id}).first()
+            if row is not None:
+                first = _session_from_row(row)
+                return (self._with_shared(conn, first) if op.shared is not None else first), False
+        if conn.execute(_SESSION_PK_BY_ID, {"p_session_id": new.session_id}).first() is not None:
+            raise session_exists(new.session_id)
+        pk = conn.execute(_INSERT_SESSION, _new_session_values(new)).scalar_one()
+        self._insert_labels(conn, pk, new.metadata)
+        created = replace(new, pk=pk)
+        if op.shared is None:
+            return created, True
+        self._write_shared(conn, created, op.shared, new.create_time)
+        return self._with_shared(conn, created), True
+
+    def _create_many(self, conn: Connection, ops: Sequence[_CreateOp]) -> list[Outcome]:
+        """Concurrent creates in a few statements for all of them: one SELECT each of their agents, of
+        their request ids seen before and of their ids already taken, one INSERT ... RETURNING, one INSERT
+        of labels, one SELECT of shared variables. The outcome of each is what running them one after the
+        other would give. Creates that write shared variables run one by one first (in the same
+        transaction), as the others' reads depend on them."""
+        outcomes: list[Outcome | None] = [None] * len(ops)
+        simple: list[int] = []
+        for i, op in enumerate(ops):
+            if op.shared:
+                outcomes[i] = _outcome(functools.partial(self._create_one, conn, op))
+            else:
+                simple.append(i)
+        agent_ids = list({ops[i].agent_id for i in simple})
+        agents_by_id = (
+            {r.agent_id: _agent_from_row(r) for r in conn.execute(_AGENTS_BY_IDS, {"p_ids": agent_ids})}
+            if agent_ids
+            else {}
+        )
+        built: list[tuple[int, Session]] = []
+        for i in simple:
+            agent = agents_by_id.get(ops[i].agent_id)
+            if agent is None:
+                outcomes[i] = (None, agent_not_found(ops[i].agent_id))
+                continue
+            outcome = _outcome(functools.partial(ops[i].build, agent))
+            if outcome[1] is not None:
+                outcomes[i] = outcome
+            else:
+                built.append((i, outcome[0]))
+        request_ids = [new.request_id for _, new in built if new.request_id]
+        seen_before = (
+            {
+                r.request_id: _session_from_row(r)
+                for r in conn.execute(_SESSIONS_BY_REQUESTS, {"p_ids": request_ids})
+            }
+            if request_ids
+            else {}
+        )
+        ids = [new.session_id for _, new in built]
+        taken = {r.session_id for r in conn.execute(_SESSION_IDS_TAKEN, {"p_ids": ids})} if ids else set()
+        fresh: list[tuple[int, Session]] = []
+        first_of: dict[str, int] = {}  # request id -> the create of this group that makes its session
+        answers: list[tuple[int, int | Session]] = []  # (op, its session or the op whose session it is)
+        for i, new in built:
+            if new.request_id in seen_before:
+                answers.append((i, seen_before[new.request_id]))
+            elif new.request_id in first_of:
+                answers.append((i, first_of[new.request_id]))
+            elif new.session_id in taken:
+                outcomes[i] = (None, session_exists(new.session_id))
+            else:
+                taken.add(new.session_id)
+                fresh.append((i, new))
+                if new.request_id:
+                    first_of[new.request_id] = i
+        created: dict[int, Session] = {}
+        if fresh:
+            rows = conn.execute(_INSERT_SESSIONS, [_new_session_values(new) for _, new in fresh]).all()
+            created = {i: replace(new, pk=row.pk) for (i, new), row in zip(fresh, rows, strict=True)}
+            labels = [
+                {"session_pk": s.pk, "key": k, "value": v}
+                for s in created.values()
+                for k, v in s.metadata.items()
+            ]
+            if labels:
+                conn.execute(insert(session_labels), labels)
+        results = [(i, s, True) for i, s in created.items()]
+        results += [(i, s if isinstance(s, Session) else created[s], False) for i, s in answers]
+        keys = list(
+            {
+                self._shared_key(scope, s)
+                for i, s, _ in results
+                if ops[i].shared is not None
+                for scope in Scope
+            }
+        )
+        shared = (
+            {
+                (r.scope, r.agent_id, r.user_id): r.variables
+                for r in conn.execute(_SHARED_BY_KEYS, {"p_keys": keys})
+            }
+            if keys
+            else {}
+        )
+        for i, s, made in results:
+            if ops[i].shared is not None:
+                s = replace(s, shared={sc: shared.get(self._shared_key(sc, s), {}) for sc in Scope})
+            outcomes[i] = ((s, made), None)
+        assert all(o is not None for o in outcomes)
+        return outcomes  # type: ignore[return-value]
 
     async def get_session(self, session_id: str) -> Session:
         def op(conn: Connection) -> Session:
@@ -1197,6 +1284,43 @@ def _agent_values(a: Agent) -> dict[str, Any]:
 
 
 Outcome = tuple[Any, BaseException | None]
+
+
+def _outcome(fn: Callable[[], T]) -> Outcome:
+    """`fn()` as an outcome: a caller's own (domain) error is its outcome; anything else fails the group."""
+    try:
+        return fn(), None
+    except DomainError as exc:
+        return None, exc
+
+
+def _new_session_values(new: Session) -> dict[str, Any]:
+    values = _session_values(new)
+    values.update(
+        session_id=new.session_id,
+        agent_id=new.agent_id,
+        user_id=new.user_id,
+        create_time=new.create_time,
+        request_id=new.request_id,
+    )
+    return values
+
+
+@dataclass(frozen=True)
+class _CreateOp:
+    """One CreateSession. Concurrent ones are written together: see `Store._create_many`."""
+
+    store: Store
+    agent_id: str
+    build: Callable[[Agent], Session]
+    shared: ScopedChanges | None
+
+    def __call__(self, conn: Connection) -> tuple[Session, bool]:
+        return self.store._create_one(conn, self)
+
+    @staticmethod
+    def run_many(conn: Connection, ops: Sequence[_CreateOp]) -> list[Outcome]:
+        return ops[0].store._create_many(conn, ops)
 
 
 def _by_sequence(m: StoredMessage) -> int:
