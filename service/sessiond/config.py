@@ -5,6 +5,8 @@ Timeout variables keep the ElizaOS names (SESSION_*_MINUTES); the server's own u
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -47,6 +49,11 @@ class Settings(BaseSettings):
     sweeper_enabled: bool = Field(True, validation_alias=_env("SESSIOND_SWEEPER"))
     # Live events buffered per watcher before it is cut off with WATCH_LAGGING and must resume.
     watch_buffer: int = Field(1024, ge=1, validation_alias=_env("SESSIOND_WATCH_BUFFER"))
+    # How live events reach watchers: "local" (this process only) or "postgres" (LISTEN/NOTIFY, so that
+    # a watcher on any replica sees every replica's changes live); "auto" picks postgres on PostgreSQL.
+    event_bus: Literal["auto", "local", "postgres"] = Field(
+        "auto", validation_alias=_env("SESSIOND_EVENT_BUS")
+    )
 
     # TOML file declaring agents (see sessiond.agents_file), upserted at start.
     config_file: str | None = Field(None, validation_alias=_env("SESSIOND_CONFIG"))

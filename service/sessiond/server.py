@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import signal
@@ -31,7 +32,7 @@ from agentsessions.v1 import (
 from .agents_file import apply_agents, load_agents
 from .api import reflection
 from .api.errors import guard_decoding
-from .api.events import encode_event
+from .api.events import encode_event, latest_event_id, load_events
 from .api.servicers import (
     AdminServicer,
     AgentRegistryServicer,
@@ -43,6 +44,7 @@ from .config import Settings
 from .domain.agents import builtin_echo
 from .domain.clock import Clock, SystemClock
 from .events.bus import InProcessEventBus
+from .events.pgbus import PostgresEventBus
 from .events.sweeper import Sweeper
 from .service_layer import SessionsService
 from .store import migrate
@@ -77,6 +79,7 @@ class RunningServer:
     service: SessionsService
     health: health.aio.HealthServicer
     sweeper: Sweeper
+    bus: InProcessEventBus
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     turns: TurnRunner | None = None
 
@@ -90,10 +93,23 @@ class RunningServer:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if isinstance(self.bus, PostgresEventBus):
+            await self.bus.close()
         await self.db.close()
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
+
+
+def _event_bus(settings: Settings, db: Database) -> InProcessEventBus:
+    kind = settings.event_bus
+    if kind == "auto":
+        kind = "postgres" if db.dialect == "postgresql" else "local"
+    if kind == "local":
+        return InProcessEventBus()
+    if db.dialect != "postgresql":
+        raise ValueError("SESSIOND_EVENT_BUS=postgres needs a PostgreSQL database")
+    return PostgresEventBus(db.asyncpg_dsn(), schema=settings.database_schema)
 
 
 async def _set_health(servicer: health.aio.HealthServicer, serving: bool) -> None:
@@ -137,14 +153,18 @@ async def start_server(
         settings.database_url, schema=settings.database_schema, pool_size=settings.database_pool_size
     )
     await db.open()
+    bus: InProcessEventBus | None = None
     try:
         if settings.migrate_on_start:
             await migrate.upgrade(db)
-        bus = InProcessEventBus()
+        bus = _event_bus(settings, db)
         store = Store(db, encode_event=encode_event, publish=bus.publish)
         await store.ensure_agent(builtin_echo(clock.now()))
         await apply_agents(store, declared, now=clock.now())
         service = SessionsService(store, clock=clock, timeouts=timeouts, limits=settings.limits(), bus=bus)
+        if isinstance(bus, PostgresEventBus):
+            bus.attach(functools.partial(load_events, service), functools.partial(latest_event_id, service))
+            await bus.start()
         sweeper = Sweeper(
             store,
             clock,
@@ -189,10 +209,12 @@ async def start_server(
         await server.start()
         await _set_health(health_servicer, True)
     except BaseException:
+        if isinstance(bus, PostgresEventBus):
+            await bus.close()
         await db.close()
         raise
     running = RunningServer(
-        server=server, port=port, db=db, service=service, health=health_servicer, sweeper=sweeper
+        server=server, port=port, db=db, service=service, health=health_servicer, sweeper=sweeper, bus=bus
     )
     running.turns = runner
     running._tasks.append(asyncio.create_task(_watch_database(db, health_servicer), name="health-probe"))

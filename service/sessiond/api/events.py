@@ -115,6 +115,18 @@ async def watch(
                 return
 
 
+async def load_events(
+    service: SessionsService, session_id: str, after: int, upto: int
+) -> list[events_pb2.SessionEvent]:
+    """Stored events of a session with ids in (after, upto], as watchers get them (message bodies
+    included): how a replica delivers events another replica announced without their bodies."""
+    return [event async for event in _replay(service, session_id, after, until=upto + 1)]
+
+
+async def latest_event_id(service: SessionsService, session_id: str) -> int:
+    return (await service.store.get_session(session_id)).last_event_id
+
+
 async def _replay(
     service: SessionsService, session_id: str, after: int, until: int | None = None
 ) -> AsyncIterator[events_pb2.SessionEvent]:

@@ -85,6 +85,10 @@ class Database:
         self._pending: list[tuple[Op[Any], asyncio.Future[Any]]] = []
         self._grouper: asyncio.Task[None] | None = None
 
+    def asyncpg_dsn(self) -> str:
+        """The PostgreSQL URL as asyncpg itself takes it (for connections outside the pool)."""
+        return self.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
     @property
     def engine(self) -> AsyncEngine:
         if self._engine is None:

@@ -1,0 +1,223 @@
+"""Live events between replicas: the in-process bus, plus PostgreSQL LISTEN/NOTIFY.
+
+Every replica on one PostgreSQL database listens on one channel (named after the schema, so that schemas
+sharing a database stay apart). Publishing delivers to this replica's subscribers at once, as the
+in-process bus does, and queues a notice for the others; a sender task sends what queued meanwhile in one
+statement, in publish order. A notice names its origin (a replica ignores its own), the session and the
+event id, and carries the serialized event when it is small enough for NOTIFY's 8,000-byte payload.
+
+A replica that receives a notice does nothing unless it has subscribers for that session. A notice with
+the event in it is delivered as is. One without (a large `messages_appended`) makes the replica read the
+event from storage (the same replay a resuming watcher does), one reader per session at a time. Turn
+events (event id 0) are not stored, so a large one that does not fit is not relayed; watchers lose only
+that delta.
+
+Notices are not durable. If the listening connection drops, the replica reconnects and then, for every
+session it has subscribers for, reads the latest event and delivers it: a watcher that missed events in
+between sees the gap and replays it from storage, as it does for any gap. A notice the sender could not
+send is lost the same way, and recovered by the session's next event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+
+from agentsessions.v1 import events_pb2
+
+from .bus import InProcessEventBus, Subscription
+
+log = logging.getLogger(__name__)
+
+# Raw bytes of an event sent inside a notice; base64 makes them 4/3 larger, under the 8,000-byte payload
+# limit with room for the rest of the notice.
+MAX_INLINE_EVENT = 5_500
+
+Loader = Callable[[str, int, int], Awaitable[list[events_pb2.SessionEvent]]]
+Latest = Callable[[str], Awaitable[int]]
+
+
+def channel_name(schema: str | None) -> str:
+    """The channel of one schema: an identifier PostgreSQL accepts (at most 63 bytes, no quoting)."""
+    suffix = re.sub(r"[^a-z0-9_]", "_", (schema or "public").lower())
+    return f"sessiond_events_{suffix}"[:63]
+
+
+class PostgresEventBus(InProcessEventBus):
+    """`InProcessEventBus` for this replica's subscribers; LISTEN/NOTIFY to and from the others."""
+
+    def __init__(self, dsn: str, *, schema: str | None, reconnect_delay: float = 0.5) -> None:
+        super().__init__()
+        self.channel = channel_name(schema)
+        self.origin = uuid.uuid4().hex[:16]
+        self._dsn = dsn
+        self._load: Loader | None = None
+        self._latest: Latest | None = None
+        self._reconnect_delay = reconnect_delay
+        self._outbox: list[str] = []
+        self._wake = asyncio.Event()
+        self._listener: asyncpg.Connection | None = None
+        self._sender: asyncpg.Connection | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._catching_up: dict[str, list[int]] = {}  # session -> [delivered up to, known up to]
+        # Highest stored event delivered per watched session: what arrives twice (a notice and a read
+        # from storage) or late (replicas notify independently) is not delivered again; watchers
+        # replay any gap from storage.
+        self._delivered: dict[str, int] = {}
+        self._closed = False
+        self.reconnects = 0
+
+    def attach(self, load: Loader, latest: Latest) -> None:
+        """How to read a session's stored events (as watchers get them) and its latest event id."""
+        self._load, self._latest = load, latest
+
+    async def start(self) -> None:
+        if self._load is None or self._latest is None:
+            raise RuntimeError("PostgresEventBus.attach() was not called")
+        await self._listen()
+        self._spawn(self._send_loop())
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for conn in (self._listener, self._sender):
+            if conn is not None and not conn.is_closed():
+                with contextlib.suppress(Exception):
+                    await conn.close(timeout=2)
+
+    # --- out ----------------------------------------------------------------------------------------
+
+    def publish(self, event: events_pb2.SessionEvent) -> None:
+        self._deliver(event)
+        if self._closed:
+            return
+        notice: dict[str, Any] = {"o": self.origin, "s": event.session_id, "e": event.event_id}
+        data = event.SerializeToString()
+        if len(data) <= MAX_INLINE_EVENT:
+            notice["p"] = base64.b64encode(data).decode()
+        elif event.event_id == 0:
+            log.debug("a turn event of %d bytes is too large to relay to other replicas", len(data))
+            return
+        self._outbox.append(json.dumps(notice, separators=(",", ":")))
+        self._wake.set()
+
+    async def _send_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._outbox = self._outbox, []
+            if not batch:
+                continue
+            try:
+                if self._sender is None or self._sender.is_closed():
+                    self._sender = await asyncpg.connect(self._dsn)
+                await self._sender.execute(
+                    "SELECT pg_notify($1, n) FROM unnest($2::text[]) WITH ORDINALITY AS t(n, i) ORDER BY i",
+                    self.channel,
+                    batch,
+                )
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                log.warning("could not notify other replicas of %d events", len(batch), exc_info=True)
+                self._sender = None
+                await asyncio.sleep(self._reconnect_delay)
+
+    # --- in -----------------------------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        conn = await asyncpg.connect(self._dsn)
+        await conn.add_listener(self.channel, self._on_notice)
+        conn.add_termination_listener(self._on_lost)
+        self._listener = conn
+
+    def _on_lost(self, _conn: Any) -> None:
+        if not self._closed:
+            log.warning("lost the connection listening for other replicas' events; reconnecting")
+            self._spawn(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        while not self._closed:
+            try:
+                await self._listen()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                await asyncio.sleep(self._reconnect_delay)
+                continue
+            self.reconnects += 1
+            break
+        # Events may have been missed meanwhile: the latest of each watched session exposes any gap.
+        assert self._latest is not None
+        for session_id in list(self._subscribers):
+            with contextlib.suppress(Exception):
+                self._remote(session_id, await self._latest(session_id))
+
+    def _on_notice(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            notice = json.loads(payload)
+            origin, session_id, event_id = notice["o"], notice["s"], int(notice["e"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignored a malformed notice on %s", self.channel)
+            return
+        if origin == self.origin or session_id not in self._subscribers:
+            return
+        if "p" in notice:
+            self._deliver(events_pb2.SessionEvent.FromString(base64.b64decode(notice["p"])))
+        elif event_id > 0:
+            self._remote(session_id, event_id)
+
+    def _remote(self, session_id: str, event_id: int) -> None:
+        """Delivers stored events of the session up to `event_id`, read by one task per session."""
+        if event_id <= 0:
+            return
+        progress = self._catching_up.get(session_id)
+        if progress is None:
+            self._catching_up[session_id] = [event_id - 1, event_id]
+            self._spawn(self._catch_up(session_id))
+        else:
+            progress[1] = max(progress[1], event_id)
+
+    async def _catch_up(self, session_id: str) -> None:
+        progress = self._catching_up[session_id]
+        assert self._load is not None
+        try:
+            while progress[0] < progress[1] and session_id in self._subscribers:
+                events = await self._load(session_id, progress[0], progress[1])
+                if not events:
+                    break
+                for event in events:
+                    self._deliver(event)
+                progress[0] = events[-1].event_id
+        except Exception:
+            log.warning("could not read events of session %r for its watchers", session_id, exc_info=True)
+        finally:
+            del self._catching_up[session_id]
+
+    def _deliver(self, event: events_pb2.SessionEvent) -> None:
+        """To this replica's subscribers, each stored event once and in order."""
+        session_id, event_id = event.session_id, event.event_id
+        if event_id > 0 and session_id in self._subscribers:
+            if event_id <= self._delivered.get(session_id, 0):
+                return
+            self._delivered[session_id] = event_id
+        super().publish(event)
+
+    def _remove(self, subscription: Subscription) -> None:
+        super()._remove(subscription)
+        if subscription.session_id not in self._subscribers:
+            self._delivered.pop(subscription.session_id, None)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,164 @@
+"""Two replicas on one PostgreSQL database: a watcher on one sees, live, what the other changes (the
+LISTEN/NOTIFY event bus), including events too large for a notice, deletes and turn deltas, and again
+after its listening connection is cut."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from conftest import POSTGRES_URL, DatabaseTarget, make_settings
+
+from agentsessions import AsyncSessionsClient, SessionEvent
+from sessiond.domain.clock import ManualClock
+from sessiond.events.pgbus import PostgresEventBus
+from sessiond.server import RunningServer, start_server
+
+WAIT = 20.0  # seconds before a missing event fails the test (events arrive in milliseconds)
+
+
+def kind(event: SessionEvent) -> str:
+    return event.WhichOneof("kind") or ""
+
+
+@pytest.fixture
+async def replicas(
+    database: DatabaseTarget, clock: ManualClock
+) -> AsyncIterator[tuple[RunningServer, RunningServer]]:
+    if database.backend != "postgresql":
+        pytest.skip("replicas share a PostgreSQL database; SQLite serves from one process")
+    settings = make_settings(database)
+    first = await start_server(settings, clock=clock)
+    second = await start_server(settings, clock=clock)
+    try:
+        yield first, second
+    finally:
+        await second.stop(0)
+        await first.stop(0)
+
+
+@pytest.fixture
+async def clients(
+    replicas: tuple[RunningServer, RunningServer],
+) -> AsyncIterator[tuple[AsyncSessionsClient, AsyncSessionsClient]]:
+    a, b = replicas
+    async with (
+        AsyncSessionsClient(f"127.0.0.1:{a.port}") as on_a,
+        AsyncSessionsClient(f"127.0.0.1:{b.port}") as on_b,
+    ):
+        yield on_a, on_b
+
+
+async def next_events(stream: AsyncIterator[SessionEvent], n: int) -> list[SessionEvent]:
+    async def take() -> list[SessionEvent]:
+        out: list[SessionEvent] = []
+        async for event in stream:
+            out.append(event)
+            if len(out) == n:
+                break
+        return out
+
+    return await asyncio.wait_for(take(), WAIT)
+
+
+async def watching(
+    on_a: AsyncSessionsClient, on_b: AsyncSessionsClient, session_id: str, **kwargs: object
+) -> AsyncIterator[SessionEvent]:
+    """A watch on replica B that has certainly reached its live phase: it saw, live or replayed, a change
+    made on A after it started. What follows can only reach it through the bus."""
+    start = (await on_a.create_session(agent_id="echo", session_id=session_id)).last_event_id
+    stream = on_b.watch_session(session_id=session_id, after_event_id=start, resume=False, **kwargs)
+    await on_a.update_session(session_id=session_id, metadata={"watched": "yes"})
+    (first,) = await next_events(stream, 1)
+    assert kind(first) == "updated"
+    return stream
+
+
+async def test_a_watcher_on_one_replica_sees_changes_made_on_another(
+    clients: tuple[AsyncSessionsClient, AsyncSessionsClient], unique: str
+) -> None:
+    on_a, on_b = clients
+    sid = f"{unique}/r"
+    stream = await watching(on_a, on_b, sid)
+    await on_a.append_text(session_id=sid, role="user", text="made on A")
+    await on_a.clear_session(session_id=sid)
+    appended, cleared = await next_events(stream, 2)
+    assert (kind(appended), kind(cleared)) == ("messages_appended", "cleared")
+    assert appended.messages_appended.messages[0].parts[0].text.text == "made on A"
+    assert cleared.event_id == appended.event_id + 1
+
+
+async def test_an_event_too_large_for_a_notice_is_read_from_storage(
+    clients: tuple[AsyncSessionsClient, AsyncSessionsClient], unique: str
+) -> None:
+    on_a, on_b = clients
+    sid = f"{unique}/big"
+    stream = await watching(on_a, on_b, sid)
+    text = "x" * 20_000
+    await on_a.append_text(session_id=sid, role="user", text=text)
+    await on_a.append_text(session_id=sid, role="user", text="small")
+    big, small = await next_events(stream, 2)
+    assert big.messages_appended.messages[0].parts[0].text.text == text
+    assert small.messages_appended.messages[0].parts[0].text.text == "small"
+    assert small.event_id == big.event_id + 1
+
+
+async def test_a_delete_on_one_replica_ends_watches_on_another(
+    clients: tuple[AsyncSessionsClient, AsyncSessionsClient], unique: str
+) -> None:
+    on_a, on_b = clients
+    sid = f"{unique}/del"
+    stream = await watching(on_a, on_b, sid)
+    await on_a.delete_session(session_id=sid, force=True)
+    (deleted,) = await next_events(stream, 1)
+    assert kind(deleted) == "deleted"
+
+
+async def test_turn_deltas_reach_watchers_on_another_replica(
+    clients: tuple[AsyncSessionsClient, AsyncSessionsClient], unique: str
+) -> None:
+    on_a, on_b = clients
+    sid = f"{unique}/turn"
+    stream = await watching(on_a, on_b, sid, include_deltas=True)
+    answer = [e async for e in on_a.execute(session_id=sid, text="hello there from replica A")]
+    relayed_deltas = [e.text_delta.text for e in answer if e.WhichOneof("kind") == "text_delta"]
+    assert relayed_deltas
+    seen: list[str] = []
+    while "".join(seen) != "".join(relayed_deltas):
+        (event,) = await next_events(stream, 1)
+        if kind(event) == "turn" and event.turn.WhichOneof("kind") == "text_delta":
+            seen.append(event.turn.text_delta.text)
+    assert seen == relayed_deltas
+
+
+async def test_watchers_recover_after_the_listening_connection_is_cut(
+    replicas: tuple[RunningServer, RunningServer],
+    clients: tuple[AsyncSessionsClient, AsyncSessionsClient],
+    unique: str,
+) -> None:
+    on_a, on_b = clients
+    bus = replicas[1].bus
+    assert isinstance(bus, PostgresEventBus)
+    sid = f"{unique}/cut"
+    stream = await watching(on_a, on_b, sid)
+    listener = bus._listener
+    assert listener is not None
+    admin = await asyncpg.connect(POSTGRES_URL)
+    try:
+        await admin.execute("SELECT pg_terminate_backend($1)", listener.get_server_pid())
+    finally:
+        await admin.close()
+    # Written while B may still be reconnecting: the resync after the reconnect delivers it.
+    await on_a.append_text(session_id=sid, role="user", text="during")
+    (during,) = await next_events(stream, 1)
+    assert during.messages_appended.messages[0].parts[0].text.text == "during"
+    deadline = asyncio.get_running_loop().time() + WAIT
+    while bus.reconnects == 0:
+        assert asyncio.get_running_loop().time() < deadline, "the bus never reconnected"
+        await asyncio.sleep(0.01)
+    await on_a.append_text(session_id=sid, role="user", text="after")
+    (after,) = await next_events(stream, 1)
+    assert after.messages_appended.messages[0].parts[0].text.text == "after"
+    assert after.event_id == during.event_id + 1
