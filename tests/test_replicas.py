@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 from conftest import POSTGRES_URL, DatabaseTarget, make_settings
+from turn_support import CANCELLED, STOP, Reader, reason
 
 from agentsessions import AsyncSessionsClient, SessionEvent
 from sessiond.domain.clock import ManualClock
@@ -162,3 +163,40 @@ async def test_watchers_recover_after_the_listening_connection_is_cut(
     (after,) = await next_events(stream, 1)
     assert after.messages_appended.messages[0].parts[0].text.text == "after"
     assert after.event_id == during.event_id + 1
+
+
+async def test_stops_and_interrupts_reach_another_replica_at_once(
+    database: DatabaseTarget, clock: ManualClock, unique: str
+) -> None:
+    """With a lease renewed only every two minutes, a StopTurn or an interrupt from replica B still ends
+    the turn replica A runs at once: the stop is signalled over the bus, and B learns the turn ended from
+    its TurnFinished event instead of polling the lease row."""
+    if database.backend != "postgresql":
+        pytest.skip("replicas share a PostgreSQL database; SQLite serves from one process")
+    settings = make_settings(database, turn_lease_seconds=600.0)
+    first, second = await start_server(settings, clock=clock), await start_server(settings, clock=clock)
+    try:
+        async with (
+            AsyncSessionsClient(f"127.0.0.1:{first.port}") as on_a,
+            AsyncSessionsClient(f"127.0.0.1:{second.port}") as on_b,
+        ):
+            sid = (await on_a.create_session(agent_id="echo", session_id=f"{unique}/stop")).session_id
+            running = Reader(on_a.execute(session_id=sid, text="/hang on replica A"))
+            head = await asyncio.wait_for(running.until_kind("text_delta"), WAIT)
+            stopped = await on_b.stop_turn(session_id=sid)
+            assert (stopped.stopped, stopped.turn_id) == (True, head[0].turn_id)
+            tail = await asyncio.wait_for(running.rest(), WAIT)
+            assert reason(tail) == CANCELLED
+
+            running = Reader(on_a.execute(session_id=sid, text="/hang again"))
+            await asyncio.wait_for(running.until_kind("text_delta"), WAIT)
+            took_over = [
+                e
+                async for e in on_b.execute(session_id=sid, text="took over", multitask_strategy="interrupt")
+            ]
+            tail = await asyncio.wait_for(running.rest(), WAIT)
+            assert reason(tail) == CANCELLED
+            assert reason(took_over) == STOP
+    finally:
+        await second.stop(0)
+        await first.stop(0)

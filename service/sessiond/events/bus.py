@@ -13,7 +13,7 @@ that far behind is cut off (`Subscription.lagging`) and must resume from the las
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Protocol
 
 from agentsessions.v1 import events_pb2
@@ -82,12 +82,28 @@ class EventBus(Protocol):
 
     def subscriber_count(self) -> int: ...
 
+    def signal(self, name: str, data: Mapping[str, str]) -> None:
+        """Tells the other replicas something (a stop asked for a turn one of them runs); never blocks,
+        may be lost. Within one process there is nobody else to tell."""
+        ...
+
+    def on_signal(self, name: str, handler: Callable[[Mapping[str, str]], None]) -> None:
+        """Calls `handler` with the data of each `name` signal another replica sends."""
+        ...
+
 
 class InProcessEventBus:
     """Fan-out inside one process: a set of bounded subscriptions per session."""
 
     def __init__(self) -> None:
         self._subscribers: dict[str, set[Subscription]] = {}
+        self._handlers: dict[str, list[Callable[[Mapping[str, str]], None]]] = {}
+
+    def signal(self, name: str, data: Mapping[str, str]) -> None:
+        """One process: no other replica to tell."""
+
+    def on_signal(self, name: str, handler: Callable[[Mapping[str, str]], None]) -> None:
+        self._handlers.setdefault(name, []).append(handler)
 
     def publish(self, event: events_pb2.SessionEvent) -> None:
         for subscription in tuple(self._subscribers.get(event.session_id, ())):

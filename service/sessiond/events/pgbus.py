@@ -5,6 +5,8 @@ sharing a database stay apart). Publishing delivers to this replica's subscriber
 in-process bus does, and queues a notice for the others; a sender task sends what queued meanwhile in one
 statement, in publish order. A notice names its origin (a replica ignores its own), the session and the
 event id, and carries the serialized event when it is small enough for NOTIFY's 8,000-byte payload.
+Signals travel the same way: a stop asked for a turn that another replica runs reaches that replica at
+once, instead of with its next lease renewal.
 
 A replica that receives a notice does nothing unless it has subscribers for that session. A notice with
 the event in it is delivered as is. One without (a large `messages_appended`) makes the replica read the
@@ -27,7 +29,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import asyncpg
@@ -114,6 +116,13 @@ class PostgresEventBus(InProcessEventBus):
         self._outbox.append(json.dumps(notice, separators=(",", ":")))
         self._wake.set()
 
+    def signal(self, name: str, data: Mapping[str, str]) -> None:
+        if not self._closed:
+            self._outbox.append(
+                json.dumps({"o": self.origin, "k": name, "d": dict(data)}, separators=(",", ":"))
+            )
+            self._wake.set()
+
     async def _send_loop(self) -> None:
         while True:
             await self._wake.wait()
@@ -165,11 +174,17 @@ class PostgresEventBus(InProcessEventBus):
     def _on_notice(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         try:
             notice = json.loads(payload)
-            origin, session_id, event_id = notice["o"], notice["s"], int(notice["e"])
+            if notice["o"] == self.origin:
+                return
+            if "k" in notice:
+                for handler in self._handlers.get(notice["k"], ()):
+                    handler(notice["d"])
+                return
+            session_id, event_id = notice["s"], int(notice["e"])
         except (ValueError, KeyError, TypeError):
-            log.warning("ignored a malformed notice on %s", self.channel)
+            log.warning("ignored a malformed notice on %s", self.channel, exc_info=True)
             return
-        if origin == self.origin or session_id not in self._subscribers:
+        if session_id not in self._subscribers:
             return
         if "p" in notice:
             self._deliver(events_pb2.SessionEvent.FromString(base64.b64decode(notice["p"])))

@@ -25,7 +25,7 @@ import contextlib
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -52,6 +52,7 @@ from ..domain.turns import (
     turn_in_progress,
 )
 from ..domain.validation import uuid7
+from ..events.bus import Subscription
 from ..service_layer import SessionsService
 from ..store.turns import Acquired, Acquisition, Existing, TurnStore
 from .backends import AgentBackend, AgentFailure, Backends
@@ -575,6 +576,17 @@ class Replay:
 # --- the runner ------------------------------------------------------------------------------------------
 
 
+STOP_SIGNAL = "stop_turn"
+
+
+async def _turn_finished(events: Subscription, turn_id: str) -> None:
+    """Returns when `events` brings the TurnFinished of `turn_id`; the caller bounds the wait."""
+    while (event := await events.get()) is not None:
+        if event.turn.turn_id == turn_id and event.turn.HasField("turn_finished"):
+            return
+    await asyncio.Event().wait()  # cut off: nothing more comes here, and the caller's timeout ends this
+
+
 class TurnRunner:
     """Runs the turns of this process and holds their leases.
 
@@ -606,7 +618,9 @@ class TurnRunner:
         self._waiting: Counter[str] = Counter()
         self._waiting_changed: asyncio.Condition | None = None
         self._renewer: asyncio.Task[None] | None = None
+        self._renew_now = asyncio.Event()  # a stop for a turn here was asked on another replica
         self._closed = False
+        service.bus.on_signal(STOP_SIGNAL, self._on_stop_signal)
 
     # --- queries ---
 
@@ -669,6 +683,7 @@ class TurnRunner:
         record = await self.turns.request_stop(session_id, turn_id, StopMode.CANCEL)
         if record is None or record.owner == self.owner or not record.leased(self.lease_clock.now()):
             return False, turn_id
+        self.service.bus.signal(STOP_SIGNAL, {"turn_id": record.turn_id})
         return True, record.turn_id
 
     async def close(self, grace: float = 10.0) -> None:
@@ -726,6 +741,7 @@ class TurnRunner:
             local.stop(mode)
         else:
             await self.turns.request_stop(running.session_id, running.turn_id, mode)
+            self.service.bus.signal(STOP_SIGNAL, {"turn_id": running.turn_id})
         await self._wait(running)
 
     async def _wait(self, running: TurnRecord) -> None:
@@ -742,13 +758,20 @@ class TurnRunner:
             await self._set_waiting(sid, -1)
 
     async def _wait_foreign(self, running: TurnRecord) -> TurnRecord | None:
-        """Polls a turn of another process (every lease renewal interval) until it ended or its lease ran
-        out. A LISTEN/NOTIFY bus could wake this sooner; the poll keeps it correct without one."""
-        while True:
-            current = await self.turns.get(running.session_id, running.turn_id)
-            if current is None or not current.leased(self.lease_clock.now()):
-                return current
-            await asyncio.sleep(self.renew_interval)
+        """Waits for a turn of another process to end or lose its lease: woken by its TurnFinished event
+        (which a bus between replicas carries here), and polling its row every lease renewal interval,
+        which keeps this correct when no event comes."""
+        with self.service.bus.subscribe(running.session_id) as events:
+            while True:
+                current = await self.turns.get(running.session_id, running.turn_id)
+                if current is None or not current.leased(self.lease_clock.now()):
+                    return current
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(_turn_finished(events, running.turn_id), self.renew_interval)
+
+    def _on_stop_signal(self, data: Mapping[str, str]) -> None:
+        if data.get("turn_id") in self._by_id:
+            self._renew_now.set()  # the renewal reads the stop from the lease row and applies it
 
     def _condition(self) -> asyncio.Condition:
         if self._waiting_changed is None:
@@ -783,7 +806,9 @@ class TurnRunner:
     async def _keep_leases(self) -> None:
         """Renews the leases of the turns running here, and applies the stops other replicas asked for."""
         while True:
-            await asyncio.sleep(self.renew_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._renew_now.wait(), self.renew_interval)
+            self._renew_now.clear()
             if not self._by_id:
                 continue
             asked_at = time.monotonic()
