@@ -32,7 +32,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import grpc
 from agents.memory import SQLiteSession
 from google.adk.events.event import Event
 from google.adk.events.event_actions import EventActions
@@ -187,20 +186,16 @@ async def workloads(kind: str, *, scale: float) -> dict[str, float]:
 
 async def _bare_ceiling(*, per_writer: int, rounds: int) -> dict[str, float]:
     """A bare grpc.aio no-op unary call (a turn's worth of bytes each way), 8 at once and one at a time."""
-    port = harness.free_port()
-    with harness.process(["-m", "bench.bare_server", str(port)]):
-        target = f"127.0.0.1:{port}"
-        await harness.wait_ready(target, health=False)
-        async with grpc.aio.insecure_channel(target) as channel:
-            noop = channel.unary_unary("/bench.Bare/Noop")
-            payload = json.dumps(_turn(0)).encode()
+    async with harness.bare_channel() as channel:
+        noop = channel.unary_unary("/bench.Bare/Noop")
+        payload = json.dumps(_turn(0)).encode()
 
-            async def call(w: int = 0, i: int = 0) -> None:
-                await noop(payload)
+        async def call(w: int = 0, i: int = 0) -> None:
+            await noop(payload)
 
-            await _concurrently(WRITERS, 50, call)  # warm-up
-            rate = await _concurrently(WRITERS, per_writer, call)
-            return {"bare_rps": rate, "bare_p50": await _median_latency(rounds, call)}
+        await _concurrently(WRITERS, 50, call)  # warm-up
+        rate = await _concurrently(WRITERS, per_writer, call)
+        return {"bare_rps": rate, "bare_p50": await _median_latency(rounds, call)}
 
 
 def report(kind: str, r: dict[str, float]) -> None:

@@ -66,6 +66,17 @@ def process(args: list[str], env: dict[str, str] | None = None) -> Iterator[subp
             proc.kill()
 
 
+@asynccontextmanager
+async def bare_channel() -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to a bare grpc.aio server (`bench.bare_server`) in a process of its own, ready."""
+    port = free_port()
+    with process(["-m", "bench.bare_server", str(port)]):
+        target = f"127.0.0.1:{port}"
+        await wait_ready(target, health=False)
+        async with grpc.aio.insecure_channel(target) as channel:
+            yield channel
+
+
 async def pg(sql: str) -> None:
     conn = await asyncpg.connect(POSTGRES_URL)
     try:

@@ -97,6 +97,22 @@ async def server(settings: Settings, clock: ManualClock) -> AsyncIterator[Runnin
         await running.stop(0)
 
 
+@asynccontextmanager
+async def two_servers(
+    settings: Settings, clock: ManualClock
+) -> AsyncIterator[tuple[RunningServer, RunningServer]]:
+    """Two servers on one database, as two replicas."""
+    first = await start_server(settings, clock=clock)
+    try:
+        second = await start_server(settings, clock=clock)
+        try:
+            yield first, second
+        finally:
+            await second.stop(0)
+    finally:
+        await first.stop(0)
+
+
 @pytest.fixture
 def target(server: RunningServer) -> str:
     return f"127.0.0.1:{server.port}"

@@ -16,6 +16,7 @@ import grpc
 import pytest
 from conftest import DatabaseTarget, make_settings
 from google.protobuf import descriptor_pb2, field_mask_pb2
+from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.descriptor_pool import DescriptorPool
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -1140,8 +1141,8 @@ GARBAGE = [
 ]
 
 
-def _served_methods() -> list[tuple[str, bool, bool]]:
-    """(path, client streaming, server streaming) of every method the server serves."""
+def _served_method_descriptors() -> list[MethodDescriptor]:
+    """Every method the server serves, from the generated descriptors."""
     modules = (
         session_service_pb2,
         message_service_pb2,
@@ -1150,11 +1151,19 @@ def _served_methods() -> list[tuple[str, bool, bool]]:
         turn_service_pb2,
     )
     return [
-        (f"/{service.full_name}/{method.name}", method.client_streaming, method.server_streaming)
+        method
         for module in modules
         for service in module.DESCRIPTOR.services_by_name.values()
         if service.full_name in SERVED
         for method in service.methods
+    ]
+
+
+def _served_methods() -> list[tuple[str, bool, bool]]:
+    """(path, client streaming, server streaming) of every method the server serves."""
+    return [
+        (f"/{m.containing_service.full_name}/{m.name}", m.client_streaming, m.server_streaming)
+        for m in _served_method_descriptors()
     ]
 
 
@@ -1196,20 +1205,7 @@ async def test_undecodable_requests_are_invalid_argument_with_error_info(target:
     """grpcio answers UNKNOWN when a request does not parse; the server's own decoders turn that into
     INVALID_ARGUMENT with an ErrorInfo naming the message type, on every RPC (Connect: an error frame, and
     the stream goes on)."""
-    modules = (
-        session_service_pb2,
-        message_service_pb2,
-        agent_service_pb2,
-        admin_service_pb2,
-        turn_service_pb2,
-    )
-    methods = [
-        method
-        for module in modules
-        for service in module.DESCRIPTOR.services_by_name.values()
-        if service.full_name in SERVED
-        for method in service.methods
-    ]
+    methods = _served_method_descriptors()
     async with grpc.aio.insecure_channel(target) as channel:
         for method in methods:
             path = f"/{method.containing_service.full_name}/{method.name}"

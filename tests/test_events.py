@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
-from conftest import DatabaseTarget, make_settings
+from conftest import DatabaseTarget, make_settings, two_servers
 
 from agentsessions import AsyncSessionsClient, SessionEvent, SessionStatus, errors
 from sessiond.domain.clock import ManualClock
@@ -358,25 +358,20 @@ async def test_two_sweepers_on_one_database_push_each_event_once(
     database: DatabaseTarget, clock: ManualClock, unique: str
 ) -> None:
     settings = make_settings(database, retention_minutes=0)
-    first = await start_server(settings, clock=clock)
-    second = await start_server(settings, clock=clock)
-    try:
-        async with AsyncSessionsClient(f"127.0.0.1:{first.port}") as client:
-            sids = [f"{unique}/two-{k}" for k in range(120)]
-            for sid in sids:
-                await client.create_session(agent_id="echo", session_id=sid)
-            clock.advance(minutes=26)
-            first.sweeper.batch_size = second.sweeper.batch_size = 7  # many small, interleaved batches
-            await asyncio.gather(first.sweeper.run_once(), second.sweeper.run_once())
-            clock.advance(minutes=5)
-            await asyncio.gather(
-                first.sweeper.run_once(), second.sweeper.run_once(), first.sweeper.run_once()
-            )
-            for sid in sids:
-                assert await stored_kinds(client, sid) == ["expiring_soon", "expired"]
-    finally:
-        await second.stop(0)
-        await first.stop(0)
+    async with (
+        two_servers(settings, clock) as (first, second),
+        AsyncSessionsClient(f"127.0.0.1:{first.port}") as client,
+    ):
+        sids = [f"{unique}/two-{k}" for k in range(120)]
+        for sid in sids:
+            await client.create_session(agent_id="echo", session_id=sid)
+        clock.advance(minutes=26)
+        first.sweeper.batch_size = second.sweeper.batch_size = 7  # many small, interleaved batches
+        await asyncio.gather(first.sweeper.run_once(), second.sweeper.run_once())
+        clock.advance(minutes=5)
+        await asyncio.gather(first.sweeper.run_once(), second.sweeper.run_once(), first.sweeper.run_once())
+        for sid in sids:
+            assert await stored_kinds(client, sid) == ["expiring_soon", "expired"]
 
 
 async def test_stats_report_sessions_by_status(

@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-from conftest import POSTGRES_URL, DatabaseTarget, make_settings
+from conftest import POSTGRES_URL, DatabaseTarget, make_settings, two_servers
 from turn_support import CANCELLED, STOP, Reader, reason
 
 from agentsessions import AsyncSessionsClient, SessionEvent
 from sessiond.domain.clock import ManualClock
 from sessiond.events.pgbus import PostgresEventBus
-from sessiond.server import RunningServer, start_server
+from sessiond.server import RunningServer
 
 WAIT = 20.0  # seconds before a missing event fails the test (events arrive in milliseconds)
 
@@ -30,14 +30,8 @@ async def replicas(
 ) -> AsyncIterator[tuple[RunningServer, RunningServer]]:
     if database.backend != "postgresql":
         pytest.skip("replicas share a PostgreSQL database; SQLite serves from one process")
-    settings = make_settings(database)
-    first = await start_server(settings, clock=clock)
-    second = await start_server(settings, clock=clock)
-    try:
-        yield first, second
-    finally:
-        await second.stop(0)
-        await first.stop(0)
+    async with two_servers(make_settings(database), clock) as pair:
+        yield pair
 
 
 @pytest.fixture
@@ -174,29 +168,24 @@ async def test_stops_and_interrupts_reach_another_replica_at_once(
     if database.backend != "postgresql":
         pytest.skip("replicas share a PostgreSQL database; SQLite serves from one process")
     settings = make_settings(database, turn_lease_seconds=600.0)
-    first, second = await start_server(settings, clock=clock), await start_server(settings, clock=clock)
-    try:
-        async with (
-            AsyncSessionsClient(f"127.0.0.1:{first.port}") as on_a,
-            AsyncSessionsClient(f"127.0.0.1:{second.port}") as on_b,
-        ):
-            sid = (await on_a.create_session(agent_id="echo", session_id=f"{unique}/stop")).session_id
-            running = Reader(on_a.execute(session_id=sid, text="/hang on replica A"))
-            head = await asyncio.wait_for(running.until_kind("text_delta"), WAIT)
-            stopped = await on_b.stop_turn(session_id=sid)
-            assert (stopped.stopped, stopped.turn_id) == (True, head[0].turn_id)
-            tail = await asyncio.wait_for(running.rest(), WAIT)
-            assert reason(tail) == CANCELLED
+    async with (
+        two_servers(settings, clock) as (first, second),
+        AsyncSessionsClient(f"127.0.0.1:{first.port}") as on_a,
+        AsyncSessionsClient(f"127.0.0.1:{second.port}") as on_b,
+    ):
+        sid = (await on_a.create_session(agent_id="echo", session_id=f"{unique}/stop")).session_id
+        running = Reader(on_a.execute(session_id=sid, text="/hang on replica A"))
+        head = await asyncio.wait_for(running.until_kind("text_delta"), WAIT)
+        stopped = await on_b.stop_turn(session_id=sid)
+        assert (stopped.stopped, stopped.turn_id) == (True, head[0].turn_id)
+        tail = await asyncio.wait_for(running.rest(), WAIT)
+        assert reason(tail) == CANCELLED
 
-            running = Reader(on_a.execute(session_id=sid, text="/hang again"))
-            await asyncio.wait_for(running.until_kind("text_delta"), WAIT)
-            took_over = [
-                e
-                async for e in on_b.execute(session_id=sid, text="took over", multitask_strategy="interrupt")
-            ]
-            tail = await asyncio.wait_for(running.rest(), WAIT)
-            assert reason(tail) == CANCELLED
-            assert reason(took_over) == STOP
-    finally:
-        await second.stop(0)
-        await first.stop(0)
+        running = Reader(on_a.execute(session_id=sid, text="/hang again"))
+        await asyncio.wait_for(running.until_kind("text_delta"), WAIT)
+        took_over = [
+            e async for e in on_b.execute(session_id=sid, text="took over", multitask_strategy="interrupt")
+        ]
+        tail = await asyncio.wait_for(running.rest(), WAIT)
+        assert reason(tail) == CANCELLED
+        assert reason(took_over) == STOP

@@ -9,7 +9,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from conftest import DatabaseTarget, make_settings
+from conftest import DatabaseTarget, make_settings, two_servers
 from google.protobuf import json_format
 from turn_support import (
     CANCELLED,
@@ -27,7 +27,7 @@ from turn_support import (
 from agentsessions import AsyncSessionsClient, MessageStatus, Role, SessionsClient, SessionStatus, errors
 from sessiond.domain.clock import ManualClock
 from sessiond.domain.turns import TurnKind, TurnRequest
-from sessiond.server import RunningServer, start_server
+from sessiond.server import RunningServer
 from sessiond.store.turns import Acquired, TurnStore
 
 INTERRUPTED = MessageStatus.MESSAGE_STATUS_INTERRUPTED
@@ -626,42 +626,38 @@ async def test_one_turn_per_session_across_servers(
     """Two servers on one database, as two replicas: the lease row keeps one turn running per session,
     and a stop or an interrupt from one replica reaches the turn the other one runs."""
     settings = make_settings(database, turn_lease_seconds=1.0)
-    first, second = await start_server(settings, clock=clock), await start_server(settings, clock=clock)
-    try:
-        async with (
-            AsyncSessionsClient(f"127.0.0.1:{first.port}") as a,
-            AsyncSessionsClient(f"127.0.0.1:{second.port}") as b,
-        ):
-            sid = await new_session(a, unique)
-            running = Reader(a.execute(session_id=sid, text="/hang on replica one"))
-            head = await running.until(lambda e: text_of([e]) == "one")
-            with pytest.raises(errors.Aborted) as busy:
-                await run(b, sid, "from two", multitask_strategy="reject")
-            assert busy.value.metadata["turn_id"] == head[0].turn_id
+    async with (
+        two_servers(settings, clock) as (first, second),
+        AsyncSessionsClient(f"127.0.0.1:{first.port}") as a,
+        AsyncSessionsClient(f"127.0.0.1:{second.port}") as b,
+    ):
+        sid = await new_session(a, unique)
+        running = Reader(a.execute(session_id=sid, text="/hang on replica one"))
+        head = await running.until(lambda e: text_of([e]) == "one")
+        with pytest.raises(errors.Aborted) as busy:
+            await run(b, sid, "from two", multitask_strategy="reject")
+        assert busy.value.metadata["turn_id"] == head[0].turn_id
 
-            # StopTurn on replica two stops the turn replica one runs (at its next lease renewal).
-            stopped = await b.stop_turn(session_id=sid)
-            assert (stopped.stopped, stopped.turn_id) == (True, head[0].turn_id)
-            tail = await running.rest()
-            assert reason(tail) == CANCELLED
-            assert message_text(only(tail, "message_completed").message) == "/hang on replica one"[6:]
+        # StopTurn on replica two stops the turn replica one runs (at its next lease renewal).
+        stopped = await b.stop_turn(session_id=sid)
+        assert (stopped.stopped, stopped.turn_id) == (True, head[0].turn_id)
+        tail = await running.rest()
+        assert reason(tail) == CANCELLED
+        assert message_text(only(tail, "message_completed").message) == "/hang on replica one"[6:]
 
-            # Interrupt from replica two: replica one's turn ends first, then replica two's runs.
-            running = Reader(a.execute(session_id=sid, text="/hang again"))
-            await running.until_kind("text_delta")
-            second_turn, tail = await asyncio.gather(run(b, sid, "took over"), running.rest())
-            assert reason(tail) == CANCELLED
-            assert reason(second_turn) == STOP
-            stored = await history(a, sid)
-            assert [message_text(m) for m in stored][-4:] == [
-                "/hang again",
-                "again",
-                "took over",
-                "took over",
-            ]
-    finally:
-        await first.stop(0)
-        await second.stop(0)
+        # Interrupt from replica two: replica one's turn ends first, then replica two's runs.
+        running = Reader(a.execute(session_id=sid, text="/hang again"))
+        await running.until_kind("text_delta")
+        second_turn, tail = await asyncio.gather(run(b, sid, "took over"), running.rest())
+        assert reason(tail) == CANCELLED
+        assert reason(second_turn) == STOP
+        stored = await history(a, sid)
+        assert [message_text(m) for m in stored][-4:] == [
+            "/hang again",
+            "again",
+            "took over",
+            "took over",
+        ]
 
 
 def _sync_turns(target: str, sid: str) -> tuple[list[str], list[str], str]:
