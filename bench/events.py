@@ -84,7 +84,14 @@ async def watchers(target: str, pid: int, bare_target: str, bare_pid: int, n: in
         sessions = session_service_pb2_grpc.SessionServiceStub(channels[0])
         messages = message_service_pb2_grpc.MessageServiceStub(channels[0])
         created = await sessions.CreateSession(
-            session_service_pb2.CreateSessionRequest(session=session_pb2.Session(agent_id="echo"))
+            # A day's timeout, like the probe: the sweep below waits for the expired count to reach zero,
+            # and a watched session expiring during a long run would keep it above (it is not yet
+            # past retention).
+            session_service_pb2.CreateSessionRequest(
+                session=session_pb2.Session(
+                    agent_id="echo", timeout_policy=session_pb2.TimeoutPolicy(timeout_minutes=1440)
+                )
+            )
         )
         sid = created.session_id
 

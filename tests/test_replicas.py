@@ -112,11 +112,22 @@ async def test_a_delete_on_one_replica_ends_watches_on_another(
 
 
 async def test_turn_deltas_reach_watchers_on_another_replica(
-    clients: tuple[AsyncSessionsClient, AsyncSessionsClient], unique: str
+    replicas: tuple[RunningServer, RunningServer],
+    clients: tuple[AsyncSessionsClient, AsyncSessionsClient],
+    unique: str,
 ) -> None:
+    """Deltas cross only for sessions another replica has delta watchers of: replica A relays them once
+    B's watch said so, and not before."""
     on_a, on_b = clients
+    bus = replicas[0].bus
+    assert isinstance(bus, PostgresEventBus)
     sid = f"{unique}/turn"
+    assert not bus.relays_deltas_of(sid)
     stream = await watching(on_a, on_b, sid, include_deltas=True)
+    deadline = asyncio.get_running_loop().time() + WAIT
+    while not bus.relays_deltas_of(sid):
+        assert asyncio.get_running_loop().time() < deadline, "replica A never learned of B's delta watcher"
+        await asyncio.sleep(0.01)
     answer = [e async for e in on_a.execute(session_id=sid, text="hello there from replica A")]
     relayed_deltas = [e.text_delta.text for e in answer if e.WhichOneof("kind") == "text_delta"]
     assert relayed_deltas

@@ -19,8 +19,6 @@ from . import convert
 log = logging.getLogger(__name__)
 
 REPLAY_PAGE = 500
-# Turn events a watcher gets only when it asked for deltas.
-_DELTAS = frozenset({"text_delta", "reasoning_delta"})
 
 
 def encode_event(
@@ -87,7 +85,7 @@ async def watch(
     """Stored events after `after_event_id`, then live ones. Subscribing before reading storage closes the
     seam: an event committed meanwhile is in both, and ids drop the second copy; a live event that
     arrives ahead of one still missing sends us back to storage for the gap."""
-    with service.bus.subscribe(session_id, max_buffer=buffer) as live:
+    with service.bus.subscribe(session_id, max_buffer=buffer, deltas=include_deltas) as live:
         session = await service.store.get_session(session_id)
         last = session.last_event_id if after_event_id is None else after_event_id
         if after_event_id is not None:
@@ -100,8 +98,7 @@ async def watch(
                 raise lagging(session_id, last)
             event = received
             if event.event_id == 0:
-                if include_deltas or event.turn.WhichOneof("kind") not in _DELTAS:
-                    yield event
+                yield event  # the bus gives deltas only to watches that asked for them
                 continue
             if event.event_id <= last:
                 continue

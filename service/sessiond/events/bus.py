@@ -14,18 +14,25 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from agentsessions.v1 import events_pb2
 
 DEFAULT_BUFFER = 1024
+# Turn events that only subscribers asking for deltas get: by far the most frequent events of a turn.
+DELTA_KINDS = frozenset({"text_delta", "reasoning_delta"})
+
+
+def is_delta(event: events_pb2.SessionEvent) -> bool:
+    return event.event_id == 0 and event.turn.WhichOneof("kind") in DELTA_KINDS
 
 
 class Subscription:
     """Live events of one session for one subscriber, in publish order."""
 
-    def __init__(self, bus: InProcessEventBus, session_id: str, max_buffer: int) -> None:
+    def __init__(self, bus: InProcessEventBus, session_id: str, max_buffer: int, deltas: bool) -> None:
         self.session_id = session_id
+        self.deltas = deltas
         self.lagging = False
         self._bus = bus
         self._queue: asyncio.Queue[events_pb2.SessionEvent | None] = asyncio.Queue(max_buffer)
@@ -76,18 +83,21 @@ class EventBus(Protocol):
         """Delivers `event` to every current subscriber of `event.session_id`. Never blocks."""
         ...
 
-    def subscribe(self, session_id: str, *, max_buffer: int = DEFAULT_BUFFER) -> Subscription:
-        """Starts buffering the session's live events for one subscriber (close it when done)."""
+    def subscribe(
+        self, session_id: str, *, max_buffer: int = DEFAULT_BUFFER, deltas: bool = False
+    ) -> Subscription:
+        """Starts buffering the session's live events for one subscriber (close it when done). Turn
+        deltas only reach subscribers that ask for them (`deltas`)."""
         ...
 
     def subscriber_count(self) -> int: ...
 
-    def signal(self, name: str, data: Mapping[str, str]) -> None:
+    def signal(self, name: str, data: Mapping[str, Any]) -> None:
         """Tells the other replicas something (a stop asked for a turn one of them runs); never blocks,
         may be lost. Within one process there is nobody else to tell."""
         ...
 
-    def on_signal(self, name: str, handler: Callable[[Mapping[str, str]], None]) -> None:
+    def on_signal(self, name: str, handler: Callable[[Mapping[str, Any]], None]) -> None:
         """Calls `handler` with the data of each `name` signal another replica sends."""
         ...
 
@@ -97,20 +107,27 @@ class InProcessEventBus:
 
     def __init__(self) -> None:
         self._subscribers: dict[str, set[Subscription]] = {}
-        self._handlers: dict[str, list[Callable[[Mapping[str, str]], None]]] = {}
+        self._handlers: dict[str, list[Callable[[Mapping[str, Any]], None]]] = {}
 
-    def signal(self, name: str, data: Mapping[str, str]) -> None:
+    def signal(self, name: str, data: Mapping[str, Any]) -> None:
         """One process: no other replica to tell."""
 
-    def on_signal(self, name: str, handler: Callable[[Mapping[str, str]], None]) -> None:
+    def on_signal(self, name: str, handler: Callable[[Mapping[str, Any]], None]) -> None:
         self._handlers.setdefault(name, []).append(handler)
 
     def publish(self, event: events_pb2.SessionEvent) -> None:
-        for subscription in tuple(self._subscribers.get(event.session_id, ())):
-            subscription._offer(event)
+        subscribers = self._subscribers.get(event.session_id)
+        if not subscribers:
+            return
+        delta = is_delta(event)
+        for subscription in tuple(subscribers):
+            if subscription.deltas or not delta:
+                subscription._offer(event)
 
-    def subscribe(self, session_id: str, *, max_buffer: int = DEFAULT_BUFFER) -> Subscription:
-        subscription = Subscription(self, session_id, max_buffer)
+    def subscribe(
+        self, session_id: str, *, max_buffer: int = DEFAULT_BUFFER, deltas: bool = False
+    ) -> Subscription:
+        subscription = Subscription(self, session_id, max_buffer, deltas)
         self._subscribers.setdefault(session_id, set()).add(subscription)
         return subscription
 

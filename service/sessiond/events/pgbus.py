@@ -12,7 +12,9 @@ A replica that receives a notice does nothing unless it has subscribers for that
 the event in it is delivered as is. One without (a large `messages_appended`) makes the replica read the
 event from storage (the same replay a resuming watcher does), one reader per session at a time. Turn
 events (event id 0) are not stored, so a large one that does not fit is not relayed; watchers lose only
-that delta.
+that delta. Deltas, most of a turn's events, are relayed only for sessions that another replica has
+watchers of that asked for them (a soft interest each replica repeats every 10 s and the others forget
+after 30 s), so a busy turn costs nothing on the bus while nobody elsewhere wants its deltas.
 
 Notices are not durable. If the listening connection drops, the replica reconnects and then, for every
 session it has subscribers for, reads the latest event and delivers it: a watcher that missed events in
@@ -28,7 +30,9 @@ import contextlib
 import json
 import logging
 import re
+import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -36,9 +40,13 @@ import asyncpg
 
 from agentsessions.v1 import events_pb2
 
-from .bus import InProcessEventBus, Subscription
+from .bus import DEFAULT_BUFFER, InProcessEventBus, Subscription, is_delta
 
 log = logging.getLogger(__name__)
+
+DELTAS_SIGNAL = "deltas_wanted"
+INTEREST_REFRESH = 10.0
+INTEREST_TTL = 30.0
 
 # Raw bytes of an event sent inside a notice; base64 makes them 4/3 larger, under the 8,000-byte payload
 # limit with room for the rest of the notice.
@@ -77,6 +85,12 @@ class PostgresEventBus(InProcessEventBus):
         self._delivered: dict[str, int] = {}
         self._closed = False
         self.reconnects = 0
+        # Turn deltas are most of a turn's events and few watchers want them, so they are relayed only
+        # for sessions some other replica said it has such watchers of; replicas repeat that every
+        # INTEREST_REFRESH seconds while it holds and the others forget it after INTEREST_TTL.
+        self._wanting: Counter[str] = Counter()  # here: delta subscriptions per session
+        self._wanted: dict[str, float] = {}  # elsewhere: session -> until (monotonic time)
+        self._handlers.setdefault(DELTAS_SIGNAL, []).append(self._on_deltas_wanted)
 
     def attach(self, load: Loader, latest: Latest) -> None:
         """How to read a session's stored events (as watchers get them) and its latest event id."""
@@ -87,6 +101,7 @@ class PostgresEventBus(InProcessEventBus):
             raise RuntimeError("PostgresEventBus.attach() was not called")
         await self._listen()
         self._spawn(self._send_loop())
+        self._spawn(self._refresh_interest())
 
     async def close(self) -> None:
         self._closed = True
@@ -106,6 +121,8 @@ class PostgresEventBus(InProcessEventBus):
         self._deliver(event)
         if self._closed:
             return
+        if is_delta(event) and not self.relays_deltas_of(event.session_id):
+            return  # no other replica has a watcher that wants it
         notice: dict[str, Any] = {"o": self.origin, "s": event.session_id, "e": event.event_id}
         data = event.SerializeToString()
         if len(data) <= MAX_INLINE_EVENT:
@@ -116,7 +133,7 @@ class PostgresEventBus(InProcessEventBus):
         self._outbox.append(json.dumps(notice, separators=(",", ":")))
         self._wake.set()
 
-    def signal(self, name: str, data: Mapping[str, str]) -> None:
+    def signal(self, name: str, data: Mapping[str, Any]) -> None:
         if not self._closed:
             self._outbox.append(
                 json.dumps({"o": self.origin, "k": name, "d": dict(data)}, separators=(",", ":"))
@@ -229,8 +246,42 @@ class PostgresEventBus(InProcessEventBus):
 
     def _remove(self, subscription: Subscription) -> None:
         super()._remove(subscription)
-        if subscription.session_id not in self._subscribers:
-            self._delivered.pop(subscription.session_id, None)
+        session_id = subscription.session_id
+        if session_id not in self._subscribers:
+            self._delivered.pop(session_id, None)
+        if subscription.deltas:
+            self._wanting[session_id] -= 1
+            if self._wanting[session_id] <= 0:
+                del self._wanting[session_id]
+
+    def subscribe(
+        self, session_id: str, *, max_buffer: int = DEFAULT_BUFFER, deltas: bool = False
+    ) -> Subscription:
+        subscription = super().subscribe(session_id, max_buffer=max_buffer, deltas=deltas)
+        if deltas:
+            self._wanting[session_id] += 1
+            if self._wanting[session_id] == 1:
+                self.signal(DELTAS_SIGNAL, {"sessions": [session_id]})
+        return subscription
+
+    def relays_deltas_of(self, session_id: str) -> bool:
+        """Whether another replica said it has watchers of the session that want its turn deltas."""
+        return self._wanted.get(session_id, 0.0) >= time.monotonic()
+
+    def _on_deltas_wanted(self, data: Mapping[str, Any]) -> None:
+        until = time.monotonic() + INTEREST_TTL
+        for session_id in data.get("sessions", ()):
+            self._wanted[str(session_id)] = until
+
+    async def _refresh_interest(self) -> None:
+        while True:
+            await asyncio.sleep(INTEREST_REFRESH)
+            wanting = list(self._wanting)
+            for start in range(0, len(wanting), 40):  # notices stay well under 8,000 bytes
+                self.signal(DELTAS_SIGNAL, {"sessions": wanting[start : start + 40]})
+            now = time.monotonic()
+            for session_id in [s for s, until in self._wanted.items() if until < now]:
+                del self._wanted[session_id]
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)

@@ -28,7 +28,7 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from google.protobuf import timestamp_pb2
 
@@ -769,7 +769,7 @@ class TurnRunner:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(_turn_finished(events, running.turn_id), self.renew_interval)
 
-    def _on_stop_signal(self, data: Mapping[str, str]) -> None:
+    def _on_stop_signal(self, data: Mapping[str, Any]) -> None:
         if data.get("turn_id") in self._by_id:
             self._renew_now.set()  # the renewal reads the stop from the lease row and applies it
 
