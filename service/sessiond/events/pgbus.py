@@ -48,6 +48,10 @@ DELTAS_SIGNAL = "deltas_wanted"
 INTEREST_REFRESH = 10.0
 INTEREST_TTL = 30.0
 
+# Notices kept while they cannot be sent; older ones are dropped past it (lost notices are recovered by
+# the session's next event, as any lost notice is).
+MAX_OUTBOX = 10_000
+
 # Raw bytes of an event sent inside a notice; base64 makes them 4/3 larger, under the 8,000-byte payload
 # limit with room for the rest of the notice.
 MAX_INLINE_EVENT = 5_500
@@ -130,15 +134,17 @@ class PostgresEventBus(InProcessEventBus):
         elif event.event_id == 0:
             log.debug("a turn event of %d bytes is too large to relay to other replicas", len(data))
             return
-        self._outbox.append(json.dumps(notice, separators=(",", ":")))
-        self._wake.set()
+        self._queue(json.dumps(notice, separators=(",", ":")))
 
     def signal(self, name: str, data: Mapping[str, Any]) -> None:
         if not self._closed:
-            self._outbox.append(
-                json.dumps({"o": self.origin, "k": name, "d": dict(data)}, separators=(",", ":"))
-            )
-            self._wake.set()
+            self._queue(json.dumps({"o": self.origin, "k": name, "d": dict(data)}, separators=(",", ":")))
+
+    def _queue(self, notice: str) -> None:
+        if len(self._outbox) >= MAX_OUTBOX:  # the database is unreachable: keep the newest only
+            del self._outbox[: len(self._outbox) // 2]
+        self._outbox.append(notice)
+        self._wake.set()
 
     async def _send_loop(self) -> None:
         while True:
