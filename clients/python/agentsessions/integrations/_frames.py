@@ -1,5 +1,5 @@
-"""What the framework adapters share: a framework's own record kept verbatim in a hidden data part, and
-the agent a framework's sessions hang on."""
+"""What the framework adapters share: a framework's own record kept verbatim in a hidden data part, the
+agent a framework's sessions hang on, and the client they open on first use."""
 
 from __future__ import annotations
 
@@ -8,8 +8,32 @@ import contextlib
 from google.protobuf import struct_pb2
 
 from agentsessions import errors
-from agentsessions.client import AsyncSessionsClient
+from agentsessions.client import DEFAULT_TARGET, AsyncSessionsClient
 from agentsessions.v1 import message_pb2
+
+
+class LazyClient:
+    """An adapter's client: the one passed in (left open), or one opened on first use and closed by
+    `close()`."""
+
+    def _use_client(self, client: AsyncSessionsClient | None, target: str = DEFAULT_TARGET) -> None:
+        self._client = client
+        self._owns_client = client is None
+        self._target = target
+
+    @property
+    def client(self) -> AsyncSessionsClient:
+        """The client in use (opened on first use when none was given)."""
+        if self._client is None:
+            self._client = AsyncSessionsClient(self._target)
+        return self._client
+
+    async def close(self) -> None:
+        """Closes the client this adapter opened (a client passed in stays open)."""
+        if self._owns_client and self._client is not None:
+            await self._client.close()
+            self._client = None
+
 
 #: The largest page the server serves; longer histories are read page by page.
 MAX_PAGE = 1000

@@ -198,7 +198,7 @@ def _quoted(key: str) -> str:
     return f"variables.`{key}`"
 
 
-class AgentSessionsService(BaseSessionService):
+class AgentSessionsService(_frames.LazyClient, BaseSessionService):
     """A Google ADK session service stored in Agent Sessions.
 
     Args:
@@ -218,24 +218,9 @@ class AgentSessionsService(BaseSessionService):
         timeout_policy: TimeoutPolicyInput | None = None,
         register_apps: bool = True,
     ) -> None:
-        self._client = client
-        self._owns_client = client is None
-        self._target = target
+        self._use_client(client, target)
         self._timeout_policy = timeout_policy
         self._register_apps = register_apps
-
-    @property
-    def client(self) -> AsyncSessionsClient:
-        """The client in use (opened on first use when none was given)."""
-        if self._client is None:
-            self._client = AsyncSessionsClient(self._target)
-        return self._client
-
-    async def close(self) -> None:
-        """Closes the client this service opened (a client passed in stays open)."""
-        if self._owns_client and self._client is not None:
-            await self._client.close()
-            self._client = None
 
     def _to_adk(self, stored: session_pb2.Session, events: list[Event] | None = None) -> Session:
         return Session(

@@ -160,7 +160,7 @@ def _items(messages: Iterable[message_pb2.Message]) -> list[TResponseInputItem]:
     return [item for m in messages for item in item_from_message(m)]
 
 
-class AgentSessionsSession:
+class AgentSessionsSession(_frames.LazyClient):
     """An OpenAI Agents SDK session (the ``agents.memory.Session`` protocol) stored in Agent Sessions.
 
     Args:
@@ -190,26 +190,11 @@ class AgentSessionsSession:
     ) -> None:
         self.session_id = session_id
         self.session_settings: SessionSettings | None = session_settings or SessionSettings()
-        self._client = client
-        self._owns_client = client is None
-        self._target = target
+        self._use_client(client, target)
         self._agent_id = agent_id
         self._user_id = user_id
         self._metadata = dict(metadata or {})
         self._timeout_policy = timeout_policy
-
-    @property
-    def client(self) -> AsyncSessionsClient:
-        """The client in use (opened on first use when none was given)."""
-        if self._client is None:
-            self._client = AsyncSessionsClient(self._target)
-        return self._client
-
-    async def close(self) -> None:
-        """Closes the client this session opened (a client passed in stays open)."""
-        if self._owns_client and self._client is not None:
-            await self._client.close()
-            self._client = None
 
     async def get_items(self, limit: int | None = None) -> list[TResponseInputItem]:
         """The history, oldest first: all of it, or with ``limit`` (default ``session_settings.limit``) the
