@@ -38,9 +38,9 @@ def set_time(field: timestamp_pb2.Timestamp, value: datetime) -> None:
 
 
 def _ts(value: datetime) -> timestamp_pb2.Timestamp:
-    delta = value - _EPOCH
-    seconds = delta.days * 86_400 + delta.seconds
-    return timestamp_pb2.Timestamp(seconds=seconds, nanos=delta.microseconds * 1000)
+    ts = timestamp_pb2.Timestamp()
+    set_time(ts, value)
+    return ts
 
 
 # --- sessions -----------------------------------------------------------------------------------------

@@ -333,26 +333,24 @@ _UPDATE_NOTICES = (
         }
     )
 )
-_PURGE_ENDED = (
-    select(sessions.c.pk, sessions.c.end_time.label("at"))
-    .where(
-        sessions.c.end_time.is_not(None),
-        sessions.c.end_time <= bindparam("p_cutoff", type_=UTCDateTime()),
-        tuple_(sessions.c.end_time, sessions.c.pk) > tuple_(_SWEEP_AFTER_TIME, bindparam("p_after_pk")),
+
+
+def _purge_query(at: Any, state: Any) -> Select[Any]:
+    """Sessions in `state` whose time `at` is past the cutoff, walked by keyset on (at, pk)."""
+    return (
+        select(sessions.c.pk, at.label("at"))
+        .where(
+            state,
+            at <= bindparam("p_cutoff", type_=UTCDateTime()),
+            tuple_(at, sessions.c.pk) > tuple_(_SWEEP_AFTER_TIME, bindparam("p_after_pk")),
+        )
+        .order_by(at, sessions.c.pk)
+        .limit(bindparam("p_limit"))
     )
-    .order_by(sessions.c.end_time, sessions.c.pk)
-    .limit(bindparam("p_limit"))
-)
-_PURGE_EXPIRED = (
-    select(sessions.c.pk, sessions.c.expire_time.label("at"))
-    .where(
-        sessions.c.end_time.is_(None),
-        sessions.c.expire_time <= bindparam("p_cutoff", type_=UTCDateTime()),
-        tuple_(sessions.c.expire_time, sessions.c.pk) > tuple_(_SWEEP_AFTER_TIME, bindparam("p_after_pk")),
-    )
-    .order_by(sessions.c.expire_time, sessions.c.pk)
-    .limit(bindparam("p_limit"))
-)
+
+
+_PURGE_ENDED = _purge_query(sessions.c.end_time, sessions.c.end_time.is_not(None))
+_PURGE_EXPIRED = _purge_query(sessions.c.expire_time, sessions.c.end_time.is_(None))
 _INSERT_SESSION = insert(sessions).returning(sessions.c.pk)
 _INSERT_SESSIONS = insert(sessions).returning(sessions.c.pk, sort_by_parameter_order=True)
 _SESSION_IDS_TAKEN = select(sessions.c.session_id).where(
