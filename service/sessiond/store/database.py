@@ -12,9 +12,9 @@ they run depends on the database:
 - SQLite reads: point reads (a session, a page of messages or events, an agent, a turn) run on the event
   loop itself with a plain `sqlite3` connection: an indexed read of a warm WAL database takes tens of
   microseconds, less than one trip to another thread and back (aiosqlite makes several per query: a
-  50-message ListMessages went from 1.1 ms to 0.89 ms at p50, end to end, on this change alone). Reads that may scan (ListSessions with
-  filters) go through the aiosqlite pool, so a long scan never stalls the loop. WAL keeps both beside the
-  writer.
+  50-message ListMessages went from 1.1 ms to 0.89 ms at p50, end to end, on this change alone). Reads
+  that may scan (ListSessions with filters) go through the aiosqlite pool, so a long scan never stalls
+  the loop. WAL keeps both beside the writer.
 - SQLite writes: one writer thread with its own connection commits every operation queued meanwhile in
   one transaction (group commit), which is what SQLite's one-writer model rewards. If any operation of a
   group fails, the group is rolled back and each operation runs again in a transaction of its own, so
