@@ -447,6 +447,42 @@ async def test_last_messages(client: AsyncSessionsClient, unique: str) -> None:
     assert [m.sequence for m in await client.last_messages(session_id=sid, n=100)] == list(range(1, 31))
 
 
+async def test_list_messages_can_bring_the_session_along(client: AsyncSessionsClient, unique: str) -> None:
+    sid = await new_session(client, unique)
+    await client.update_session(
+        session_id=sid, variables={"user:lang": "fr", "topic": "tides"}, update_mask=["variables"]
+    )
+    await fill(client, sid, 7)
+
+    # Without the flag, no session; with it, the session exactly as GetSession shows it (shared state
+    # merged), beside the same page.
+    plain = await client.list_messages(session_id=sid, order=DESC, page_size=3)
+    assert not plain.first_page.HasField("session")
+    pager = await client.list_messages(session_id=sid, order=DESC, page_size=3, include_session=True)
+    session = await client.get_session(session_id=sid)
+    assert pager.first_page.session == session
+    assert pager.first_page.session.message_count == 7
+    assert pager.first_page.session.variables["user:lang"] == "fr"
+    assert [m.sequence for m in pager.first_page.messages] == [7, 6, 5]
+    assert [m.sequence for m in plain.first_page.messages] == [7, 6, 5]
+    # The flag is not part of the listing: every page carries the session, and the pages are the same.
+    pages = [page async for page in pager.pages]
+    assert [[m.sequence for m in p.messages] for p in pages] == [[7, 6, 5], [4, 3, 2], [1]]
+    assert all(p.session.session_id == sid for p in pages)
+    plain_tail = await client.list_messages(
+        session_id=sid, order=DESC, page_size=3, page_token=plain.first_page.next_page_token
+    )
+    assert [m.sequence for m in plain_tail.first_page.messages] == [4, 3, 2]
+
+    # An empty history still brings the session; a missing session is NOT_FOUND as without the flag.
+    empty = await new_session(client, unique, "empty")
+    pager = await client.list_messages(session_id=empty, include_session=True)
+    assert pager.first_page.session.session_id == empty and list(pager.first_page.messages) == []
+    with pytest.raises(errors.NotFound) as info:
+        await client.list_messages(session_id=f"{unique}/missing", include_session=True)
+    assert info.value.reason == "SESSION_NOT_FOUND"
+
+
 async def test_sequence_bounds(client: AsyncSessionsClient, unique: str) -> None:
     sid = await new_session(client, unique)
     await fill(client, sid, 12)

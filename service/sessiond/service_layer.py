@@ -230,7 +230,9 @@ class SessionsService:
         before_sequence: int,
         page_size: int,
         page_token: str,
-    ) -> Page[StoredMessage]:
+        with_session: bool = False,
+    ) -> tuple[Page[StoredMessage], Session | None]:
+        """A page of messages, and with `with_session` the session too, read at once."""
         size = check_page_size(page_size, self.limits)
         for name, value in (("after_sequence", after_sequence), ("before_sequence", before_sequence)):
             if value < 0:
@@ -251,11 +253,15 @@ class SessionsService:
             before_sequence=before,
             limit=size + 1,
         )
-        rows = await self.store.list_messages(session_id, query)
+        session: Session | None = None
+        if with_session:
+            session, rows = await self.store.session_and_messages(session_id, query)
+        else:
+            rows = await self.store.list_messages(session_id, query)
         if len(rows) <= size:
-            return Page(rows, "")
+            return Page(rows, ""), session
         page = paging.keep_tool_groups(rows[:size], descending=descending)
-        return Page(page, paging.encode_token(page[-1].sequence, fp))
+        return Page(page, paging.encode_token(page[-1].sequence, fp)), session
 
     async def delete_messages(
         self,

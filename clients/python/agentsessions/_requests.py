@@ -253,6 +253,7 @@ def list_messages(
     page_token: str,
     after_sequence: int,
     before_sequence: int,
+    include_session: bool = False,
 ) -> Prepared[message_service_pb2.ListMessagesRequest]:
     request = message_service_pb2.ListMessagesRequest(
         session_id=session_id,
@@ -262,6 +263,7 @@ def list_messages(
         page_token=page_token,
         after_sequence=after_sequence,
         before_sequence=before_sequence,
+        include_session=include_session,
     )
     return Prepared(request, idempotent=True)
 

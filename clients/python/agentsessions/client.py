@@ -372,12 +372,15 @@ class AsyncSessionsClient:
         page_token: str = "",
         after_sequence: int = 0,
         before_sequence: int = 0,
+        include_session: bool = False,
     ) -> AsyncPager[message_pb2.Message, message_service_pb2.ListMessagesResponse]:
         """Pages through the history in sequence order (``order``: ascending from the oldest, descending
         from the newest), bounded by ``after_sequence`` / ``before_sequence`` (0: no bound).
 
         ``view`` UI leaves out hidden messages and parts. A page never separates a tool call from its
-        result, so it may hold fewer than ``page_size`` messages. Returns a pager; retried.
+        result, so it may hold fewer than ``page_size`` messages. ``include_session``: each page also
+        carries the session (``pager.first_page.session``), read in the same call. Returns a pager;
+        retried.
         """
         prepared = _requests.list_messages(
             session_id=session_id,
@@ -387,6 +390,7 @@ class AsyncSessionsClient:
             page_token=page_token,
             after_sequence=after_sequence,
             before_sequence=before_sequence,
+            include_session=include_session,
         )
         return await self._pager(self._messages.ListMessages, prepared, _messages)
 
@@ -740,6 +744,7 @@ class SessionsClient:
         page_token: str = "",
         after_sequence: int = 0,
         before_sequence: int = 0,
+        include_session: bool = False,
     ) -> Pager[message_pb2.Message, message_service_pb2.ListMessagesResponse]:
         prepared = _requests.list_messages(
             session_id=session_id,
@@ -749,6 +754,7 @@ class SessionsClient:
             page_token=page_token,
             after_sequence=after_sequence,
             before_sequence=before_sequence,
+            include_session=include_session,
         )
         return self._pager(self._messages.ListMessages, prepared, _messages)
 

@@ -234,7 +234,7 @@ class MessageServicer(message_service_pb2_grpc.MessageServiceServicer):
         if request.order not in message_pb2.MessageOrder.values():
             raise InvalidArgument.field("order", f"unknown order {request.order}")
         ui = request.view == message_pb2.MESSAGE_VIEW_UI
-        page = await self.svc.list_messages(
+        page, session = await self.svc.list_messages(
             session_id=request.session_id,
             visible_only=ui,
             descending=request.order == message_pb2.MESSAGE_ORDER_DESCENDING,
@@ -242,10 +242,12 @@ class MessageServicer(message_service_pb2_grpc.MessageServiceServicer):
             before_sequence=request.before_sequence,
             page_size=request.page_size,
             page_token=request.page_token,
+            with_session=request.include_session,
         )
         return message_service_pb2.ListMessagesResponse(
             messages=[convert.message_to_pb(m, ui_view=ui) for m in page.items],
             next_page_token=page.next_page_token,
+            session=None if session is None else convert.session_to_pb(session, self.svc.clock.now()),
         )
 
     @unary

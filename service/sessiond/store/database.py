@@ -81,6 +81,10 @@ class Database:
         self._engine: AsyncEngine | None = None
         self._writer: _SQLiteWriter | None = None
         self._inline: Engine | None = None  # SQLite point reads, on the loop's thread
+        # ...all on one connection, held open: in autocommit each statement sees the latest commit, and a
+        # read runs to its end without yielding, so nothing else uses the connection meanwhile (a pool
+        # checkout and return per read was a tenth of a ListMessages).
+        self._inline_conn: Connection | None = None
         # PostgreSQL group commit: operations waiting for the next group, and the task running groups.
         self._pending: list[tuple[Op[Any], asyncio.Future[Any]]] = []
         self._grouper: asyncio.Task[None] | None = None
@@ -121,6 +125,7 @@ class Database:
                 connect_args={"timeout": 30, "check_same_thread": False},
             )
             _sqlite_setup(self._inline, begin=None)
+            self._inline_conn = self._inline.connect()
             writer_engine = create_engine(
                 sync_url,
                 pool_size=1,
@@ -144,6 +149,9 @@ class Database:
         if self._writer is not None:
             await asyncio.to_thread(self._writer.close)
             self._writer = None
+        if self._inline_conn is not None:
+            self._inline_conn.close()
+            self._inline_conn = None
         if self._inline is not None:
             self._inline.dispose()
             self._inline = None
@@ -163,9 +171,8 @@ class Database:
     async def read(self, op: Op[T], *, scan: bool = False) -> T:
         """Runs `op` on a read connection. `scan`: it may read many rows, so on SQLite it must not run
         on the loop's thread."""
-        if self._inline is not None and not scan:
-            with self._inline.connect() as sync_conn:
-                return op(sync_conn)
+        if self._inline_conn is not None and not scan:
+            return op(self._inline_conn)
         async with self.engine.connect() as conn:
             return await conn.run_sync(op)
 

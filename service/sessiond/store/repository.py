@@ -138,7 +138,7 @@ def _session_with_shared(row: Row[Any]) -> Session:
     """A session read with its shared scopes joined (`_SHARED_COLUMNS`)."""
     m = row._mapping
     shared = {Scope.APP: m["app_variables"] or {}, Scope.USER: m["user_variables"] or {}}
-    return replace(_session_from_row(row), shared=shared)
+    return _session_from_row(row).evolve(shared=shared)
 
 
 def _session_values(s: Session) -> dict[str, Any]:
@@ -393,9 +393,36 @@ _SHARED_BY_KEY = select(scoped_variables.c.variables).where(
     scoped_variables.c.agent_id == bindparam("p_agent_id"),
     scoped_variables.c.user_id == bindparam("p_user_id"),
 )
+_IDS_PER_LOOKUP = 500  # bound parameters per statement stay far below SQLite's and asyncpg's limits
 _MESSAGES_BY_IDS = select(*_MESSAGE_COLUMNS).where(
     messages.c.session_pk == bindparam("p_pk"), messages.c.message_id.in_(bindparam("p_ids", expanding=True))
 )
+
+
+@functools.cache
+def _message_page(visible_only: bool, after: bool, before: bool, descending: bool) -> Select[Any]:
+    """The statement of a page of messages; one object per shape (16 in all), so that SQLAlchemy finds
+    its compiled form by the key memoized on it instead of building and hashing a new statement per page."""
+    stmt = select(*_MESSAGE_COLUMNS).where(messages.c.session_pk == _SESSION_PK_BY_ID.scalar_subquery())
+    if visible_only:
+        stmt = stmt.where(messages.c.hidden.is_(False))
+    if after:
+        stmt = stmt.where(messages.c.sequence > bindparam("p_after"))
+    if before:
+        stmt = stmt.where(messages.c.sequence < bindparam("p_before"))
+    order = messages.c.sequence.desc() if descending else messages.c.sequence.asc()
+    return stmt.order_by(order).limit(bindparam("p_limit"))
+
+
+def _page_of_messages(conn: Connection, session_id: str, q: MessagePageQuery) -> list[StoredMessage]:
+    stmt = _message_page(q.visible_only, bool(q.after_sequence), bool(q.before_sequence), q.descending)
+    params = {
+        "p_session_id": session_id,
+        "p_after": q.after_sequence,
+        "p_before": q.before_sequence,
+        "p_limit": q.limit,
+    }
+    return [_message_from_row(r, session_id) for r in conn.execute(stmt, params).all()]
 
 
 class Store:
@@ -440,7 +467,7 @@ class Store:
         elif conn is not None:
             conn.execute(_INSERT_EVENT, row)
         sink.append(live)
-        return replace(session, last_event_id=event_id)
+        return session.evolve(last_event_id=event_id)
 
     def _deliver(self, events: Sequence[Any]) -> None:
         if self._publish is not None:
@@ -529,8 +556,8 @@ class Store:
         keys = [self._shared_key(scope, session) for scope in Scope]
         rows = conn.execute(_SHARED_BY_KEYS, {"p_keys": keys})
         shared = {(r.scope, r.agent_id, r.user_id): r.variables for r in rows}
-        return replace(
-            session, shared={scope: shared.get(self._shared_key(scope, session), {}) for scope in Scope}
+        return session.evolve(
+            shared={scope: shared.get(self._shared_key(scope, session), {}) for scope in Scope}
         )
 
     def _write_shared(
@@ -675,7 +702,7 @@ class Store:
             raise session_exists(new.session_id)
         pk = conn.execute(_INSERT_SESSION, _new_session_values(new)).scalar_one()
         self._insert_labels(conn, pk, new.metadata)
-        created = replace(new, pk=pk)
+        created = new.evolve(pk=pk)
         if op.shared is None:
             return created, True
         self._write_shared(conn, created, op.shared, new.create_time)
@@ -740,7 +767,7 @@ class Store:
         created: dict[int, Session] = {}
         if fresh:
             rows = conn.execute(_INSERT_SESSIONS, [_new_session_values(new) for _, new in fresh]).all()
-            created = {i: replace(new, pk=row.pk) for (i, new), row in zip(fresh, rows, strict=True)}
+            created = {i: new.evolve(pk=row.pk) for (i, new), row in zip(fresh, rows, strict=True)}
             labels = [
                 {"session_pk": s.pk, "key": k, "value": v}
                 for s in created.values()
@@ -768,7 +795,7 @@ class Store:
         )
         for i, s, made in results:
             if ops[i].shared is not None:
-                s = replace(s, shared={sc: shared.get(self._shared_key(sc, s), {}) for sc in Scope})
+                s = s.evolve(shared={sc: shared.get(self._shared_key(sc, s), {}) for sc in Scope})
             outcomes[i] = ((s, made), None)
         assert all(o is not None for o in outcomes)
         return outcomes  # type: ignore[return-value]
@@ -907,6 +934,7 @@ class Store:
             rows = conn.execute(stmt, {"p_ids": missing})
             state.update((row.session_id, _session_from_row(row)) for row in rows)
         original = dict(state)
+        known = self._stored_under_caller_ids(conn, ops, state)
         pending_messages: list[StoredMessage] = []
         pending_calls: list[dict[str, Any]] = []
         pending_events: list[dict[str, Any]] = []
@@ -932,11 +960,10 @@ class Store:
                 if before is None:
                     raise session_not_found(op.session_id)
                 existing: dict[str, StoredMessage] = {}
-                caller_ids = [m.message_id for m in op.new_messages if m.caller_id]
-                if caller_ids:
-                    flush()
-                    rows = conn.execute(_MESSAGES_BY_IDS, {"p_pk": before.pk, "p_ids": caller_ids})
-                    existing = {r.message_id: _message_from_row(r, op.session_id) for r in rows}
+                for m in op.new_messages:
+                    hit = known.get((op.session_id, m.message_id)) if m.caller_id else None
+                    if hit is not None:
+                        existing[m.message_id] = hit
                 fresh = [m for m in op.new_messages if m.message_id not in existing]
                 if not fresh:
                     outcomes.append(((before, sorted(existing.values(), key=_by_sequence)), None))
@@ -947,8 +974,10 @@ class Store:
                 stored, calls = self._build_messages(conn, before, fresh, op.now)
                 pending_messages.extend(stored)
                 pending_calls.extend(calls)
-                after = replace(
-                    model.record_activity(before, op.now),
+                for m, kept in zip(fresh, stored, strict=True):
+                    if m.caller_id:
+                        known[(op.session_id, m.message_id)] = kept
+                after = model.record_activity(before, op.now).evolve(
                     last_sequence=before.last_sequence + len(fresh),
                     message_count=before.message_count + len(fresh),
                 )
@@ -977,6 +1006,27 @@ class Store:
             for session_id, session in state.items():
                 cache.stage(session_id, session)
         return outcomes
+
+    @staticmethod
+    def _stored_under_caller_ids(
+        conn: Connection, ops: Sequence[_AppendOp], state: Mapping[str, Session]
+    ) -> dict[tuple[str, str], StoredMessage]:
+        """The messages already stored under the ids callers chose (retries), by (session id, message id):
+        one lookup per session for the whole group, on the (session_pk, message_id) key. The group then
+        adds what it stores itself, so a retry that lands in the same group as its original finds it."""
+        wanted: dict[str, list[str]] = {}
+        for op in ops:
+            if op.session_id in state:
+                wanted.setdefault(op.session_id, []).extend(
+                    m.message_id for m in op.new_messages if m.caller_id
+                )
+        known: dict[tuple[str, str], StoredMessage] = {}
+        for session_id, ids in wanted.items():
+            for start in range(0, len(ids), _IDS_PER_LOOKUP):
+                params = {"p_pk": state[session_id].pk, "p_ids": ids[start : start + _IDS_PER_LOOKUP]}
+                for row in conn.execute(_MESSAGES_BY_IDS, params):
+                    known[(session_id, row.message_id)] = _message_from_row(row, session_id)
+        return known
 
     @staticmethod
     def _link_groups(
@@ -1061,27 +1111,23 @@ class Store:
         to tell an empty history from a missing session."""
 
         def op(conn: Connection) -> list[StoredMessage]:
-            stmt = select(*_MESSAGE_COLUMNS).where(
-                messages.c.session_pk == _SESSION_PK_BY_ID.scalar_subquery()
-            )
-            if q.visible_only:
-                stmt = stmt.where(messages.c.hidden.is_(False))
-            if q.after_sequence:
-                stmt = stmt.where(messages.c.sequence > bindparam("p_after"))
-            if q.before_sequence:
-                stmt = stmt.where(messages.c.sequence < bindparam("p_before"))
-            order = messages.c.sequence.desc() if q.descending else messages.c.sequence.asc()
-            stmt = stmt.order_by(order).limit(bindparam("p_limit"))
-            params = {
-                "p_session_id": session_id,
-                "p_after": q.after_sequence,
-                "p_before": q.before_sequence,
-                "p_limit": q.limit,
-            }
-            rows = [_message_from_row(r, session_id) for r in conn.execute(stmt, params).all()]
-            if not rows and conn.execute(_SESSION_PK_BY_ID, params).first() is None:
+            rows = _page_of_messages(conn, session_id, q)
+            if not rows and conn.execute(_SESSION_PK_BY_ID, {"p_session_id": session_id}).first() is None:
                 raise session_not_found(session_id)
             return rows
+
+        return await self.db.read(op)
+
+    async def session_and_messages(
+        self, session_id: str, q: MessagePageQuery
+    ) -> tuple[Session, list[StoredMessage]]:
+        """The session (as `get_session` reads it) and a page of its messages, in one read."""
+
+        def op(conn: Connection) -> tuple[Session, list[StoredMessage]]:
+            row = conn.execute(_SESSION_WITH_SHARED_BY_ID, {"p_session_id": session_id}).first()
+            if row is None:
+                raise session_not_found(session_id)
+            return _session_with_shared(row), _page_of_messages(conn, session_id, q)
 
         return await self.db.read(op)
 

@@ -340,7 +340,7 @@ class Turn:
     ) -> agent_service_pb2.RespondRequest:
         svc = self.runner.service
         if backend.uses_history:
-            page = await svc.list_messages(
+            page, _ = await svc.list_messages(
                 session_id=self.session_id,
                 visible_only=False,
                 descending=True,

@@ -9,7 +9,7 @@ from google.protobuf import struct_pb2
 
 from agentsessions import errors
 from agentsessions.client import DEFAULT_TARGET, AsyncSessionsClient
-from agentsessions.v1 import message_pb2
+from agentsessions.v1 import message_pb2, session_pb2
 
 
 class LazyClient:
@@ -72,12 +72,20 @@ async def ensure_agent(client: AsyncSessionsClient, agent_id: str) -> None:
         )
 
 
-async def newest(client: AsyncSessionsClient, session_id: str, n: int) -> list[message_pb2.Message]:
-    """The newest ``n`` messages of a session, oldest first, in descending pages of at most MAX_PAGE.
+#: A session (when asked for) and messages of it, oldest first, read together.
+Conversation = tuple[session_pb2.Session | None, list[message_pb2.Message]]
+
+
+async def newest(
+    client: AsyncSessionsClient, session_id: str, n: int, *, include_session: bool = False
+) -> Conversation:
+    """The newest ``n`` messages of a session, oldest first, in descending pages of at most MAX_PAGE; with
+    ``include_session``, the session too, read by the first page's call.
 
     The server cuts each page at a tool group's edge, so no tool result comes without its call: a page
     that comes back short is the answer, not a gap to fill (only a page shortened by MAX_PAGE goes on)."""
     found: list[message_pb2.Message] = []
+    session: session_pb2.Session | None = None
     token = ""
     while True:
         wanted = n - len(found)
@@ -86,14 +94,23 @@ async def newest(client: AsyncSessionsClient, session_id: str, n: int) -> list[m
             order=message_pb2.MESSAGE_ORDER_DESCENDING,
             page_size=min(wanted, MAX_PAGE),
             page_token=token,
+            include_session=include_session and session is None,
         )
+        if pager.first_page.HasField("session"):
+            session = pager.first_page.session
         found += pager.first_page.messages
         token = pager.first_page.next_page_token
         if not token or wanted <= MAX_PAGE:
-            return found[::-1]
+            return session, found[::-1]
 
 
-async def history(client: AsyncSessionsClient, session_id: str) -> list[message_pb2.Message]:
-    """Every message of a session, oldest first."""
-    pager = await client.list_messages(session_id=session_id, page_size=MAX_PAGE)
-    return [m async for m in pager]
+async def history(
+    client: AsyncSessionsClient, session_id: str, *, include_session: bool = False
+) -> Conversation:
+    """Every message of a session, oldest first; with ``include_session``, the session too, read by the
+    first page's call."""
+    pager = await client.list_messages(
+        session_id=session_id, page_size=MAX_PAGE, include_session=include_session
+    )
+    session = pager.first_page.session if pager.first_page.HasField("session") else None
+    return session, [m async for m in pager]

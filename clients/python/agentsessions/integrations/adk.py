@@ -185,14 +185,6 @@ def _state(session: session_pb2.Session) -> dict[str, Any]:
     return {k: _exact(v) for k, v in json_format.MessageToDict(session.variables).items()}
 
 
-async def _no_events() -> list[Event]:
-    return []
-
-
-async def _decoded(messages: Awaitable[list[message_pb2.Message]]) -> list[Event]:
-    return [event_from_message(m) for m in await messages]
-
-
 def _quoted(key: str) -> str:
     """The update-mask path of one variable (AIP-161: the key in backticks)."""
     return f"variables.`{key}`"
@@ -279,46 +271,53 @@ class AgentSessionsService(_frames.LazyClient, BaseSessionService):
         session_id: str,
         config: GetSessionConfig | None = None,
     ) -> Session | None:
-        """The session with its merged state and its events (all, or as ``config`` limits them), or None."""
+        """The session with its merged state and its events (all, or as ``config`` limits them), or None.
+
+        One call reads the session and its newest events together (ListMessages with
+        ``include_session``); longer reads go on page by page. Events of a session that turns out not to
+        be this app's and user's are dropped undecoded."""
         recent = config.num_recent_events if config else None
         after = config.after_timestamp if config else None
         session_id = session_id.strip()
         if recent == 0:
-            events: Awaitable[list[Event]] = _no_events()
-        elif after is not None:
-            events = self._events_since(session_id, after, recent)
-        elif recent is not None:
-            events = _decoded(_frames.newest(self.client, session_id, recent))
-        else:
-            events = _decoded(_frames.history(self.client, session_id))
-        # The session and its events are read at once: one round trip of latency, not two. Events read for
-        # a session that turns out not to be this app's and user's are dropped unseen.
-        stored, found = await asyncio.gather(
-            self._owned(app_name, user_id, session_id), events, return_exceptions=True
-        )
-        for outcome in (stored, found):
-            if isinstance(outcome, errors.NotFound):  # deleted meanwhile
-                return None
-            if isinstance(outcome, BaseException):
-                raise outcome
-        assert not isinstance(stored, BaseException) and not isinstance(found, BaseException)
-        return None if stored is None else self._to_adk(stored, found)
+            stored = await self._owned(app_name, user_id, session_id)
+            return None if stored is None else self._to_adk(stored, [])
+        try:
+            if after is not None:
+                found, events = await self._events_since(session_id, after, recent)
+            else:
+                if recent is not None:
+                    found, messages = await _frames.newest(
+                        self.client, session_id, recent, include_session=True
+                    )
+                else:
+                    found, messages = await _frames.history(self.client, session_id, include_session=True)
+                events = None
+        except errors.NotFound:
+            return None
+        if found is None or found.agent_id != app_name or found.user_id != user_id:
+            return None
+        return self._to_adk(found, [event_from_message(m) for m in messages] if events is None else events)
 
-    async def _events_since(self, session_id: str, after: float, limit: int | None) -> list[Event]:
+    async def _events_since(
+        self, session_id: str, after: float, limit: int | None
+    ) -> tuple[session_pb2.Session | None, list[Event]]:
         """From the newest event back to (not including) the first one older than ``after``: descending
-        pages, read only as far as needed."""
+        pages, read only as far as needed; the session comes with the first."""
         found: list[Event] = []
         pager = await self.client.list_messages(
             session_id=session_id,
             order=message_pb2.MESSAGE_ORDER_DESCENDING,
             page_size=min(limit or _frames.MAX_PAGE, _frames.MAX_PAGE),
+            include_session=True,
         )
+        session = pager.first_page.session if pager.first_page.HasField("session") else None
         async for message in pager:
             event = event_from_message(message)
             if event.timestamp < after or (limit is not None and len(found) == limit):
                 break
             found.append(event)
-        return found[::-1]
+        return session, found[::-1]
 
     async def list_sessions(self, *, app_name: str, user_id: str | None = None) -> ListSessionsResponse:
         """The app's sessions (of one user, when given), without events, oldest update first."""

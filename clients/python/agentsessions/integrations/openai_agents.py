@@ -202,10 +202,12 @@ class AgentSessionsSession(_frames.LazyClient):
         limit = resolve_session_limit(limit, self.session_settings)
         try:
             if limit is None or limit < 0:  # negative: everything, as the SDK's SQLiteSession does
-                return _items(await _frames.history(self.client, self.session_id))
-            if limit == 0:
+                _, messages = await _frames.history(self.client, self.session_id)
+            elif limit == 0:
                 return []
-            return _items(await _frames.newest(self.client, self.session_id, limit))
+            else:
+                _, messages = await _frames.newest(self.client, self.session_id, limit)
+            return _items(messages)
         except errors.NotFound:
             return []
 

@@ -25,7 +25,7 @@ class AppendMessagesResponse(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[_message_pb2.Message, _Mapping]]] = ..., session: _Optional[_Union[_session_pb2.Session, _Mapping]] = ...) -> None: ...
 
 class ListMessagesRequest(_message.Message):
-    __slots__ = ("session_id", "page_size", "page_token", "view", "order", "after_sequence", "before_sequence")
+    __slots__ = ("session_id", "page_size", "page_token", "view", "order", "after_sequence", "before_sequence", "include_session")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class ListMessagesRequest(_message.Message):
     ORDER_FIELD_NUMBER: _ClassVar[int]
     AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     BEFORE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_SESSION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     page_size: int
     page_token: str
@@ -40,15 +41,18 @@ class ListMessagesRequest(_message.Message):
     order: _message_pb2.MessageOrder
     after_sequence: int
     before_sequence: int
-    def __init__(self, session_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., view: _Optional[_Union[_message_pb2.MessageView, str]] = ..., order: _Optional[_Union[_message_pb2.MessageOrder, str]] = ..., after_sequence: _Optional[int] = ..., before_sequence: _Optional[int] = ...) -> None: ...
+    include_session: bool
+    def __init__(self, session_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., view: _Optional[_Union[_message_pb2.MessageView, str]] = ..., order: _Optional[_Union[_message_pb2.MessageOrder, str]] = ..., after_sequence: _Optional[int] = ..., before_sequence: _Optional[int] = ..., include_session: _Optional[bool] = ...) -> None: ...
 
 class ListMessagesResponse(_message.Message):
-    __slots__ = ("messages", "next_page_token")
+    __slots__ = ("messages", "next_page_token", "session")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[_message_pb2.Message]
     next_page_token: str
-    def __init__(self, messages: _Optional[_Iterable[_Union[_message_pb2.Message, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+    session: _session_pb2.Session
+    def __init__(self, messages: _Optional[_Iterable[_Union[_message_pb2.Message, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., session: _Optional[_Union[_session_pb2.Session, _Mapping]] = ...) -> None: ...
 
 class DeleteMessagesRequest(_message.Message):
     __slots__ = ("session_id", "message_id", "after_sequence")
