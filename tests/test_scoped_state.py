@@ -186,3 +186,81 @@ async def test_deleting_the_agent_deletes_its_shared_state(client: AsyncSessions
     await client.create_agent(agent={"agent_id": agent_id, "echo": {}})
     again = await client.create_session(agent_id=agent_id, session_id=sid, user_id="u")
     assert _vars(again) == {}
+
+
+def _text(text: str, message_id: str) -> dict[str, Any]:
+    return {"message_id": message_id, "role": "ROLE_USER", "parts": [{"text": {"text": text}}]}
+
+
+async def test_an_append_sets_variables_with_its_messages_in_one_transaction(
+    client: AsyncSessionsClient, agent: str, unique: str
+) -> None:
+    sid = f"{unique}/append"
+    created = await client.create_session(
+        agent_id=agent, session_id=sid, user_id="u", variables={"keep": 1, "topic": "old"}
+    )
+    sent = {"topic": "tides", "user:lang": "fr", "app:tier": "gold", "temp:scratch": True}
+    reply = await client.append_messages(
+        session_id=sid, messages=[_text("hello", f"{unique}-m1")], set_variables=sent
+    )
+    expected = {"keep": 1, "topic": "tides", "user:lang": "fr", "app:tier": "gold"}  # temp: is not stored
+    assert _vars(reply.session) == expected
+    stored = await client.get_session(session_id=sid)
+    assert _vars(stored) == expected
+    assert stored.message_count == 1
+    # One write: the append and the variables each make an event, hence two versions.
+    assert stored.etag == f"v{int(created.etag[1:]) + 2}"
+    sibling = await client.create_session(agent_id=agent, session_id=f"{unique}/sibling", user_id="u")
+    assert _vars(sibling) == {"user:lang": "fr", "app:tier": "gold"}
+
+    # A retry that finds its message stored sets nothing, even with other values.
+    again = await client.append_messages(
+        session_id=sid,
+        messages=[_text("hello", f"{unique}-m1")],
+        set_variables={"topic": "other", "user:lang": "de"},
+    )
+    assert [m.sequence for m in again.messages] == [1]
+    after_retry = await client.get_session(session_id=sid)
+    assert _vars(after_retry) == expected
+    assert after_retry.etag == stored.etag
+
+    # The same values again change nothing but the append's own counters.
+    await client.append_messages(
+        session_id=sid, messages=[_text("more", f"{unique}-m2")], set_variables={"topic": "tides"}
+    )
+    assert _vars(await client.get_session(session_id=sid)) == expected
+
+
+async def test_a_refused_append_sets_no_variable(
+    client: AsyncSessionsClient, agent: str, unique: str
+) -> None:
+    sid = f"{unique}/refused"
+    await client.create_session(agent_id=agent, session_id=sid, user_id="u", variables={"a": 1})
+    # Oversized: INVALID_ARGUMENT on the field, nothing stored.
+    with pytest.raises(errors.InvalidArgument) as caught:
+        await client.append_messages(
+            session_id=sid, messages=[_text("x", f"{unique}-big")], set_variables={"b": "x" * 70_000}
+        )
+    assert caught.value.field_violations[0][0] == "set_variables"
+    # A shared scope pushed over its limit fails the whole write: the message is not stored either.
+    await client.update_session(
+        session_id=sid, variables={"user:a": "y" * 40_000}, update_mask=["variables.`user:a`"]
+    )
+    with pytest.raises(errors.InvalidArgument):
+        await client.append_messages(
+            session_id=sid, messages=[_text("x", f"{unique}-over")], set_variables={"user:b": "y" * 40_000}
+        )
+    # An ended session refuses both.
+    await client.end_session(session_id=sid)
+    with pytest.raises(errors.FailedPrecondition) as ended:
+        await client.append_messages(
+            session_id=sid, messages=[_text("x", f"{unique}-late")], set_variables={"app:x": 1}
+        )
+    assert ended.value.reason == "SESSION_ENDED"
+    session = await client.get_session(session_id=sid)
+    assert session.message_count == 0
+    assert _vars(session) == {"a": 1, "user:a": "y" * 40_000}
+    with pytest.raises(errors.NotFound):
+        await client.append_messages(
+            session_id=f"{unique}/missing", messages=[_text("x", f"{unique}-m")], set_variables={"a": 2}
+        )

@@ -216,8 +216,18 @@ class SessionsService:
     # --- messages ---------------------------------------------------------------------------------------
 
     async def append_messages(
-        self, *, session_id: str, messages: Sequence[NewMessage], live: list[Any] | None = None
+        self,
+        *,
+        session_id: str,
+        messages: Sequence[NewMessage],
+        live: list[Any] | None = None,
+        set_variables: Mapping[str, Any] | None = None,
     ) -> tuple[Session, list[StoredMessage]]:
+        """Appends; `set_variables` are set key by key with the messages, in one transaction."""
+        if set_variables:
+            return await self.store.append_messages(
+                session_id, messages, self.clock.now(), live, set_variables=set_variables, limits=self.limits
+            )
         return await self.store.append_messages(session_id, messages, self.clock.now(), live)
 
     async def list_messages(

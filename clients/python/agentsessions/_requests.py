@@ -236,11 +236,14 @@ def text_message(
 
 
 def append_messages(
-    *, session_id: str, messages: Sequence[MessageInput]
+    *, session_id: str, messages: Sequence[MessageInput], set_variables: Variables | None = None
 ) -> Prepared[message_service_pb2.AppendMessagesRequest]:
     coerced = [coerce(m, message_pb2.Message) for m in messages]
     request = message_service_pb2.AppendMessagesRequest(session_id=session_id, messages=coerced)
-    # The server skips messages whose caller-chosen id it already holds: with ids, a repeat is harmless.
+    if set_variables:
+        request.set_variables.CopyFrom(struct(set_variables))
+    # The server skips messages whose caller-chosen id it already holds (and then sets no variable): with
+    # ids, a repeat is harmless.
     return Prepared(request, idempotent=_all_have_ids(coerced))
 
 

@@ -332,14 +332,18 @@ class AsyncSessionsClient:
     # MessageService
 
     async def append_messages(
-        self, *, session_id: str, messages: Sequence[MessageInput]
+        self, *, session_id: str, messages: Sequence[MessageInput], set_variables: Variables | None = None
     ) -> message_service_pb2.AppendMessagesResponse:
         """Appends messages (``Message`` or JSON form) atomically; returns them as stored, with the session.
 
         Messages whose caller-chosen ``message_id`` the session already holds are returned as stored and
         not appended again, so the call is retried when every message carries a ``message_id``.
+        ``set_variables`` are set key by key in the same transaction (``user:`` / ``app:`` keys in the
+        shared scopes), only when the call stores messages: a retry sets nothing twice.
         """
-        prepared = _requests.append_messages(session_id=session_id, messages=messages)
+        prepared = _requests.append_messages(
+            session_id=session_id, messages=messages, set_variables=set_variables
+        )
         return await self._unary(self._messages.AppendMessages, prepared)
 
     async def append_text(
@@ -714,9 +718,11 @@ class SessionsClient:
     # MessageService
 
     def append_messages(
-        self, *, session_id: str, messages: Sequence[MessageInput]
+        self, *, session_id: str, messages: Sequence[MessageInput], set_variables: Variables | None = None
     ) -> message_service_pb2.AppendMessagesResponse:
-        prepared = _requests.append_messages(session_id=session_id, messages=messages)
+        prepared = _requests.append_messages(
+            session_id=session_id, messages=messages, set_variables=set_variables
+        )
         return self._unary(self._messages.AppendMessages, prepared)
 
     def append_text(

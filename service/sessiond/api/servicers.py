@@ -209,9 +209,14 @@ class MessageServicer(message_service_pb2_grpc.MessageServiceServicer):
     ) -> message_service_pb2.AppendMessagesResponse:
         check_session_id(request.session_id, self.svc.limits)
         new = convert.new_messages_from_pb(request.messages, self.svc.limits)
+        variables = (
+            convert.variables_from_pb(request.set_variables, self.svc.limits, "set_variables")
+            if request.HasField("set_variables")
+            else None
+        )
         live: list[events_pb2.SessionEvent] = []
         session, stored = await self.svc.append_messages(
-            session_id=request.session_id, messages=new, live=live
+            session_id=request.session_id, messages=new, live=live, set_variables=variables
         )
         if len(live) == 1 and len(live[0].messages_appended.messages) == len(stored):
             # Nothing was there already: the event published holds this answer, converted once.

@@ -7,16 +7,30 @@ or not at all. Hot paths use Core statements; the statements a list or a page ru
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import Connection, Row, and_, bindparam, delete, exists, func, insert, select, tuple_, update
+from sqlalchemy import (
+    Connection,
+    Row,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql import Select
 
-from ..domain import model
+from ..domain import model, state
 from ..domain.agents import Agent, AgentOrigin
 from ..domain.errors import (
     AlreadyExists,
@@ -31,6 +45,7 @@ from ..domain.errors import (
 from ..domain.model import NewMessage, Session, Status, StoredMessage
 from ..domain.policy import EffectivePolicy, Source, TimeoutPolicy
 from ..domain.state import Scope, ScopedChanges
+from ..domain.validation import Limits
 from .database import Database, WriteCache
 from .tables import (
     UTCDateTime,
@@ -191,7 +206,7 @@ _ROLES = {int(r): r for r in model.Role}
 _MESSAGE_STATUSES = {int(s): s for s in model.MessageStatus}
 
 
-def _message_from_row(row: Row[Any, *tuple[Any, ...]], session_id: str) -> StoredMessage:
+def _message_from_row(row: Sequence[Any], session_id: str) -> StoredMessage:
     """A message from a row of `_MESSAGE_COLUMNS` (unpacked by position: this runs for every message
     of every page)."""
     sequence, message_id, role, content, hidden, metadata, status, turn_id, create_time, start, end = row
@@ -393,10 +408,22 @@ _SHARED_BY_KEY = select(scoped_variables.c.variables).where(
     scoped_variables.c.agent_id == bindparam("p_agent_id"),
     scoped_variables.c.user_id == bindparam("p_user_id"),
 )
-_IDS_PER_LOOKUP = 500  # bound parameters per statement stay far below SQLite's and asyncpg's limits
-_MESSAGES_BY_IDS = select(*_MESSAGE_COLUMNS).where(
-    messages.c.session_pk == bindparam("p_pk"), messages.c.message_id.in_(bindparam("p_ids", expanding=True))
-)
+# Messages by (session_pk, message_id) pairs, any number of them in one statement and one parameter (or
+# two): the pairs become a table (JSON on SQLite, arrays on PostgreSQL) joined to the messages' unique key,
+# so each pair is one index probe. An IN list of pairs would be rendered anew for every length, and SQLite
+# scans the whole index for a row-value IN.
+_KEYED_COLUMNS = ", ".join(f"m.{c.name}" for c in _MESSAGE_COLUMNS)
+_MESSAGES_BY_KEYS = {
+    "sqlite": text(
+        f"SELECT m.session_pk, {_KEYED_COLUMNS} FROM json_each(:p_keys) AS k JOIN messages AS m"
+        " ON m.session_pk = json_extract(k.value, '$[0]') AND m.message_id = json_extract(k.value, '$[1]')"
+    ).columns(messages.c.session_pk, *_MESSAGE_COLUMNS),
+    "postgresql": text(
+        f"SELECT m.session_pk, {_KEYED_COLUMNS}"
+        " FROM unnest(CAST(:p_pks AS bigint[]), CAST(:p_ids AS text[])) AS k(pk, id) JOIN messages AS m"
+        " ON m.session_pk = k.pk AND m.message_id = k.id"
+    ).columns(messages.c.session_pk, *_MESSAGE_COLUMNS),
+}
 
 
 @functools.cache
@@ -474,8 +501,9 @@ class Store:
             for live in events:
                 self._publish(live)
 
-    async def _write(self, fn: Callable[[Connection, list[Any]], T]) -> T:
-        """A write whose events are published after it commits (never for a write that failed)."""
+    async def _write(self, fn: Callable[[Connection, list[Any]], T], live: list[Any] | None = None) -> T:
+        """A write whose events are published after it commits (never for a write that failed); `live`,
+        when given, receives them too."""
         sink: list[Any] = []
 
         def op(conn: Connection) -> T:
@@ -484,6 +512,8 @@ class Store:
 
         result = await self.db.write(op)
         self._deliver(sink)
+        if live is not None:
+            live.extend(sink)
         return result
 
     async def list_events(
@@ -906,11 +936,43 @@ class Store:
         new_messages: Sequence[NewMessage],
         now: datetime,
         live: list[Any] | None = None,
+        *,
+        set_variables: Mapping[str, Any] | None = None,
+        limits: Limits | None = None,
     ) -> tuple[Session, list[StoredMessage]]:
         """Appends atomically with gap-free sequence numbers. Messages whose caller-chosen id is already
         stored are returned as stored and not appended again. `live`, when given, receives the live forms
-        of the events published (the caller may build its answer from them instead of converting again)."""
+        of the events published (the caller may build its answer from them instead of converting again).
+
+        `set_variables` (with the `limits` of shared scopes) are set key by key in the same transaction when
+        the append stores anything: a retry that finds every message stored sets nothing again."""
         op = _AppendOp(self, session_id, new_messages, now, [])
+        if set_variables is not None:
+            assert limits is not None
+            changes = set_variables
+
+            def fn(conn: Connection, sink: list[Any]) -> tuple[Session, list[StoredMessage]]:
+                ((outcome, exc),) = self._append_many(conn, [op])
+                if exc is not None:
+                    raise exc
+                session, stored = outcome
+                sink.extend(op.events)
+                if not op.events:  # nothing new was stored
+                    return session, stored
+                own, shared = state.patch(session.variables, frozenset(changes), changes)
+                if own == session.variables and not shared:
+                    return session, stored
+                after = session.evolve(variables=own, update_time=now, version=session.version + 1)
+                after = self._event(conn, after, "updated", now, sink, detail={"paths": ["variables"]})
+                self._save_session(conn, session, after)
+                cache: WriteCache | None = conn.info.get(WriteCache.KEY)
+                if cache is not None:
+                    cache.stage(session_id, after)
+                if shared:
+                    self._write_shared(conn, after, replace(shared, limits=limits), now)
+                return self._with_shared(conn, after), stored
+
+            return await self._write(fn, live)
         result = await self.db.write(op)
         self._deliver(op.events)
         if live is not None:
@@ -1007,25 +1069,30 @@ class Store:
                 cache.stage(session_id, session)
         return outcomes
 
-    @staticmethod
     def _stored_under_caller_ids(
-        conn: Connection, ops: Sequence[_AppendOp], state: Mapping[str, Session]
+        self, conn: Connection, ops: Sequence[_AppendOp], state: Mapping[str, Session]
     ) -> dict[tuple[str, str], StoredMessage]:
         """The messages already stored under the ids callers chose (retries), by (session id, message id):
-        one lookup per session for the whole group, on the (session_pk, message_id) key. The group then
-        adds what it stores itself, so a retry that lands in the same group as its original finds it."""
-        wanted: dict[str, list[str]] = {}
-        for op in ops:
-            if op.session_id in state:
-                wanted.setdefault(op.session_id, []).extend(
-                    m.message_id for m in op.new_messages if m.caller_id
-                )
+        one statement for the whole group. The group then adds what it stores itself, so a retry that
+        lands in the same group as its original finds it."""
+        keys = [
+            (state[op.session_id].pk, m.message_id)
+            for op in ops
+            if op.session_id in state
+            for m in op.new_messages
+            if m.caller_id
+        ]
+        if not keys:
+            return {}
+        if self.db.dialect == "postgresql":
+            params: dict[str, Any] = {"p_pks": [k[0] for k in keys], "p_ids": [k[1] for k in keys]}
+        else:
+            params = {"p_keys": json.dumps(keys)}
+        session_ids = {s.pk: session_id for session_id, s in state.items()}
         known: dict[tuple[str, str], StoredMessage] = {}
-        for session_id, ids in wanted.items():
-            for start in range(0, len(ids), _IDS_PER_LOOKUP):
-                params = {"p_pk": state[session_id].pk, "p_ids": ids[start : start + _IDS_PER_LOOKUP]}
-                for row in conn.execute(_MESSAGES_BY_IDS, params):
-                    known[(session_id, row.message_id)] = _message_from_row(row, session_id)
+        for row in conn.execute(_MESSAGES_BY_KEYS[self.db.dialect], params):
+            session_id = session_ids[row[0]]
+            known[(session_id, row.message_id)] = _message_from_row(row[1:], session_id)
         return known
 
     @staticmethod

@@ -22,13 +22,14 @@ How ADK's model maps onto the service:
   tool calls and results linked by call id) for the UI view and other clients, and the event itself,
   verbatim JSON, in a hidden data part of type ``adk.event``, which is what comes back. Messages that
   other writers appended (a gateway, an agent turn) come back as equivalent events.
-- ``get_session`` with ``num_recent_events=N`` reads one page of the newest N messages: O(N) whatever the
-  history's length, and never a function response without its call (the window then starts after it, so
-  it may hold fewer than N events). ``after_timestamp`` keeps the events from the newest back to the first
-  one older than it, as ADK's in-memory service does.
-- ``append_event`` appends the event (idempotent on the event id), then applies its state delta. There is
-  no stale-session check: appends are ordered by the service's sequence numbers, not by timestamps, so
-  two writers of one session never fail each other.
+- ``get_session`` with ``num_recent_events=N`` reads the session and one page of the newest N messages in
+  one call: O(N) whatever the history's length, and never a function response without its call (the
+  window then starts after it, so it may hold fewer than N events). ``after_timestamp`` keeps the events
+  from the newest back to the first one older than it, as ADK's in-memory service does.
+- ``append_event`` appends the event and sets its state delta in one call and one transaction
+  (``AppendMessages`` with ``set_variables``), idempotent on the event id: a retry stores the event and
+  applies the delta once. There is no stale-session check: appends are ordered by the service's sequence
+  numbers, not by timestamps, so two writers of one session never fail each other.
 - ``get_user_state`` is not offered (ADK's base raises ``NotImplementedError``): the service reads shared
   state through a session, whose ``state`` holds the ``user:`` keys.
 - The service's timeouts apply: an expired session stays readable, and appends to it raise
@@ -38,9 +39,7 @@ How ADK's model maps onto the service:
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Awaitable
 from typing import Any
 
 from google.adk.errors.already_exists_error import AlreadyExistsError
@@ -183,11 +182,6 @@ def _exact(value: Any) -> Any:
 
 def _state(session: session_pb2.Session) -> dict[str, Any]:
     return {k: _exact(v) for k, v in json_format.MessageToDict(session.variables).items()}
-
-
-def _quoted(key: str) -> str:
-    """The update-mask path of one variable (AIP-161: the key in backticks)."""
-    return f"variables.`{key}`"
 
 
 class AgentSessionsService(_frames.LazyClient, BaseSessionService):
@@ -345,25 +339,19 @@ class AgentSessionsService(_frames.LazyClient, BaseSessionService):
             event.id = Event.new_id()
         self._apply_temp_state(session, event)
         event = self._trim_temp_delta_state(event)
-        writes: list[Awaitable[object]] = [
-            self.client.append_messages(session_id=session.id, messages=[message_from_event(event)])
-        ]
         delta = {
             k: v for k, v in (event.actions.state_delta or {}).items() if not k.startswith(State.TEMP_PREFIX)
         }
-        if delta:
-            # Both writes are idempotent (the event id; values set key by key), so they go at once, and a
-            # retried append_event converges whichever of them failed.
-            writes.append(
-                self.client.update_session(
-                    session_id=session.id, variables=delta, update_mask=[_quoted(k) for k in delta]
-                )
+        # The event and its state delta land in one transaction, as in ADK's own database service; the
+        # event id is the message id, so a retried append_event stores and applies them once.
+        try:
+            await self.client.append_messages(
+                session_id=session.id, messages=[message_from_event(event)], set_variables=delta or None
             )
-        for outcome in await asyncio.gather(*writes, return_exceptions=True):
-            if isinstance(outcome, errors.NotFound) and outcome.reason == "SESSION_NOT_FOUND":
-                raise SessionNotFoundError(f"Session {session.id} not found.") from outcome
-            if isinstance(outcome, BaseException):
-                raise outcome
+        except errors.NotFound as err:
+            if err.reason == "SESSION_NOT_FOUND":
+                raise SessionNotFoundError(f"Session {session.id} not found.") from err
+            raise
         self._commit_event_to_session(session, event)
         session.last_update_time = event.timestamp
         return event
