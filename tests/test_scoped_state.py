@@ -204,12 +204,13 @@ async def test_an_append_sets_variables_with_its_messages_in_one_transaction(
         session_id=sid, messages=[_text("hello", f"{unique}-m1")], set_variables=sent
     )
     expected = {"keep": 1, "topic": "tides", "user:lang": "fr", "app:tier": "gold"}  # temp: is not stored
-    assert _vars(reply.session) == expected
+    # The answer shows the session's own keys, as every AppendMessages answer does; reads merge.
+    assert _vars(reply.session) == {"keep": 1, "topic": "tides"}
     stored = await client.get_session(session_id=sid)
     assert _vars(stored) == expected
     assert stored.message_count == 1
-    # One write: the append and the variables each make an event, hence two versions.
-    assert stored.etag == f"v{int(created.etag[1:]) + 2}"
+    # One write: the append and the change of own variables each make an event, hence two versions.
+    assert stored.etag == reply.session.etag == f"v{int(created.etag[1:]) + 2}"
     sibling = await client.create_session(agent_id=agent, session_id=f"{unique}/sibling", user_id="u")
     assert _vars(sibling) == {"user:lang": "fr", "app:tier": "gold"}
 
@@ -224,11 +225,18 @@ async def test_an_append_sets_variables_with_its_messages_in_one_transaction(
     assert _vars(after_retry) == expected
     assert after_retry.etag == stored.etag
 
-    # The same values again change nothing but the append's own counters.
+    # The same values again change nothing but the append's own counters; shared keys alone keep the
+    # etag, as with UpdateSession.
     await client.append_messages(
         session_id=sid, messages=[_text("more", f"{unique}-m2")], set_variables={"topic": "tides"}
     )
     assert _vars(await client.get_session(session_id=sid)) == expected
+    shared_only = await client.append_messages(
+        session_id=sid, messages=[_text("shared", f"{unique}-m3")], set_variables={"user:lang": "es"}
+    )
+    final = await client.get_session(session_id=sid)
+    assert _vars(final) == {**expected, "user:lang": "es"}
+    assert final.etag == shared_only.session.etag == f"v{int(after_retry.etag[1:]) + 2}"  # two appends
 
 
 async def test_a_refused_append_sets_no_variable(

@@ -960,17 +960,17 @@ class Store:
                 if not op.events:  # nothing new was stored
                     return session, stored
                 own, shared = state.patch(session.variables, frozenset(changes), changes)
-                if own == session.variables and not shared:
-                    return session, stored
-                after = session.evolve(variables=own, update_time=now, version=session.version + 1)
-                after = self._event(conn, after, "updated", now, sink, detail={"paths": ["variables"]})
-                self._save_session(conn, session, after)
-                cache: WriteCache | None = conn.info.get(WriteCache.KEY)
-                if cache is not None:
-                    cache.stage(session_id, after)
+                after = session
+                if own != session.variables:  # as UpdateSession: shared keys alone keep the etag
+                    after = session.evolve(variables=own, update_time=now, version=session.version + 1)
+                    after = self._event(conn, after, "updated", now, sink, detail={"paths": ["variables"]})
+                    self._save_session(conn, session, after)
+                    cache: WriteCache | None = conn.info.get(WriteCache.KEY)
+                    if cache is not None:
+                        cache.stage(session_id, after)
                 if shared:
                     self._write_shared(conn, after, replace(shared, limits=limits), now)
-                return self._with_shared(conn, after), stored
+                return after, stored
 
             return await self._write(fn, live)
         result = await self.db.write(op)
