@@ -40,6 +40,7 @@ How ADK's model maps onto the service:
 from __future__ import annotations
 
 import json
+import operator
 from typing import Any
 
 from google.adk.errors.already_exists_error import AlreadyExistsError
@@ -178,6 +179,9 @@ def _exact(value: Any) -> Any:
     if isinstance(value, list):
         return [_exact(v) for v in value]
     return value
+
+
+_EVENT_ID = operator.attrgetter("id")
 
 
 def _state(session: session_pb2.Session) -> dict[str, Any]:
@@ -333,8 +337,12 @@ class AgentSessionsService(_frames.LazyClient, BaseSessionService):
         to the shared scopes (``temp:`` keys only to the in-memory session). Partial events are not stored."""
         if event.partial:
             return event
-        if any(e.id == event.id and e == event for e in session.events):
-            return event  # an equal re-delivery, as ADK's in-memory service treats it
+        # An equal re-delivery is stored once, as ADK's in-memory service treats it. The id scan runs in C
+        # (map, attrgetter): a long session made the Python-level scan a third of this method's time.
+        if event.id in map(_EVENT_ID, session.events) and any(
+            e.id == event.id and e == event for e in session.events
+        ):
+            return event
         if not event.id:
             event.id = Event.new_id()
         self._apply_temp_state(session, event)
