@@ -3,7 +3,9 @@
 Each server runs in its own process; this process is the load generator and uses the same raw grpc.aio
 stubs against both, so the ratios compare what the servers do, not client libraries. Figures are
 throughput (calls/s, a fixed number of calls with a fixed number in flight) and latency (sequential
-calls, median and p99). Environment: BENCH_DATABASE=sqlite|postgresql|both (default both),
+calls, median and p99). Throughput is measured in alternating rounds (bare, then each sessiond workload,
+three times) and each ratio is the median of the rounds' ratios, printed with their range: this
+machine's speed drifts by a third within minutes. Environment: BENCH_DATABASE=sqlite|postgresql|both (default both),
 BENCH_SCALE (default 1.0) scales call counts, BENCH_LARGE_HISTORY (100000) is the long history of the
 "last 50" read, BENCH_WATCHERS (10000) the idle watchers, BENCH_SWEEP_SESSIONS (1000000) the expired
 sessions swept, BENCH_ONLY (core,turns,clients,events) picks parts. At the defaults a full run takes
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 import sys
 import time
 import uuid
@@ -67,22 +70,7 @@ def _n(base: int) -> int:
     return max(10, int(base * SCALE))
 
 
-async def bare_baseline() -> dict[str, float]:
-    port = harness.free_port()
-    with harness.process(["-m", "bench.bare_server", str(port)]):
-        target = f"127.0.0.1:{port}"
-        await harness.wait_ready(target, health=False)
-        async with grpc.aio.insecure_channel(target) as channel:
-            noop = channel.unary_unary("/bench.Bare/Noop")
-            payload = b"x" * 64
-            await throughput(200, IN_FLIGHT, lambda i: noop(payload))  # warm-up
-            # The bare rate is the denominator of every ratio and varies by a third from run to run on
-            # this machine: the median of three rounds, with the spread reported.
-            rates = sorted(
-                [await throughput(_n(20000), IN_FLIGHT, lambda i: noop(payload)) for _ in range(3)]
-            )
-            lat = await latencies(_n(500), lambda: noop(payload))
-    return {"unary_rps": rates[1], "unary_min": rates[0], "unary_max": rates[2], "unary_p50": _p(lat, 0.5)}
+ROUNDS = 3  # alternating rounds: bare, CreateSession, AppendMessages (64 sessions), AppendMessages (1)
 
 
 def _text(text: str, message_id: str = "") -> message_pb2.Message:
@@ -94,17 +82,22 @@ def _text(text: str, message_id: str = "") -> message_pb2.Message:
 
 
 async def sessiond_workloads(kind: str) -> dict[str, float]:
+    """sessiond on `kind` and the bare server, each in a process of its own, measured in alternating
+    rounds: the machine's speed drifts by a third within minutes, so each ratio compares rounds run next
+    to each other."""
     port = harness.free_port()
-    async with harness.database(kind) as (url, env):
+    async with harness.database(kind) as (url, env), harness.bare_channel() as bare:
         args = ["-m", "sessiond.cli", "serve", "--listen", f"127.0.0.1:{port}", "--database-url", url]
         with harness.process(args, {**env, "SESSIOND_LOG_LEVEL": "WARNING", "SESSIOND_SWEEPER": "false"}):
             target = f"127.0.0.1:{port}"
             await harness.wait_ready(target, health=True)
-            return await _measure(target)
+            return await _measure(target, bare)
 
 
-async def _measure(target: str) -> dict[str, float]:
+async def _measure(target: str, bare: grpc.aio.Channel) -> dict[str, float]:
     out: dict[str, float] = {}
+    noop = bare.unary_unary("/bench.Bare/Noop")
+    payload = b"x" * 64
     async with grpc.aio.insecure_channel(target) as channel:
         sessions = session_service_pb2_grpc.SessionServiceStub(channel)
         messages = message_service_pb2_grpc.MessageServiceStub(channel)
@@ -117,10 +110,8 @@ async def _measure(target: str) -> dict[str, float]:
                 )
             )
 
-        await throughput(200, IN_FLIGHT, create)  # warm-up
-        out["create_rps"] = await throughput(_n(5000), IN_FLIGHT, create)
-
-        # Appends: one message per call, 64 in flight, spread over 64 sessions (one per in-flight caller).
+        # Appends: one message per call, 64 in flight, spread over 64 sessions (one per in-flight caller),
+        # and all 64 callers on one session (contention on one row).
         ids = [f"bench-{run}/append-{k}" for k in range(IN_FLIGHT)]
         for sid in ids:
             await sessions.CreateSession(
@@ -136,16 +127,30 @@ async def _measure(target: str) -> dict[str, float]:
                 )
             )
 
-        await throughput(200, IN_FLIGHT, append)
-        out["append_rps"] = await throughput(_n(10000), IN_FLIGHT, append)
-
-        # The same, all 64 callers on one session (contention on one row).
         def append_one(i: int) -> Awaitable[object]:
             return messages.AppendMessages(
                 message_service_pb2.AppendMessagesRequest(session_id=ids[0], messages=[_text(f"o{i}")])
             )
 
-        out["append_one_session_rps"] = await throughput(_n(5000), IN_FLIGHT, append_one)
+        workloads: dict[str, tuple[Callable[[int], Awaitable[object]], int]] = {
+            "unary": (lambda i: noop(payload), _n(20000) // ROUNDS),
+            "create": (create, _n(5000) // ROUNDS),
+            "append": (append, _n(10000) // ROUNDS),
+            "append_one": (append_one, _n(5000) // ROUNDS),
+        }
+        for call, _ in workloads.values():
+            await throughput(200, IN_FLIGHT, call)  # warm-up
+        rates: dict[str, list[float]] = {name: [] for name in workloads}
+        for _ in range(ROUNDS):
+            for name, (call, calls) in workloads.items():
+                rates[name].append(await throughput(max(calls, IN_FLIGHT), IN_FLIGHT, call))
+        for name, values in rates.items():
+            out[f"{name}_rps"] = statistics.median(values)
+            if name != "unary":
+                paired = [v / b for v, b in zip(values, rates["unary"], strict=True)]
+                out[f"{name}_ratio"] = statistics.median(paired)
+                out[f"{name}_min"], out[f"{name}_max"] = min(paired), max(paired)
+        out["unary_p50"] = _p(await latencies(_n(500), lambda: noop(payload)), 0.5)
 
         # "Last 50" on a small and on a large history.
         small, large = f"bench-{run}/small", f"bench-{run}/large"
@@ -187,21 +192,23 @@ async def _measure(target: str) -> dict[str, float]:
     return out
 
 
-def _report(kind: str, bare: dict[str, float], r: dict[str, float]) -> None:
-    print(f"\n== sessiond on {kind} vs bare grpc.aio (same run) ==")
+def _report(kind: str, r: dict[str, float]) -> None:
+    print(f"\n== sessiond on {kind} vs bare grpc.aio (same run, {ROUNDS} alternating rounds) ==")
     print(
-        f"bare no-op unary: {bare['unary_rps']:,.0f} calls/s ({IN_FLIGHT} in flight; median of 3 rounds, "
-        f"{bare['unary_min']:,.0f} to {bare['unary_max']:,.0f}), p50 {bare['unary_p50'] * 1e3:.3f} ms"
+        f"bare no-op unary: {r['unary_rps']:,.0f} calls/s ({IN_FLIGHT} in flight; median of rounds), "
+        f"p50 {r['unary_p50'] * 1e3:.3f} ms"
     )
     rows = [
-        ("CreateSession", r["create_rps"], 0.5),
-        ("AppendMessages (1 msg/call, 64 sessions)", r["append_rps"], 0.6),
-        ("AppendMessages (1 msg/call, 1 session)", r["append_one_session_rps"], None),
+        ("CreateSession", "create", 0.5),
+        ("AppendMessages (1 msg/call, 64 sessions)", "append", 0.6),
+        ("AppendMessages (1 msg/call, 1 session)", "append_one", None),
     ]
-    for name, rate, target in rows:
-        ratio = rate / bare["unary_rps"]
+    for name, key, target in rows:
         goal = f"  target >= {target:.1f}x" if target else ""
-        print(f"{name:44s} {rate:9,.0f} calls/s  = {ratio:.2f}x bare{goal}")
+        print(
+            f"{name:44s} {r[key + '_rps']:9,.0f} calls/s  = {r[key + '_ratio']:.2f}x bare "
+            f"(rounds {r[key + '_min']:.2f} to {r[key + '_max']:.2f}){goal}"
+        )
     ratio = r["last50_large_p50"] / r["last50_small_p50"]
     print(
         f"ListMessages last 50, p50: {int(r['large_history']):,} msgs {r['last50_large_p50'] * 1e3:.3f} ms, "
@@ -220,8 +227,7 @@ async def main() -> None:
     parts = set(os.environ.get("BENCH_ONLY", "core,turns,clients,events").split(","))
     for kind in selected:
         if "core" in parts:
-            bare = await bare_baseline()
-            _report(kind, bare, await sessiond_workloads(kind))
+            _report(kind, await sessiond_workloads(kind))
         if "turns" in parts:
             turns.report(await turns.workloads(kind, scale=SCALE))
         if "clients" in parts:
