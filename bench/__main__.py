@@ -5,7 +5,9 @@ stubs against both, so the ratios compare what the servers do, not client librar
 throughput (calls/s, a fixed number of calls with a fixed number in flight) and latency (sequential
 calls, median and p99). Throughput is measured in alternating rounds (bare, then each sessiond workload,
 three times) and each ratio is the median of the rounds' ratios, printed with their range: this
-machine's speed drifts by a third within minutes. Environment: BENCH_DATABASE=sqlite|postgresql|both (default both),
+machine's speed drifts by a third within minutes.
+
+Environment: BENCH_DATABASE=sqlite|postgresql|both (default both),
 BENCH_SCALE (default 1.0) scales call counts, BENCH_LARGE_HISTORY (100000) is the long history of the
 "last 50" read, BENCH_WATCHERS (10000) the idle watchers, BENCH_SWEEP_SESSIONS (1000000) the expired
 sessions swept, BENCH_ONLY (core,turns,clients,events) picks parts. At the defaults a full run takes
