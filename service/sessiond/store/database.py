@@ -171,8 +171,15 @@ class Database:
     async def read(self, op: Op[T], *, scan: bool = False) -> T:
         """Runs `op` on a read connection. `scan`: it may read many rows, so on SQLite it must not run
         on the loop's thread."""
-        if self._inline_conn is not None and not scan:
-            return op(self._inline_conn)
+        if self._inline is not None and self._inline_conn is not None and not scan:
+            try:
+                return op(self._inline_conn)
+            except DBAPIError:
+                # A statement that failed in the driver may leave the connection invalidated or in a failed
+                # state: the next read starts on a fresh one.
+                self._inline_conn.close()
+                self._inline_conn = self._inline.connect()
+                raise
         async with self.engine.connect() as conn:
             return await conn.run_sync(op)
 
