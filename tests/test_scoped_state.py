@@ -272,3 +272,43 @@ async def test_a_refused_append_sets_no_variable(
         await client.append_messages(
             session_id=f"{unique}/missing", messages=[_text("x", f"{unique}-m")], set_variables={"a": 2}
         )
+
+
+async def test_concurrent_appends_with_variables_lose_nothing(
+    client: AsyncSessionsClient, agent: str, unique: str
+) -> None:
+    """Appends that set variables run beside plain ones in the same groups: sequences stay gap-free, every
+    variable lands, and the event log is contiguous, each change in it once."""
+    sid = f"{unique}/mixed"
+    await client.create_session(agent_id=agent, session_id=sid, user_id="u")
+
+    async def append(i: int) -> None:
+        await client.append_messages(
+            session_id=sid,
+            messages=[_text(f"m{i}", f"{unique}-{i}")],
+            set_variables={f"k{i}": i, f"user:u{i}": i} if i % 2 else None,
+        )
+
+    await asyncio.gather(*(append(i) for i in range(16)))
+    session = await client.get_session(session_id=sid)
+    assert session.message_count == 16 and session.last_sequence == 16
+    odd = [i for i in range(16) if i % 2]
+    assert _vars(session) == {**{f"k{i}": i for i in odd}, **{f"user:u{i}": i for i in odd}}
+    pager = await client.list_messages(session_id=sid, page_size=100)
+    assert [m.sequence for m in pager.first_page.messages] == list(range(1, 17))
+
+    stream = client.watch_session(session_id=sid, after_event_id=0, resume=False)
+    events = []
+    async for event in stream:
+        events.append(event)
+        if len(events) == 16 + len(odd):
+            break
+    stream.cancel()
+    assert [e.event_id for e in events] == list(range(1, 16 + len(odd) + 1))
+    kinds = [e.WhichOneof("kind") for e in events]
+    assert kinds.count("messages_appended") == 16 and kinds.count("updated") == len(odd)
+    # Each change of variables follows its own append.
+    for i, k in enumerate(kinds):
+        if k == "updated":
+            assert kinds[i - 1] == "messages_appended"
+            assert int(events[i].session.etag[1:]) == int(events[i - 1].session.etag[1:]) + 1
