@@ -79,6 +79,7 @@ class Database:
         self._pool_size = pool_size
         self._max_batch = max_batch
         self._engine: AsyncEngine | None = None
+        self._read_engine: AsyncEngine | None = None  # PostgreSQL reads: the same pool, in autocommit
         self._writer: _SQLiteWriter | None = None
         self._inline: Engine | None = None  # SQLite point reads, on the loop's thread
         # ...all on one connection, held open: in autocommit each statement sees the latest commit, and a
@@ -141,6 +142,10 @@ class Database:
             self._engine = create_async_engine(
                 self.url, pool_size=self._pool_size, max_overflow=self._pool_size, connect_args=connect_args
             )
+            # Reads run in autocommit: under READ COMMITTED each statement sees its own snapshot whether or
+            # not a transaction wraps them, and the BEGIN and the ROLLBACK on return were two of a point
+            # read's four round trips.
+            self._read_engine = self._engine.execution_options(isolation_level="AUTOCOMMIT")
 
     async def close(self) -> None:
         if self._grouper is not None:
@@ -155,6 +160,7 @@ class Database:
         if self._inline is not None:
             self._inline.dispose()
             self._inline = None
+        self._read_engine = None
         if self._engine is not None:
             await self._engine.dispose()
             self._engine = None
@@ -180,7 +186,7 @@ class Database:
                 self._inline_conn.close()
                 self._inline_conn = self._inline.connect()
                 raise
-        async with self.engine.connect() as conn:
+        async with (self._read_engine or self.engine).connect() as conn:
             return await conn.run_sync(op)
 
     async def write(self, op: Op[T]) -> T:
