@@ -280,22 +280,21 @@ class AgentSessionsService(_frames.LazyClient, BaseSessionService):
         if recent == 0:
             stored = await self._owned(app_name, user_id, session_id)
             return None if stored is None else self._to_adk(stored, [])
+        events: list[Event] | None = None
         try:
             if after is not None:
                 found, events = await self._events_since(session_id, after, recent)
+            elif recent is not None:
+                found, messages = await _frames.newest(self.client, session_id, recent, include_session=True)
             else:
-                if recent is not None:
-                    found, messages = await _frames.newest(
-                        self.client, session_id, recent, include_session=True
-                    )
-                else:
-                    found, messages = await _frames.history(self.client, session_id, include_session=True)
-                events = None
+                found, messages = await _frames.history(self.client, session_id, include_session=True)
         except errors.NotFound:
             return None
         if found is None or found.agent_id != app_name or found.user_id != user_id:
             return None
-        return self._to_adk(found, [event_from_message(m) for m in messages] if events is None else events)
+        if events is None:  # decoded only once the session is known to be this app's and user's
+            events = [event_from_message(m) for m in messages]
+        return self._to_adk(found, events)
 
     async def _events_since(
         self, session_id: str, after: float, limit: int | None
