@@ -1083,7 +1083,9 @@ def _sync_round_trip(target: str, unique: str) -> dict[str, Any]:
         batch = client.append_messages(
             session_id=session.session_id,
             messages=[{"role": "ROLE_ASSISTANT", "parts": [{"text": {"text": f"a{i}"}}]} for i in range(4)],
+            set_variables={"step": 4},
         )
+        with_session = client.list_messages(session_id=session.session_id, page_size=1, include_session=True)
         listed = [m.sequence for m in client.list_messages(session_id=session.session_id, page_size=2)]
         pages = len(list(client.list_messages(session_id=session.session_id, page_size=2).pages))
         last = [m.sequence for m in client.last_messages(session_id=session.session_id, n=2)]
@@ -1106,6 +1108,8 @@ def _sync_round_trip(target: str, unique: str) -> dict[str, Any]:
         "error": error,
         "deleted": deleted.deleted_count,
         "database": stats.database,
+        "variables": dict(with_session.first_page.session.variables),
+        "page_session": with_session.first_page.session.message_count,
     }
 
 
@@ -1118,6 +1122,8 @@ async def test_sync_client_round_trip(target: str, unique: str, database: Databa
     assert result["count"] == 5
     assert result["listed"] == [1, 2, 3, 4, 5]
     assert result["pages"] == 3
+    assert result["variables"] == {"step": 4}
+    assert result["page_session"] == 5
     assert result["last"] == [4, 5]
     assert result["sessions"] == [f"{unique}/sync"]
     assert result["error"].field_violations[0][0] == "session_id"
