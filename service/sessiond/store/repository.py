@@ -584,10 +584,22 @@ class Store:
     def _with_shared(self, conn: Connection, session: Session) -> Session:
         """A session read in a write's transaction, with its `app:` and `user:` variables (one statement)."""
         keys = [self._shared_key(scope, session) for scope in Scope]
-        rows = conn.execute(_SHARED_BY_KEYS, {"p_keys": keys})
-        shared = {(r.scope, r.agent_id, r.user_id): r.variables for r in rows}
+        return self._with_scopes(session, self._read_scopes(conn, keys))
+
+    @staticmethod
+    def _read_scopes(
+        conn: Connection, keys: Sequence[tuple[int, str, str]]
+    ) -> dict[tuple[int, str, str], Any]:
+        """The variables of the shared scopes with these keys (`_shared_key`), in one statement."""
+        if not keys:
+            return {}
+        rows = conn.execute(_SHARED_BY_KEYS, {"p_keys": list(keys)})
+        return {(r.scope, r.agent_id, r.user_id): r.variables for r in rows}
+
+    def _with_scopes(self, session: Session, scopes: Mapping[tuple[int, str, str], Any]) -> Session:
+        """`session` with its `app:` and `user:` variables taken from `scopes` (`_read_scopes`)."""
         return session.evolve(
-            shared={scope: shared.get(self._shared_key(scope, session), {}) for scope in Scope}
+            shared={scope: scopes.get(self._shared_key(scope, session), {}) for scope in Scope}
         )
 
     def _write_shared(
@@ -815,18 +827,9 @@ class Store:
                 for scope in Scope
             }
         )
-        shared = (
-            {
-                (r.scope, r.agent_id, r.user_id): r.variables
-                for r in conn.execute(_SHARED_BY_KEYS, {"p_keys": keys})
-            }
-            if keys
-            else {}
-        )
+        scopes = self._read_scopes(conn, keys)
         for i, s, made in results:
-            if ops[i].shared is not None:
-                s = s.evolve(shared={sc: shared.get(self._shared_key(sc, s), {}) for sc in Scope})
-            outcomes[i] = ((s, made), None)
+            outcomes[i] = ((self._with_scopes(s, scopes) if ops[i].shared is not None else s, made), None)
         assert all(o is not None for o in outcomes)
         return outcomes  # type: ignore[return-value]
 
@@ -952,10 +955,7 @@ class Store:
             changes = set_variables
 
             def fn(conn: Connection, sink: list[Any]) -> tuple[Session, list[StoredMessage]]:
-                ((outcome, exc),) = self._append_many(conn, [op])
-                if exc is not None:
-                    raise exc
-                session, stored = outcome
+                session, stored = op(conn)
                 sink.extend(op.events)
                 if not op.events:  # nothing new was stored
                     return session, stored
