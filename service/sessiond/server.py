@@ -93,8 +93,7 @@ class RunningServer:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if isinstance(self.bus, PostgresEventBus):
-            await self.bus.close()
+        await self.bus.close()
         await self.db.close()
 
     async def wait(self) -> None:
@@ -162,9 +161,7 @@ async def start_server(
         await store.ensure_agent(builtin_echo(clock.now()))
         await apply_agents(store, declared, now=clock.now())
         service = SessionsService(store, clock=clock, timeouts=timeouts, limits=settings.limits(), bus=bus)
-        if isinstance(bus, PostgresEventBus):
-            bus.attach(functools.partial(load_events, service), functools.partial(latest_event_id, service))
-            await bus.start()
+        await bus.start(functools.partial(load_events, service), functools.partial(latest_event_id, service))
         sweeper = Sweeper(
             store,
             clock,
@@ -209,7 +206,7 @@ async def start_server(
         await server.start()
         await _set_health(health_servicer, True)
     except BaseException:
-        if isinstance(bus, PostgresEventBus):
+        if bus is not None:
             await bus.close()
         await db.close()
         raise

@@ -13,12 +13,16 @@ that far behind is cut off (`Subscription.lagging`) and must resume from the las
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from agentsessions.v1 import events_pb2
 
 DEFAULT_BUFFER = 1024
+
+# How a bus reads a session's stored events in (after, upto], and its latest event id.
+Loader = Callable[[str, int, int], Awaitable[list[events_pb2.SessionEvent]]]
+Latest = Callable[[str], Awaitable[int]]
 # Turn events that only subscribers asking for deltas get: by far the most frequent events of a turn.
 DELTA_KINDS = frozenset({"text_delta", "reasoning_delta"})
 
@@ -108,6 +112,13 @@ class InProcessEventBus:
     def __init__(self) -> None:
         self._subscribers: dict[str, set[Subscription]] = {}
         self._handlers: dict[str, list[Callable[[Mapping[str, Any]], None]]] = {}
+
+    async def start(self, load: Loader, latest: Latest) -> None:
+        """Starts what the bus runs besides fan-out, given how to read a session's stored events (as
+        watchers get them) and its latest event id. One process: nothing to start, nothing to read."""
+
+    async def close(self) -> None:
+        """Stops what `start` started."""
 
     def signal(self, name: str, data: Mapping[str, Any]) -> None:
         """One process: no other replica to tell."""

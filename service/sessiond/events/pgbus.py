@@ -33,14 +33,14 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 import asyncpg
 
 from agentsessions.v1 import events_pb2
 
-from .bus import DEFAULT_BUFFER, InProcessEventBus, Subscription, is_delta
+from .bus import DEFAULT_BUFFER, InProcessEventBus, Latest, Loader, Subscription, is_delta
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,6 @@ MAX_OUTBOX = 10_000
 # Raw bytes of an event sent inside a notice; base64 makes them 4/3 larger, under the 8,000-byte payload
 # limit with room for the rest of the notice.
 MAX_INLINE_EVENT = 5_500
-
-Loader = Callable[[str, int, int], Awaitable[list[events_pb2.SessionEvent]]]
-Latest = Callable[[str], Awaitable[int]]
 
 
 def channel_name(schema: str | None) -> str:
@@ -96,13 +93,8 @@ class PostgresEventBus(InProcessEventBus):
         self._wanted: dict[str, float] = {}  # elsewhere: session -> until (monotonic time)
         self._handlers.setdefault(DELTAS_SIGNAL, []).append(self._on_deltas_wanted)
 
-    def attach(self, load: Loader, latest: Latest) -> None:
-        """How to read a session's stored events (as watchers get them) and its latest event id."""
+    async def start(self, load: Loader, latest: Latest) -> None:
         self._load, self._latest = load, latest
-
-    async def start(self) -> None:
-        if self._load is None or self._latest is None:
-            raise RuntimeError("PostgresEventBus.attach() was not called")
         await self._listen()
         self._spawn(self._send_loop())
         self._spawn(self._refresh_interest())
