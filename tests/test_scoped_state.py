@@ -312,3 +312,63 @@ async def test_concurrent_appends_with_variables_lose_nothing(
         if k == "updated":
             assert kinds[i - 1] == "messages_appended"
             assert int(events[i].session.etag[1:]) == int(events[i - 1].session.etag[1:]) + 1
+
+
+async def test_keys_set_one_by_one_cannot_grow_variables_past_the_limit(
+    client: AsyncSessionsClient, agent: str, unique: str
+) -> None:
+    """Each call's own keys are within the limit; so must be what they add up to, by UpdateSession key
+    paths and by appends that set variables alike. A refused call changes nothing."""
+    sid = f"{unique}/grow"
+    await client.create_session(agent_id=agent, session_id=sid, user_id="u", variables={"a": "x" * 40_000})
+    with pytest.raises(errors.InvalidArgument) as by_update:
+        await client.update_session(
+            session_id=sid, variables={"b": "y" * 40_000}, update_mask=["variables.b"]
+        )
+    assert by_update.value.field_violations[0][0] == "session.variables"
+    with pytest.raises(errors.InvalidArgument) as by_append:
+        await client.append_messages(
+            session_id=sid, messages=[_text("x", f"{unique}-grow")], set_variables={"b": "y" * 40_000}
+        )
+    assert by_append.value.field_violations[0][0] == "set_variables"
+    session = await client.get_session(session_id=sid)
+    assert session.message_count == 0 and _vars(session) == {"a": "x" * 40_000}
+    # Replacing a key with a smaller value, or removing one, is fine.
+    await client.append_messages(
+        session_id=sid, messages=[_text("x", f"{unique}-shrink")], set_variables={"a": "z", "b": "y" * 40_000}
+    )
+    assert _vars(await client.get_session(session_id=sid)) == {"a": "z", "b": "y" * 40_000}
+
+
+async def test_a_refused_append_in_a_concurrent_group_fails_alone(
+    client: AsyncSessionsClient, agent: str, unique: str
+) -> None:
+    """Appends that arrive together are written together; one whose variables break a limit is refused
+    on its own, with nothing of it stored (no message, no scope half-written), and the others land."""
+    sid = f"{unique}/group"
+    await client.create_session(agent_id=agent, session_id=sid, user_id="u")
+    await client.update_session(
+        session_id=sid, variables={"user:big": "y" * 40_000}, update_mask=["variables.`user:big`"]
+    )
+
+    async def append(i: int) -> None:
+        # Odd appends set an app: key and one own key; append 5 also pushes the user: scope over its limit.
+        changes: dict[str, Any] | None = {f"app:a{i}": i, f"k{i}": i} if i % 2 else None
+        if i == 5 and changes is not None:
+            changes["user:more"] = "z" * 40_000
+        await client.append_messages(
+            session_id=sid, messages=[_text(f"m{i}", f"{unique}-{i}")], set_variables=changes
+        )
+
+    results = await asyncio.gather(*(append(i) for i in range(12)), return_exceptions=True)
+    refused = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+    assert refused == [5] and isinstance(results[5], errors.InvalidArgument)
+    session = await client.get_session(session_id=sid)
+    assert session.message_count == 11 and session.last_sequence == 11
+    stored = [
+        m.message_id for m in (await client.list_messages(session_id=sid, page_size=50)).first_page.messages
+    ]
+    assert sorted(stored) == sorted(f"{unique}-{i}" for i in range(12) if i != 5)
+    odd = (1, 3, 7, 9, 11)
+    expected = {**{f"k{i}": i for i in odd}, **{f"app:a{i}": i for i in odd}, "user:big": "y" * 40_000}
+    assert _vars(session) == expected

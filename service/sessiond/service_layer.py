@@ -16,7 +16,7 @@ from .domain.clock import Clock
 from .domain.errors import InvalidArgument, NotFound, etag_mismatch
 from .domain.model import NewMessage, Session, Status, StoredMessage
 from .domain.policy import POLICY_FIELDS, TimeoutLimits, TimeoutPolicy, resolve
-from .domain.validation import Limits, check_page_size
+from .domain.validation import Limits, check_page_size, check_variables
 from .events.bus import EventBus, InProcessEventBus
 from .store.repository import MessagePageQuery, SessionFilter, Store
 
@@ -149,6 +149,8 @@ class SessionsService:
             elif keys:
                 patched, _ = state.patch(session.variables, keys, update.variables)
                 if patched != session.variables:
+                    # Each call's keys are within the limit; what they add up to must be too.
+                    check_variables(patched, self.limits, "session.variables")
                     changed = replace(changed, variables=patched)
             if policy_paths:
                 fields = (

@@ -45,7 +45,7 @@ from ..domain.errors import (
 from ..domain.model import NewMessage, Session, Status, StoredMessage
 from ..domain.policy import EffectivePolicy, Source, TimeoutPolicy
 from ..domain.state import Scope, ScopedChanges
-from ..domain.validation import Limits
+from ..domain.validation import Limits, check_variables
 from .database import Database, WriteCache
 from .tables import (
     UTCDateTime,
@@ -605,14 +605,31 @@ class Store:
     def _write_shared(
         self, conn: Connection, session: Session, changes: ScopedChanges, now: datetime
     ) -> None:
-        """Applies `changes` to the scopes of `session`'s agent and user, scope by scope (locked on
-        PostgreSQL; two first writers of one scope race on its primary key, and the loser runs again)."""
+        """Applies `changes` to the scopes of `session`'s agent and user."""
+        self._store_shared(conn, self._apply_shared(conn, session, changes), now)
+
+    def _apply_shared(
+        self, conn: Connection, session: Session, changes: ScopedChanges
+    ) -> list[tuple[tuple[int, str, str], Any, dict[str, Any]]]:
+        """Reads every scope `changes` touch (locked on PostgreSQL) and applies them in memory, within the
+        limits: (key, current variables or None, updated variables) per scope. Nothing is written, so a
+        change that breaks a limit fails before any scope is changed."""
+        out = []
         for scope in changes.scopes():
-            scope_id, agent_id, user_id = self._shared_key(scope, session)
-            key = {"p_scope": scope_id, "p_agent_id": agent_id, "p_user_id": user_id}
+            key = self._shared_key(scope, session)
+            params = {"p_scope": key[0], "p_agent_id": key[1], "p_user_id": key[2]}
             stmt = _SHARED_BY_KEY.with_for_update() if self._for_update else _SHARED_BY_KEY
-            current = conn.execute(stmt, key).scalar_one_or_none()
-            updated = changes.apply(scope, current or {})
+            current = conn.execute(stmt, params).scalar_one_or_none()
+            out.append((key, current, changes.apply(scope, current or {})))
+        return out
+
+    @staticmethod
+    def _store_shared(
+        conn: Connection, applied: Sequence[tuple[tuple[int, str, str], Any, dict[str, Any]]], now: datetime
+    ) -> None:
+        """Writes what `_apply_shared` computed (two first writers of one scope race on its primary key,
+        and the loser runs again)."""
+        for (scope_id, agent_id, user_id), current, updated in applied:
             where = (
                 scoped_variables.c.scope == scope_id,
                 scoped_variables.c.agent_id == agent_id,
@@ -947,32 +964,9 @@ class Store:
         stored are returned as stored and not appended again. `live`, when given, receives the live forms
         of the events published (the caller may build its answer from them instead of converting again).
 
-        `set_variables` (with the `limits` of shared scopes) are set key by key in the same transaction when
-        the append stores anything: a retry that finds every message stored sets nothing again."""
-        op = _AppendOp(self, session_id, new_messages, now, [])
-        if set_variables is not None:
-            assert limits is not None
-            changes = set_variables
-
-            def fn(conn: Connection, sink: list[Any]) -> tuple[Session, list[StoredMessage]]:
-                session, stored = op(conn)
-                sink.extend(op.events)
-                if not op.events:  # nothing new was stored
-                    return session, stored
-                own, shared = state.patch(session.variables, frozenset(changes), changes)
-                after = session
-                if own != session.variables:  # as UpdateSession: shared keys alone keep the etag
-                    after = session.evolve(variables=own, update_time=now, version=session.version + 1)
-                    after = self._event(conn, after, "updated", now, sink, detail={"paths": ["variables"]})
-                    self._save_session(conn, session, after)
-                    cache: WriteCache | None = conn.info.get(WriteCache.KEY)
-                    if cache is not None:
-                        cache.stage(session_id, after)
-                if shared:
-                    self._write_shared(conn, after, replace(shared, limits=limits), now)
-                return after, stored
-
-            return await self._write(fn, live)
+        `set_variables` are set key by key in the same transaction when the append stores anything (a
+        retry that finds every message stored sets nothing again), within `limits`."""
+        op = _AppendOp(self, session_id, new_messages, now, [], set_variables, limits)
         result = await self.db.write(op)
         self._deliver(op.events)
         if live is not None:
@@ -1000,6 +994,7 @@ class Store:
         pending_messages: list[StoredMessage] = []
         pending_calls: list[dict[str, Any]] = []
         pending_events: list[dict[str, Any]] = []
+        rewritten: set[str] = set()  # sessions whose variables changed: their whole row is written
         outcomes: list[Outcome] = []
 
         def flush() -> None:
@@ -1031,6 +1026,7 @@ class Store:
                     outcomes.append(((before, sorted(existing.values(), key=_by_sequence)), None))
                     continue
                 model.ensure_writable(before, op.now)
+                own, shared = self._set_variables(conn, before, op)  # may refuse: before anything is queued
                 if any(m.tool_result_ids for m in fresh):
                     flush()  # results are tied to calls that may be pending in this group
                 stored, calls = self._build_messages(conn, before, fresh, op.now)
@@ -1054,6 +1050,20 @@ class Store:
                     messages_=stored,
                     pending=pending_events,
                 )
+                if own is not None:  # as UpdateSession: shared keys alone keep the etag
+                    after = after.evolve(variables=own, update_time=op.now, version=after.version + 1)
+                    after = self._event(
+                        None,
+                        after,
+                        "updated",
+                        op.now,
+                        op.events,
+                        detail={"paths": ["variables"]},
+                        pending=pending_events,
+                    )
+                    rewritten.add(op.session_id)
+                if shared:
+                    self._store_shared(conn, shared, op.now)
                 state[op.session_id] = after
                 outcomes.append(
                     ((state[op.session_id], sorted([*existing.values(), *stored], key=_by_sequence)), None)
@@ -1061,13 +1071,34 @@ class Store:
             except DomainError as exc:
                 outcomes.append((None, exc))
         flush()
-        changed = [s for sid, s in state.items() if s is not original[sid]]
+        changed = [s for sid, s in state.items() if s is not original[sid] and sid not in rewritten]
         if changed:
             conn.execute(_UPDATE_SESSION_ACTIVITY, [_activity_values(s) for s in changed])
+        if rewritten:
+            values = [{"p_pk": state[sid].pk, **_session_values(state[sid])} for sid in rewritten]
+            conn.execute(_UPDATE_SESSION, values)
         if cache is not None:
             for session_id, session in state.items():
                 cache.stage(session_id, session)
         return outcomes
+
+    def _set_variables(
+        self, conn: Connection, session: Session, op: _AppendOp
+    ) -> tuple[dict[str, Any] | None, list[Any]]:
+        """What an append's `set_variables` do: the session's own variables when they change (None when
+        they do not), and the shared scopes applied (`_apply_shared`). Refuses, writing nothing, when
+        either would break the size limit of a variables object."""
+        if op.set_variables is None:
+            return None, []
+        assert op.limits is not None
+        own, shared = state.patch(session.variables, frozenset(op.set_variables), op.set_variables)
+        if own == session.variables:
+            changed = None
+        else:
+            check_variables(own, op.limits, "set_variables")
+            changed = own
+        applied = self._apply_shared(conn, session, replace(shared, limits=op.limits)) if shared else []
+        return changed, applied
 
     def _stored_under_caller_ids(
         self, conn: Connection, ops: Sequence[_AppendOp], state: Mapping[str, Session]
@@ -1447,6 +1478,8 @@ class _AppendOp:
     new_messages: Sequence[NewMessage]
     now: datetime
     events: list[Any]  # live forms of this append's events, published once the group commits
+    set_variables: Mapping[str, Any] | None = None
+    limits: Limits | None = None  # of variables objects, with `set_variables`
 
     def __call__(self, conn: Connection) -> tuple[Session, list[StoredMessage]]:
         ((result, exc),) = self.run_many(conn, [self])
