@@ -255,7 +255,17 @@ def _sqlite_setup(engine: Engine, *, begin: str | None) -> None:
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Any) -> None:
-            conn.exec_driver_sql(begin)
+            _driver_sql(conn, begin)
+
+
+def _driver_sql(conn: Connection, sql: str) -> Any:
+    """Runs `sql` on the driver's own connection and returns the first column of its first row, if any.
+    For the writer's per-group statements (BEGIN, PRAGMA data_version), SQLAlchemy's statement machinery
+    cost more than the statements themselves."""
+    driver = conn.connection.dbapi_connection
+    assert driver is not None
+    row = driver.execute(sql).fetchone()  # type: ignore[attr-defined]
+    return None if row is None else row[0]
 
 
 class WriteCache:
@@ -344,7 +354,7 @@ class _SQLiteWriter:
     ) -> tuple[list[tuple[Any, BaseException | None]], Any]:
         try:
             with conn.begin():
-                seen = conn.exec_driver_sql("PRAGMA data_version").scalar()
+                seen = _driver_sql(conn, "PRAGMA data_version")
                 if seen != data_version or not all(hasattr(op, "run_many") for op in ops):
                     cache.reset()
                 outcomes = _run_grouped(conn, ops)
