@@ -72,7 +72,9 @@ def _n(base: int) -> int:
     return max(10, int(base * SCALE))
 
 
-ROUNDS = 3  # alternating rounds: bare, CreateSession, AppendMessages (64 sessions), AppendMessages (1)
+# Alternating rounds: bare, CreateSession, AppendMessages (64 sessions), AppendMessages (1), and GetSession:
+# not a target, but the floor under every call that touches the store.
+ROUNDS = 3
 
 
 def _text(text: str, message_id: str = "") -> message_pb2.Message:
@@ -134,11 +136,15 @@ async def _measure(target: str, bare: grpc.aio.Channel) -> dict[str, float]:
                 message_service_pb2.AppendMessagesRequest(session_id=ids[0], messages=[_text(f"o{i}")])
             )
 
+        def get(i: int) -> Awaitable[object]:
+            return sessions.GetSession(session_service_pb2.GetSessionRequest(session_id=ids[i % IN_FLIGHT]))
+
         workloads: dict[str, tuple[Callable[[int], Awaitable[object]], int]] = {
             "unary": (lambda i: noop(payload), _n(20000) // ROUNDS),
             "create": (create, _n(5000) // ROUNDS),
             "append": (append, _n(10000) // ROUNDS),
             "append_one": (append_one, _n(5000) // ROUNDS),
+            "get": (get, _n(10000) // ROUNDS),
         }
         for call, _ in workloads.values():
             await throughput(200, IN_FLIGHT, call)  # warm-up
@@ -204,6 +210,7 @@ def _report(kind: str, r: dict[str, float]) -> None:
         ("CreateSession", "create", 0.5),
         ("AppendMessages (1 msg/call, 64 sessions)", "append", 0.6),
         ("AppendMessages (1 msg/call, 1 session)", "append_one", None),
+        ("GetSession (a point read, for scale)", "get", None),
     ]
     for name, key, target in rows:
         goal = f"  target >= {target:.1f}x" if target else ""
