@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import pytest
 from conftest import DatabaseTarget, make_settings
-from google.protobuf import descriptor_pb2, field_mask_pb2
+from google.protobuf import descriptor_pb2, field_mask_pb2, struct_pb2
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.descriptor_pool import DescriptorPool
 from google.rpc import error_details_pb2, status_pb2
@@ -27,6 +27,7 @@ from agentsessions import (
     Agent,
     AgentOrigin,
     AsyncSessionsClient,
+    DataPart,
     EchoBackend,
     Message,
     MessageOrder,
@@ -206,6 +207,24 @@ def _policy(**fields: int) -> session_pb2.TimeoutPolicy:
 
 def _meta(n: int) -> dict[str, str]:
     return {f"k{i}": "v" for i in range(n)}
+
+
+def _deep(levels: int) -> struct_pb2.Value:
+    """A JSON value of lists nested `levels` deep."""
+    value = struct_pb2.Value(string_value="x")
+    for _ in range(levels):
+        outer = struct_pb2.Value()
+        outer.list_value.values.append(value)
+        value = outer
+    return value
+
+
+def _data_message(value: struct_pb2.Value) -> Message:
+    return Message(role=Role.ROLE_USER, parts=[Part(data=DataPart(value=value))])
+
+
+def _openai_agent(agent_id: str, **fields: Any) -> dict[str, Any]:
+    return {"agentId": agent_id, "openaiChat": {"baseUrl": "http://127.0.0.1:9/v1", "model": "m", **fields}}
 
 
 OTHER_CASES: list[tuple[str, str, str, Call, str]] = [
@@ -655,6 +674,120 @@ OTHER_CASES: list[tuple[str, str, str, Call, str]] = [
         ),
         "agent.timeout_defaults.max_duration_minutes",
     ),
+    # JSON values (Struct, Value): what JSON cannot hold, or nests past what stays decodable in events.
+    (
+        "SessionService",
+        "CreateSession",
+        "variables with NaN",
+        lambda c: c.client.create_session(agent_id="echo", variables={"x": float("nan")}),
+        "session.variables",
+    ),
+    (
+        "SessionService",
+        "CreateSession",
+        "variables with Infinity",
+        lambda c: c.client.create_session(agent_id="echo", variables={"x": {"y": [float("-inf")]}}),
+        "session.variables",
+    ),
+    (
+        "SessionService",
+        "CreateSession",
+        "variables nested 33 deep",
+        lambda c: raw(
+            c.sessions.CreateSession,
+            session_service_pb2.CreateSessionRequest(
+                session=session_pb2.Session(
+                    agent_id="echo", variables=struct_pb2.Struct(fields={"deep": _deep(32)})
+                )
+            ),
+        ),
+        "session.variables",
+    ),
+    (
+        "SessionService",
+        "UpdateSession",
+        "a variable set to NaN",
+        lambda c: c.client.update_session(
+            session_id=c.session_id, variables={"x": float("nan")}, update_mask=["variables.x"]
+        ),
+        "session.variables",
+    ),
+    (
+        "SessionService",
+        "RestoreSession",
+        "a data part with Infinity",
+        lambda c: c.client.restore_session(
+            session_id=c.session_id, messages=[_data_message(struct_pb2.Value(number_value=float("inf")))]
+        ),
+        "messages[0].parts[0].data.value",
+    ),
+    (
+        "MessageService",
+        "AppendMessages",
+        "set_variables with NaN",
+        lambda c: c.client.append_messages(
+            session_id=c.session_id, messages=[text_message()], set_variables={"x": float("nan")}
+        ),
+        "set_variables",
+    ),
+    (
+        "MessageService",
+        "AppendMessages",
+        "a data part with NaN",
+        lambda c: c.client.append_messages(
+            session_id=c.session_id, messages=[_data_message(struct_pb2.Value(number_value=float("nan")))]
+        ),
+        "messages[0].parts[0].data.value",
+    ),
+    (
+        "MessageService",
+        "AppendMessages",
+        "a data part nested 33 deep",
+        lambda c: c.client.append_messages(session_id=c.session_id, messages=[_data_message(_deep(33))]),
+        "messages[0].parts[0].data.value",
+    ),
+    (
+        "AgentRegistryService",
+        "CreateAgent",
+        "a tool with NaN",
+        lambda c: c.client.create_agent(
+            agent=_openai_agent("nan-x", tools=[{"type": "function", "weight": float("nan")}])
+        ),
+        "agent.openai_chat.tools[0]",
+    ),
+    # Backend numbers: 0 means none or the server default; below it means nothing.
+    (
+        "AgentRegistryService",
+        "CreateAgent",
+        "negative echo word delay",
+        lambda c: c.client.create_agent(agent=Agent(agent_id="w-x", echo=EchoBackend(word_delay_ms=-1000))),
+        "agent.echo.word_delay_ms",
+    ),
+    (
+        "AgentRegistryService",
+        "CreateAgent",
+        "negative remote timeout",
+        lambda c: c.client.create_agent(
+            agent=Agent(agent_id="rt-x", remote=RemoteBackend(target="127.0.0.1:9", timeout_seconds=-5))
+        ),
+        "agent.remote.timeout_seconds",
+    ),
+    (
+        "AgentRegistryService",
+        "CreateAgent",
+        "negative max_tokens",
+        lambda c: c.client.create_agent(agent=_openai_agent("mt-x", maxTokens=-1)),
+        "agent.openai_chat.max_tokens",
+    ),
+    (
+        "AgentRegistryService",
+        "UpdateAgent",
+        "negative openai timeout",
+        lambda c: c.client.update_agent(
+            agent=_openai_agent("echo", timeoutSeconds=-1), update_mask=["backend"]
+        ),
+        "agent.openai_chat.timeout_seconds",
+    ),
 ]
 
 
@@ -801,6 +934,23 @@ async def test_turn_rpcs_answer_rich_errors(client: AsyncSessionsClient, target:
         assert frame.error.code == grpc.StatusCode.NOT_FOUND.value[0]
         assert frame.error.reason == "SESSION_NOT_FOUND"
         assert isinstance(errors.from_connect_error(frame.error), errors.NotFound)
+        # A trigger whose input JSON cannot hold (NaN) is one more refused frame; the stream stays open.
+        live = (await client.create_session(agent_id="echo", session_id=f"{unique}/connect")).session_id
+        nan_input = struct_pb2.Struct(fields={"x": struct_pb2.Value(number_value=float("nan"))})
+        await call.write(
+            turn_service_pb2.ConnectRequest(
+                execute=turn_service_pb2.ExecuteRequest(
+                    session_id=live, trigger=turn_service_pb2.Trigger(name="go", input=nan_input)
+                )
+            )
+        )
+        frame = await call.read()
+        assert frame.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert "trigger.input" in frame.error.message
+        await call.write(
+            turn_service_pb2.ConnectRequest(heartbeat=turn_service_pb2.HeartbeatFrame(session_id=live))
+        )
+        assert (await call.read()).session.session_id == live
         await call.done_writing()
         assert await call.read() == grpc.aio.EOF
     # A refused Execute stored nothing.

@@ -956,3 +956,47 @@ async def test_appends_to_missing_ended_or_expired_sessions(
     assert await client.append_text(session_id=expired, role="user", text="x", message_id="keep") == kept
     # History stays readable.
     assert [m.message_id for m in await all_messages(client, expired)] == ["keep"]
+
+
+def _nested(levels: int) -> struct_pb2.Value:
+    value = struct_pb2.Value(string_value="bottom")
+    for _ in range(levels):
+        outer = struct_pb2.Value()
+        outer.list_value.values.append(value)
+        value = outer
+    return value
+
+
+async def test_the_deepest_accepted_json_stays_readable_everywhere(
+    client: AsyncSessionsClient, unique: str
+) -> None:
+    """JSON nested to the limit (32 levels) is accepted, and every form it travels in afterwards decodes:
+    the history, the session, and the events that wrap them a few levels deeper (replayed and live).
+    One level more is refused up front."""
+    sid = f"{unique}/deep"
+    await client.create_session(agent_id="echo", session_id=sid)
+    deepest = _nested(32)
+    variables = struct_pb2.Struct()
+    variables.fields["v"].list_value.values.append(_nested(30))  # the object, a list, then 31 levels
+    await client.append_messages(
+        session_id=sid,
+        messages=[Message(role=Role.ROLE_USER, parts=[Part(data=DataPart(value=deepest))])],
+        set_variables=json_format.MessageToDict(variables),
+    )
+    page = await client.list_messages(session_id=sid)
+    assert page.first_page.messages[0].parts[0].data.value == deepest
+    assert (await client.get_session(session_id=sid)).variables == variables
+    stream = client.watch_session(session_id=sid, after_event_id=0, resume=False)
+    kinds = []
+    async for event in stream:
+        kinds.append(event.WhichOneof("kind"))
+        if len(kinds) == 2:
+            break
+    stream.cancel()
+    assert kinds == ["messages_appended", "updated"]
+    with pytest.raises(errors.InvalidArgument) as refused:
+        await client.append_messages(
+            session_id=sid,
+            messages=[Message(role=Role.ROLE_USER, parts=[Part(data=DataPart(value=_nested(33)))])],
+        )
+    assert refused.value.field_violations[0][0] == "messages[0].parts[0].data.value"

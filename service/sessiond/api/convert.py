@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -59,8 +60,52 @@ def policy_to_pb(policy: TimeoutPolicy) -> session_pb2.TimeoutPolicy:
     )
 
 
-def struct_to_dict(pb: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(pb)
+# How deep lists and objects may nest in a JSON value a caller sends (a Struct or a Value). Stored values
+# travel on inside events and frames, a few message levels deeper; protobuf refuses to decode past 100
+# levels, and each level of JSON is two (Value, then Struct or ListValue). 32 keeps every wrapping of an
+# accepted value decodable.
+MAX_JSON_DEPTH = 32
+
+
+def json_from_pb(pb: struct_pb2.Struct | struct_pb2.Value, field: str) -> Any:
+    """A Struct or a Value as plain JSON data (numbers as floats, as json_format has them). Refuses what
+    JSON cannot hold (NaN, infinities) and nesting deeper than MAX_JSON_DEPTH, either of which would
+    otherwise be stored and fail every later read that decodes or encodes it."""
+    if isinstance(pb, struct_pb2.Struct):
+        return _json_object(pb, field, 1)
+    return _json_value(pb, field, 0)
+
+
+def _json_object(pb: struct_pb2.Struct, field: str, depth: int) -> dict[str, Any]:
+    if depth > MAX_JSON_DEPTH:
+        raise InvalidArgument.field(field, f"nests lists and objects more than {MAX_JSON_DEPTH} levels deep")
+    return {key: _json_value(value, field, depth) for key, value in pb.fields.items()}
+
+
+def _json_value(pb: struct_pb2.Value, field: str, depth: int) -> Any:
+    kind = pb.WhichOneof("kind")
+    if kind == "number_value":
+        if not math.isfinite(pb.number_value):
+            raise InvalidArgument.field(field, "numbers must be finite: JSON has no NaN or Infinity")
+        return pb.number_value
+    if kind == "string_value":
+        return pb.string_value
+    if kind == "bool_value":
+        return pb.bool_value
+    if kind == "struct_value":
+        return _json_object(pb.struct_value, field, depth + 1)
+    if kind == "list_value":
+        if depth + 1 > MAX_JSON_DEPTH:
+            raise InvalidArgument.field(
+                field, f"nests lists and objects more than {MAX_JSON_DEPTH} levels deep"
+            )
+        return [_json_value(item, field, depth + 1) for item in pb.list_value.values]
+    return None  # null_value, or no kind set (read as null, as json_format does)
+
+
+def struct_to_dict(pb: struct_pb2.Struct, field: str) -> dict[str, Any]:
+    data: dict[str, Any] = json_from_pb(pb, field)
+    return data
 
 
 def dict_to_struct(data: dict[str, Any]) -> struct_pb2.Struct:
@@ -71,7 +116,7 @@ def dict_to_struct(data: dict[str, Any]) -> struct_pb2.Struct:
 
 
 def variables_from_pb(pb: struct_pb2.Struct, limits: Limits, field: str) -> dict[str, Any]:
-    variables = struct_to_dict(pb)
+    variables = struct_to_dict(pb, field)
     check_variables(variables, limits, field)
     return variables
 
@@ -163,6 +208,8 @@ def new_message_from_pb(
             results.append(part.tool_result.call_id)
         elif kind == "file" and not part.file.uri:
             raise InvalidArgument.field(f"{where}.file.uri", "is required")
+        elif kind == "data":
+            json_from_pb(part.data.value, f"{where}.data.value")
     content = message_pb2.Message(parts=pb.parts).SerializeToString()
     if len(content) > limits.max_message_bytes:
         raise InvalidArgument.field(
@@ -232,10 +279,27 @@ def message_to_pb(m: StoredMessage, *, ui_view: bool) -> message_pb2.Message:
 # --- agents -------------------------------------------------------------------------------------------
 
 
+# The numbers of each backend, with their ranges (0 means "none" or "the server default" for each).
+_BACKEND_NUMBERS: dict[str, tuple[tuple[str, int, int], ...]] = {
+    "echo": (("word_delay_ms", 0, 10_000),),
+    "remote": (("timeout_seconds", 0, 86_400),),
+    "openai_chat": (("max_tokens", 0, 2**31 - 1), ("timeout_seconds", 0, 86_400)),
+}
+
+
 def backend_from_pb(pb: agent_pb2.Agent) -> dict[str, Any]:
     kind = pb.WhichOneof("backend")
     if kind is None:
         raise InvalidArgument.field("agent.backend", f"one of {', '.join(BACKEND_KINDS)} is required")
+    for name, low, high in _BACKEND_NUMBERS.get(kind, ()):
+        value = getattr(getattr(pb, kind), name)
+        if not low <= value <= high:
+            raise InvalidArgument.field(
+                f"agent.{kind}.{name}", f"must be between {low} and {high}, got {value}"
+            )
+    if kind == "openai_chat":
+        for i, tool in enumerate(pb.openai_chat.tools):
+            json_from_pb(tool, f"agent.openai_chat.tools[{i}]")
     settings = json_format.MessageToDict(getattr(pb, kind), preserving_proto_field_name=True)
     if kind == "remote" and not pb.remote.target:
         raise InvalidArgument.field("agent.remote.target", "is required")

@@ -65,7 +65,7 @@ def turn_request_from_pb(request: turn_service_pb2.ExecuteRequest, limits: Limit
         if not trigger.name:
             raise InvalidArgument.field("trigger.name", "is required")
         check_text(trigger.name, "trigger.name", MAX_TRIGGER_NAME)
-        check_variables(convert.struct_to_dict(trigger.input), limits, "trigger.input")
+        check_variables(convert.struct_to_dict(trigger.input, "trigger.input"), limits, "trigger.input")
         return TurnRequest(kind=TurnKind.TRIGGER, trigger_name=trigger.name, trigger=trigger, **common)
     if kind == "continue_turn":
         cont = request.continue_turn
