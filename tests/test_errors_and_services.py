@@ -54,6 +54,7 @@ from agentsessions.v1 import (
     turn_service_pb2,
     turn_service_pb2_grpc,
 )
+from sessiond.domain import paging
 from sessiond.domain.clock import ManualClock
 from sessiond.server import start_server
 
@@ -632,6 +633,25 @@ OTHER_CASES: list[tuple[str, str, str, Call, str]] = [
         "ListAgents",
         "garbage page token",
         lambda c: c.client.list_agents(page_token="nope"),
+        "page_token",
+    ),
+    # Tokens are not signed: one built by hand must not carry text a query cannot take.
+    (
+        "AgentRegistryService",
+        "ListAgents",
+        "forged token with a NUL",
+        lambda c: c.client.list_agents(
+            page_token=paging.encode_token("a\x00b", paging.fingerprint("agents"))
+        ),
+        "page_token",
+    ),
+    (
+        "AgentRegistryService",
+        "ListAgents",
+        "forged token with a lone surrogate",
+        lambda c: c.client.list_agents(
+            page_token=paging.encode_token("\ud800x", paging.fingerprint("agents"))
+        ),
         "page_token",
     ),
     (

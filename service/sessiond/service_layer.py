@@ -16,7 +16,7 @@ from .domain.clock import Clock
 from .domain.errors import InvalidArgument, NotFound, etag_mismatch
 from .domain.model import NewMessage, Session, Status, StoredMessage
 from .domain.policy import POLICY_FIELDS, TimeoutLimits, TimeoutPolicy, resolve
-from .domain.validation import Limits, check_page_size, check_variables
+from .domain.validation import AGENT_ID, Limits, check_page_size, check_variables
 from .events.bus import EventBus, InProcessEventBus
 from .store.repository import MessagePageQuery, SessionFilter, Store
 
@@ -307,10 +307,13 @@ class SessionsService:
     async def get_agent(self, *, agent_id: str) -> Agent:
         return await self.store.get_agent(agent_id)
 
+    def _agent_position(self, position: str) -> bool:
+        return len(position) <= self.limits.max_agent_id_length and AGENT_ID.fullmatch(position) is not None
+
     async def list_agents(self, *, page_size: int, page_token: str) -> Page[Agent]:
         size = check_page_size(page_size, self.limits)
         fp = paging.fingerprint("agents")
-        after = paging.decode_token(page_token, fp, str) if page_token else ""
+        after = paging.decode_token(page_token, fp, str, valid=self._agent_position) if page_token else ""
 
         rows = await self.store.list_agents(after_id=after, limit=size + 1)
         items = rows[:size]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from .errors import InvalidArgument
@@ -24,8 +24,15 @@ def encode_token(position: int | str, request_fingerprint: str) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_token(token: str, request_fingerprint: str, kind: type[P] = int) -> P:  # type: ignore[assignment]
-    """The position a token continues from (a keyset value); 0 for no token."""
+def decode_token(
+    token: str,
+    request_fingerprint: str,
+    kind: type[P] = int,  # type: ignore[assignment]
+    valid: Callable[[P], object] | None = None,
+) -> P:
+    """The position a token continues from (a keyset value); 0 for no token. Tokens are not signed: anyone
+    can build one, so a text position must pass `valid` (the rule for the keys it stands for) before it
+    reaches a query."""
     if not token:
         return kind()
     try:
@@ -35,6 +42,8 @@ def decode_token(token: str, request_fingerprint: str, kind: type[P] = int) -> P
         if type(position) is not kind or not position:
             raise ValueError
         if isinstance(position, int) and not 0 < position < 2**63:  # keys are positive BIGINTs
+            raise ValueError
+        if valid is not None and not valid(position):
             raise ValueError
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise InvalidArgument.field("page_token", "is not a token this service issued") from None
