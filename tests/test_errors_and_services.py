@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import random
 import re
 import uuid
 from collections.abc import Awaitable, Callable
@@ -891,6 +892,34 @@ async def test_longest_valid_ids_are_accepted(client: AsyncSessionsClient, uniqu
         await client.create_agent(agent=Agent(agent_id=agent_id, echo=EchoBackend()))
     ).agent_id == agent_id
     await client.delete_agent(agent_id=agent_id)
+
+
+def _random_text(first: int, last: int, count: int, seed: int) -> str:
+    """`count` random characters from a Unicode range: text PostgreSQL cannot compress into its index."""
+    rng = random.Random(seed)
+    return "".join(chr(rng.randrange(first, last)) for _ in range(count))
+
+
+async def test_largest_metadata_values_are_stored_and_filterable(
+    client: AsyncSessionsClient, unique: str
+) -> None:
+    """Values at the byte bound fit the label index on every backend, and ListSessions finds them."""
+    values = {
+        "two-byte": _random_text(0x0400, 0x0500, 1024, 1),  # Cyrillic: 1,024 characters, 2,048 bytes
+        "cjk": _random_text(0x4E00, 0x9FFF, 682, 2),  # 3 bytes each: 2,046 bytes
+        "astral": _random_text(0x20000, 0x2A6DF, 512, 3),  # 4 bytes each: 2,048 bytes
+    }
+    for name, value in values.items():
+        sid = f"{unique}/meta-{name}"
+        await client.create_session(agent_id="echo", session_id=sid, metadata={"k": value})
+        found = [s.session_id async for s in await client.list_sessions(metadata={"k": value})]
+        assert found == [sid]
+    with pytest.raises(errors.InvalidArgument) as refused:
+        await client.update_session(
+            session_id=f"{unique}/meta-cjk", metadata={"k": _random_text(0x4E00, 0x9FFF, 683, 4)}
+        )
+    assert refused.value.field_violations[0][0] == "session.metadata['k']"
+    assert "2048 bytes" in refused.value.field_violations[0][1]
 
 
 async def test_not_found_errors(client: AsyncSessionsClient, unique: str) -> None:

@@ -69,6 +69,12 @@ def check_text(value: str, field: str, max_length: int) -> None:
         raise InvalidArgument.field(field, "must not contain control characters")
 
 
+# Metadata values are indexed with their key (ListSessions filters on them), and a PostgreSQL B-tree entry
+# holds at most 2,704 bytes: 1,024 characters of CJK text (3 or 4 bytes each) did not fit. 2,048 bytes
+# leaves room for the longest key; every ASCII or two-byte value within the character limit fits.
+MAX_METADATA_VALUE_BYTES = 2048
+
+
 def check_metadata(metadata: Mapping[str, str], limits: Limits, field: str) -> None:
     if len(metadata) > limits.max_metadata_entries:
         raise InvalidArgument.field(
@@ -83,6 +89,12 @@ def check_metadata(metadata: Mapping[str, str], limits: Limits, field: str) -> N
         if len(value) > limits.max_metadata_value_length:
             raise InvalidArgument.field(
                 f"{field}[{key!r}]", f"values are at most {limits.max_metadata_value_length} characters"
+            )
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size > MAX_METADATA_VALUE_BYTES:
+            raise InvalidArgument.field(
+                f"{field}[{key!r}]",
+                f"values are at most {MAX_METADATA_VALUE_BYTES} bytes as UTF-8, got {size}",
             )
         if "\x00" in value:  # PostgreSQL text cannot hold NUL; refused on every backend alike
             raise InvalidArgument.field(f"{field}[{key!r}]", "values must not contain NUL characters")
