@@ -112,6 +112,36 @@ async def test_watch_from_the_sessions_last_event_misses_nothing(
     assert event.messages_appended.messages[0].parts[0].text.text == "raced"
 
 
+async def test_a_watch_from_an_id_the_session_never_issued_is_refused(
+    client: AsyncSessionsClient, unique: str
+) -> None:
+    """Resuming past the session's last event would skip every event up to that id in silence: the case of
+    a gateway that resumes a session deleted and created again under its id, whose ids start over."""
+    sid = f"{unique}/ahead"
+    await client.create_session(agent_id="echo", session_id=sid)
+    for i in range(3):
+        await append(client, sid, f"m{i}")
+    stream = client.watch_session(session_id=sid, after_event_id=0, resume=False)
+    seen = await take(stream, 3)
+    stream.cancel()
+    await client.delete_session(session_id=sid, force=True)
+    await client.create_session(agent_id="echo", session_id=sid)
+    await append(client, sid, "new life")
+    with pytest.raises(errors.OutOfRange) as ahead:
+        await take(client.watch_session(session_id=sid, after_event_id=seen[-1].event_id, resume=False), 1)
+    assert ahead.value.reason == "EVENT_ID_AHEAD"
+    assert ahead.value.metadata["last_event_id"] == "1"
+    assert ahead.value.field_violations[0][0] == "after_event_id"
+    # From the start, or from the session's own last id, the watch works.
+    (first,) = await take(client.watch_session(session_id=sid, after_event_id=0, resume=False), 1)
+    assert first.event_id == 1 and first.messages_appended.messages[0].parts[0].text.text == "new life"
+    stream = client.watch_session(session_id=sid, after_event_id=1, resume=False)
+    await append(client, sid, "after")
+    (event,) = await take(stream, 1)
+    stream.cancel()
+    assert event.event_id == 2 and kind(event) == "messages_appended"
+
+
 async def test_resume_after_a_dropped_watch_has_no_gap_and_no_duplicate(
     client: AsyncSessionsClient, unique: str
 ) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from agentsessions.v1 import events_pb2
 
-from ..domain.errors import ResourceExhausted
+from ..domain.errors import FieldViolation, OutOfRange, ResourceExhausted
 from ..domain.model import Session, StoredMessage
 from ..service_layer import SessionsService
 from ..store.repository import MessagePageQuery
@@ -87,6 +87,20 @@ async def watch(
     arrives ahead of one still missing sends us back to storage for the gap."""
     with service.bus.subscribe(session_id, max_buffer=buffer, deltas=include_deltas) as live:
         session = await service.store.get_session(session_id)
+        if after_event_id is not None and after_event_id > session.last_event_id:
+            # Not an id this session issued: skipping every event up to it would drop them all in silence
+            # (a session deleted and created again under its id numbers its events from 1 again).
+            raise OutOfRange(
+                f"session {session_id!r} has issued events up to {session.last_event_id}, not "
+                f"{after_event_id}; watch from an id it issued, or from the start",
+                reason="EVENT_ID_AHEAD",
+                metadata={
+                    "session_id": session_id,
+                    "after_event_id": str(after_event_id),
+                    "last_event_id": str(session.last_event_id),
+                },
+                violations=[FieldViolation("after_event_id", "is past the session's last event")],
+            )
         last = session.last_event_id if after_event_id is None else after_event_id
         if after_event_id is not None:
             async for event in _replay(service, session_id, after_event_id):

@@ -68,6 +68,11 @@ class FailedPrecondition(DomainError):
     reason = "FAILED_PRECONDITION"
 
 
+class OutOfRange(DomainError):
+    code = "OUT_OF_RANGE"
+    reason = "OUT_OF_RANGE"
+
+
 class Aborted(DomainError):
     code = "ABORTED"
     reason = "ABORTED"
