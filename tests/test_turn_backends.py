@@ -157,6 +157,83 @@ async def test_remote_agent_failure_mid_stream(client: AsyncSessionsClient, uniq
     assert kinds(events).index("error") < kinds(events).index("message_completed")
 
 
+ToolCallPart = message_pb2.ToolCallPart
+
+
+@pytest.mark.parametrize(
+    ("output", "problem"),
+    [
+        (
+            client_tool("lookup", call_id="c" * 200),
+            "calls[0].call_id: must be at most 128 characters, got 200",
+        ),
+        (
+            client_tool("lookup", call_id="call\x00id"),
+            "calls[0].call_id: must not contain control characters",
+        ),
+        (
+            events_pb2.ClientToolRequest(
+                calls=[ToolCallPart(call_id="ok", name="lookup"), ToolCallPart(call_id="unnamed")]
+            ),
+            "client_tool_request.calls[1].name: is required",
+        ),
+        (
+            events_pb2.ToolCallEvent(
+                call=ToolCallPart(call_id="c" * 129, name="lookup"),
+                result=message_pb2.ToolResultPart(output="42"),
+            ),
+            "tool_call.call.call_id: must be at most 128 characters, got 129",
+        ),
+        (
+            events_pb2.ToolCallEvent(
+                call=ToolCallPart(call_id="ok", name="lookup"),
+                result=message_pb2.ToolResultPart(call_id="r\n1", output="42"),
+            ),
+            "tool_call.result.call_id: must not contain control characters",
+        ),
+    ],
+    ids=["call-id-too-long", "call-id-with-nul", "call-without-name", "server-call-id", "result-call-id"],
+)
+async def test_an_invalid_tool_call_from_the_agent_ends_the_turn_and_keeps_its_output(
+    client: AsyncSessionsClient, unique: str, output: Any, problem: str
+) -> None:
+    """A tool call the message store or a continue would refuse from a caller ends the turn as an agent
+    failure: the output before it is stored, nothing of the bad call is, and the session goes on."""
+
+    async def agent(request: RespondRequest) -> AsyncIterator[Any]:
+        if request_text(request.message) != "go":
+            yield "fine"
+            return
+        yield "partial answer "
+        yield output
+        yield "never relayed"
+
+    async with await serve_agent(agent) as server:
+        sid = await session_of(client, {"remote": {"target": server.target}}, unique, "badcall")
+        events = await run(client, sid, text="go")
+        assert kinds(events) == ["turn_started", "text_delta", "error", "message_completed", "turn_finished"]
+        error = only(events, "error")
+        assert (error.reason, error.retryable) == ("AGENT_UNAVAILABLE", False)
+        assert "invalid tool call" in error.message and problem in error.message, error.message
+        assert reason(events) == ERROR
+        answer = only(events, "message_completed").message
+        assert [p.WhichOneof("kind") for p in answer.parts] == ["text"]
+        assert (message_text(answer), answer.status) == (
+            "partial answer ",
+            MessageStatus.MESSAGE_STATUS_ERROR,
+        )
+
+        after = await run(client, sid, text="again", multitask_strategy="reject")
+    assert (text_of(after), reason(after)) == ("fine", STOP)
+    stored = await history(client, sid)
+    assert [(m.role, message_text(m), m.status) for m in stored] == [
+        (Role.ROLE_USER, "go", MessageStatus.MESSAGE_STATUS_COMPLETE),
+        (Role.ROLE_ASSISTANT, "partial answer ", MessageStatus.MESSAGE_STATUS_ERROR),
+        (Role.ROLE_USER, "again", MessageStatus.MESSAGE_STATUS_COMPLETE),
+        (Role.ROLE_ASSISTANT, "fine", MessageStatus.MESSAGE_STATUS_COMPLETE),
+    ]
+
+
 async def test_unreachable_agent_is_retryable_and_keeps_the_user_message(
     client: AsyncSessionsClient, unique: str
 ) -> None:
@@ -406,6 +483,28 @@ async def test_openai_chat_failures(
     if reply.chunks:
         assert (message_text(stored[1]), stored[1].status) == ("Hel", MessageStatus.MESSAGE_STATUS_ERROR)
     assert (await client.get_session(session_id=sid)).status == SessionStatus.SESSION_STATUS_ACTIVE
+
+
+async def test_openai_chat_tool_call_id_the_store_would_refuse(
+    client: AsyncSessionsClient, endpoint: ChatCompletionsServer, unique: str
+) -> None:
+    sid = await session_of(client, openai_agent(endpoint), unique, "oaibadid")
+    call = {"index": 0, "id": "x" * 300, "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    endpoint.replies.append(
+        Reply(chunks=[chunk(content="Hel"), chunk(tool_calls=[call]), chunk(finish="tool_calls")])
+    )
+    events = await run(client, sid, text="hello?")
+    error = only(events, "error")
+    assert (error.reason, error.retryable) == ("AGENT_UNAVAILABLE", False)
+    assert "call_id: must be at most 128 characters, got 300" in error.message
+    assert reason(events) == ERROR
+    stored = await history(client, sid)
+    assert [(message_text(m), m.status) for m in stored] == [
+        ("hello?", MessageStatus.MESSAGE_STATUS_COMPLETE),
+        ("Hel", MessageStatus.MESSAGE_STATUS_ERROR),
+    ]
+    endpoint.replies.append(Reply(chunks=[chunk(content="Hello."), chunk(finish="stop")]))
+    assert reason(await run(client, sid, text="again", multitask_strategy="reject")) == STOP
 
 
 async def test_openai_chat_missing_api_key_and_unreachable_endpoint(

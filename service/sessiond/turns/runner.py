@@ -37,7 +37,7 @@ from agentsessions.v1 import agent_service_pb2, events_pb2, message_pb2
 from ..api.convert import message_to_pb, session_to_pb
 from ..domain.agents import Agent
 from ..domain.clock import Clock, SystemClock
-from ..domain.errors import DomainError
+from ..domain.errors import DomainError, InvalidArgument
 from ..domain.model import MessageStatus, NewMessage, Role, Session, StoredMessage
 from ..domain.turns import (
     DisconnectBehavior,
@@ -51,7 +51,7 @@ from ..domain.turns import (
     history_window,
     turn_in_progress,
 )
-from ..domain.validation import uuid7
+from ..domain.validation import check_text, uuid7
 from ..events.bus import Subscription
 from ..service_layer import SessionsService
 from ..store.turns import Acquired, Acquisition, Existing, TurnStore
@@ -461,11 +461,14 @@ class Turn:
         out = event.tool_call
         out.CopyFrom(call_event)
         out.call.call_id = out.call.call_id or f"call-{uuid7()}"
-        self._parts.append(message_pb2.Part(tool_call=out.call))
+        self._check_call(out.call, "tool_call.call")
+        parts = [message_pb2.Part(tool_call=out.call)]
         if call_event.HasField("result"):
             out.result.call_id = out.result.call_id or out.call.call_id
             out.result.name = out.result.name or out.call.name
-            self._parts.append(message_pb2.Part(tool_result=out.result))
+            self._check_call_id(out.result.call_id, "tool_call.result.call_id")
+            parts.append(message_pb2.Part(tool_result=out.result))
+        self._parts += parts
         self._emit(event)
 
     def _client_tool_request(self, request: events_pb2.ClientToolRequest) -> None:
@@ -473,12 +476,36 @@ class Turn:
         event = self._event()
         out = event.client_tool_request
         out.CopyFrom(request)
-        for call in out.calls:
+        for i, call in enumerate(out.calls):
             call.call_id = call.call_id or f"call-{uuid7()}"
             call.client_side = True
+            self._check_call(call, f"client_tool_request.calls[{i}]")
+        for call in out.calls:
             self._pending_calls[call.call_id] = call.name
             self._parts.append(message_pb2.Part(tool_call=call))
         self._emit(event)
+
+    def _check_call(self, call: message_pb2.ToolCallPart, field: str) -> None:
+        """Holds an agent's tool call to the rules a caller's is held to (`convert.new_message_from_pb`, and
+        the call ids of a continue's results). A call id the database cannot hold would lose the assistant
+        message, and one a caller cannot send back would leave a paused turn that can never be continued.
+        A call that breaks them is the agent's failure, like a malformed stream: nothing of its event is
+        relayed or kept, and the turn ends as when the agent fails mid-stream, its output so far stored as
+        an ERROR message. `field` names the call in the agent's `RespondResponse`."""
+        self._check_call_id(call.call_id, f"{field}.call_id")
+        if not call.name:
+            raise self._invalid_call(InvalidArgument.field(f"{field}.name", "is required"))
+
+    def _check_call_id(self, call_id: str, field: str) -> None:
+        try:
+            check_text(call_id, field, self.runner.service.limits.max_message_id_length)
+        except InvalidArgument as exc:
+            raise self._invalid_call(exc) from None
+
+    def _invalid_call(self, exc: InvalidArgument) -> AgentFailure:
+        return AgentFailure(
+            f"agent {self.agent.agent_id!r} sent an invalid tool call: {exc.message}", retryable=False
+        )
 
     async def _conclude(self, reason: FinishReason, error: events_pb2.TurnError | None) -> None:
         self.concluding = True
