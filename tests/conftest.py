@@ -79,6 +79,8 @@ def make_settings(database: DatabaseTarget, **overrides: object) -> Settings:
         database_pool_size=4,
         # Tests drive the sweeper themselves (server.sweeper.run_once()) with the injected clock.
         sweeper_enabled=False,
+        # The variables the chat-completions tests' agents read their keys from.
+        agent_key_vars="TEST_LLM_KEY,TEST_LLM_MISSING_KEY",
         **overrides,  # type: ignore[arg-type]
     )
 

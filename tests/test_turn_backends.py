@@ -5,6 +5,7 @@ server speaking the real streaming wire format, and agents declared in the confi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -30,13 +31,13 @@ from turn_support import (
     usage_chunk,
 )
 
-from agentsessions import AgentOrigin, AsyncSessionsClient, MessageStatus, Role, SessionStatus
+from agentsessions import AgentOrigin, AsyncSessionsClient, MessageStatus, Role, SessionStatus, errors
 from agentsessions.agent import client_tool, serve_agent
 from agentsessions.agent import text_of as request_text
 from agentsessions.v1 import agent_service_pb2, events_pb2, message_pb2
 from sessiond.agents_file import ConfigError
 from sessiond.domain.clock import ManualClock
-from sessiond.server import start_server
+from sessiond.server import RunningServer, start_server
 
 RespondRequest = agent_service_pb2.RespondRequest
 
@@ -524,6 +525,67 @@ async def test_openai_chat_missing_api_key_and_unreachable_endpoint(
     down = await session_of(client, {"openai_chat": {"base_url": base, "model": "m"}}, unique, "down")
     error = only(await run(client, down, text="hi"), "error")
     assert (error.reason, error.retryable) == ("AGENT_UNAVAILABLE", True)
+
+
+async def test_agents_from_the_api_read_only_the_key_variables_the_operator_lists(
+    server: RunningServer,
+    client: AsyncSessionsClient,
+    endpoint: ChatCompletionsServer,
+    unique: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`api_key_env` would otherwise let anyone who may create an agent send any of the server's variables
+    (its database password) to an endpoint of their choosing. The tests' servers list TEST_LLM_KEY and
+    TEST_LLM_MISSING_KEY in SESSIOND_AGENT_KEY_VARS (conftest)."""
+    monkeypatch.setenv("TEST_LLM_KEY", "sk-listed")
+    monkeypatch.setenv("TEST_UNLISTED_SECRET", "hunter2")
+    thief = {**openai_agent(endpoint, api_key_env="TEST_UNLISTED_SECRET"), "agent_id": f"{unique}-thief"}
+    with pytest.raises(errors.PermissionDenied) as refused:
+        await client.create_agent(agent=thief)
+    assert refused.value.reason == "API_KEY_VARIABLE_NOT_ALLOWED"
+    assert refused.value.metadata["api_key_env"] == "TEST_UNLISTED_SECRET"
+    sid = await session_of(client, openai_agent(endpoint, api_key_env="TEST_LLM_KEY"), unique, "listed")
+    with pytest.raises(errors.PermissionDenied):
+        await client.update_agent(agent={**thief, "agent_id": f"{unique}-listed"}, update_mask=["backend"])
+    endpoint.replies.append(Reply(chunks=[chunk(content="fine"), chunk(finish="stop")]))
+    assert text_of(await run(client, sid, text="hi")) == "fine"
+    assert endpoint.received[-1].headers["authorization"] == "Bearer sk-listed"
+
+    # An agent stored before the rule, or before the operator narrowed the list, is held to it per turn.
+    await server.service.store.update_agent(
+        f"{unique}-listed",
+        lambda a: dataclasses.replace(a, backend={**a.backend, "api_key_env": "TEST_UNLISTED_SECRET"}),
+    )
+    events = await run(client, sid, text="again")
+    error = only(events, "error")
+    assert (error.reason, error.retryable) == ("AGENT_UNAVAILABLE", False)
+    assert "SESSIOND_AGENT_KEY_VARS" in error.message
+    assert len(endpoint.received) == 1  # nothing was sent
+
+
+async def test_agents_declared_by_the_operator_may_name_any_key_variable(
+    database: DatabaseTarget,
+    clock: ManualClock,
+    endpoint: ChatCompletionsServer,
+    tmp_path: Path,
+    unique: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TEST_UNLISTED_SECRET", "operator-key")
+    path = tmp_path / "agents.toml"
+    path.write_text(
+        f'[[agents]]\nid = "{unique}-declared"\n[agents.openai_chat]\nbase_url = "{endpoint.base_url}"\n'
+        'model = "m"\napi_key_env = "TEST_UNLISTED_SECRET"\n'
+    )
+    running = await start_server(make_settings(database, config_file=str(path)), clock=clock)
+    try:
+        async with AsyncSessionsClient(f"127.0.0.1:{running.port}") as client:
+            sid = (await client.create_session(agent_id=f"{unique}-declared")).session_id
+            endpoint.replies.append(Reply(chunks=[chunk(content="ok"), chunk(finish="stop")]))
+            assert text_of(await run(client, sid, text="hi")) == "ok"
+    finally:
+        await running.stop(0)
+    assert endpoint.received[-1].headers["authorization"] == "Bearer operator-key"
 
 
 # --- agents declared in the config file -------------------------------------------------------------------

@@ -65,10 +65,17 @@ class Settings(BaseSettings):
         300.0, gt=0, validation_alias=_env("SESSIOND_AGENT_HTTP_TIMEOUT_SECONDS")
     )
 
+    # The environment variables that agents created through the API may name as `api_key_env`, separated
+    # by commas (agents declared in the config file may name any). Empty: none.
+    agent_key_vars: str = Field("", validation_alias=_env("SESSIOND_AGENT_KEY_VARS"))
+
     max_batch_messages: int = Field(100, ge=1, validation_alias=_env("SESSIOND_MAX_BATCH_MESSAGES"))
     max_message_bytes: int = Field(1024 * 1024, ge=1024, validation_alias=_env("SESSIOND_MAX_MESSAGE_BYTES"))
     max_metadata_entries: int = Field(64, ge=0, validation_alias=_env("SESSIOND_MAX_METADATA_ENTRIES"))
     max_variables_bytes: int = Field(64 * 1024, ge=2, validation_alias=_env("SESSIOND_MAX_VARIABLES_BYTES"))
+
+    def allowed_key_vars(self) -> frozenset[str]:
+        return frozenset(name.strip() for name in self.agent_key_vars.split(",") if name.strip())
 
     def timeout_limits(self) -> TimeoutLimits:
         limits = TimeoutLimits(

@@ -160,7 +160,14 @@ async def start_server(
         store = Store(db, encode_event=encode_event, publish=bus.publish)
         await store.ensure_agent(builtin_echo(clock.now()))
         await apply_agents(store, declared, now=clock.now())
-        service = SessionsService(store, clock=clock, timeouts=timeouts, limits=settings.limits(), bus=bus)
+        service = SessionsService(
+            store,
+            clock=clock,
+            timeouts=timeouts,
+            limits=settings.limits(),
+            bus=bus,
+            allowed_key_vars=settings.allowed_key_vars(),
+        )
         await bus.start(functools.partial(load_events, service), functools.partial(latest_event_id, service))
         sweeper = Sweeper(
             store,
@@ -185,7 +192,10 @@ async def start_server(
         runner = TurnRunner(
             service,
             TurnStore(store),
-            Backends(http_timeout_seconds=settings.agent_http_timeout_seconds),
+            Backends(
+                http_timeout_seconds=settings.agent_http_timeout_seconds,
+                allowed_key_vars=settings.allowed_key_vars(),
+            ),
             lease_seconds=settings.turn_lease_seconds,
         )
         turn_service_pb2_grpc.add_TurnServiceServicer_to_server(TurnServicer(service, runner), guarded)

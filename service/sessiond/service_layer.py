@@ -11,7 +11,7 @@ from typing import Any, Generic, TypeVar
 from agentsessions.v1 import events_pb2
 
 from .domain import model, paging, state
-from .domain.agents import Agent, AgentOrigin
+from .domain.agents import Agent, AgentOrigin, key_variable_denied, key_variable_refused
 from .domain.clock import Clock
 from .domain.errors import InvalidArgument, NotFound, etag_mismatch
 from .domain.model import NewMessage, Session, Status, StoredMessage
@@ -54,12 +54,14 @@ class SessionsService:
         timeouts: TimeoutLimits,
         limits: Limits,
         bus: EventBus | None = None,
+        allowed_key_vars: frozenset[str] = frozenset(),
     ) -> None:
         self.store = store
         self.clock = clock
         self.timeouts = timeouts
         self.limits = limits
         self.bus: EventBus = bus or InProcessEventBus()
+        self.allowed_key_vars = allowed_key_vars  # for `api_key_env` of agents created through the API
 
     # --- sessions ---------------------------------------------------------------------------------------
 
@@ -297,8 +299,14 @@ class SessionsService:
 
     # --- agents -----------------------------------------------------------------------------------------
 
+    def _check_key_variable(self, agent_id: str, backend: Mapping[str, Any]) -> None:
+        refused = key_variable_refused(backend, self.allowed_key_vars)
+        if refused is not None:
+            raise key_variable_denied(agent_id, refused)
+
     async def create_agent(self, agent: Agent) -> Agent:
         self.timeouts.validate(agent.timeout_defaults, "agent.timeout_defaults")
+        self._check_key_variable(agent.agent_id, agent.backend)
         now = self.clock.now()
         return await self.store.create_agent(
             replace(agent, origin=AgentOrigin.API, create_time=now, update_time=now, version=1)
@@ -325,6 +333,8 @@ class SessionsService:
             raise InvalidArgument.field("update_mask", "names no field to update")
         if "timeout_defaults" in changes:
             self.timeouts.validate(changes["timeout_defaults"], "agent.timeout_defaults")
+        if "backend" in changes:  # of any agent, a declared one too: the new settings come from the caller
+            self._check_key_variable(agent_id, changes["backend"])
         now = self.clock.now()
 
         def change(agent: Agent) -> Agent:

@@ -68,6 +68,11 @@ class FailedPrecondition(DomainError):
     reason = "FAILED_PRECONDITION"
 
 
+class PermissionDenied(DomainError):
+    code = "PERMISSION_DENIED"
+    reason = "PERMISSION_DENIED"
+
+
 class OutOfRange(DomainError):
     code = "OUT_OF_RANGE"
     reason = "OUT_OF_RANGE"

@@ -19,7 +19,7 @@ import grpc
 
 from agentsessions.v1 import agent_service_pb2
 
-from ..domain.agents import Agent
+from ..domain.agents import Agent, AgentOrigin, key_variable_refused
 from ..domain.errors import FailedPrecondition
 
 if TYPE_CHECKING:
@@ -57,8 +57,11 @@ class Backends:
     the agents that use them: one gRPC channel per remote target, one HTTP client for every
     chat-completions endpoint. Nothing connects until the first turn that needs it."""
 
-    def __init__(self, *, http_timeout_seconds: float = 300.0) -> None:
+    def __init__(
+        self, *, http_timeout_seconds: float = 300.0, allowed_key_vars: frozenset[str] = frozenset()
+    ) -> None:
         self.http_timeout_seconds = http_timeout_seconds
+        self.allowed_key_vars = allowed_key_vars
         self._channels: dict[tuple[str, bool], grpc.aio.Channel] = {}
         self._http: httpx.AsyncClient | None = None
 
@@ -82,7 +85,14 @@ class Backends:
         if kind == "openai_chat":
             from .openai_chat import OpenAIChatBackend
 
-            return OpenAIChatBackend(self._http_client(), agent_id=agent.agent_id, settings=settings)
+            # Checked again per turn: an agent stored before the rule, or before the operator narrowed the
+            # list, must not read a variable the list no longer names. Declared agents are the operator's.
+            refused = None
+            if agent.origin == AgentOrigin.API:
+                refused = key_variable_refused(settings, self.allowed_key_vars)
+            return OpenAIChatBackend(
+                self._http_client(), agent_id=agent.agent_id, settings=settings, key_refused=refused
+            )
         raise FailedPrecondition(
             f"agent {agent.agent_id!r} has an unknown backend {kind!r}",
             reason="AGENT_BACKEND_UNKNOWN",

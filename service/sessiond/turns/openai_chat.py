@@ -24,6 +24,7 @@ from google.protobuf import json_format
 
 from agentsessions.v1 import agent_service_pb2, events_pb2, message_pb2
 
+from ..domain.agents import key_variable_denied
 from .backends import AgentFailure
 
 Response = agent_service_pb2.RespondResponse
@@ -39,8 +40,16 @@ FINISH_REASONS = {
 class OpenAIChatBackend:
     uses_history = True
 
-    def __init__(self, client: httpx.AsyncClient, *, agent_id: str, settings: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        agent_id: str,
+        settings: Mapping[str, Any],
+        key_refused: str | None = None,
+    ) -> None:
         self.client = client
+        self.key_refused = key_refused  # api_key_env names a variable this agent may not read
         self.agent_id = agent_id
         self.url = str(settings["base_url"]).rstrip("/") + "/chat/completions"
         self.model = str(settings["model"])
@@ -81,6 +90,8 @@ class OpenAIChatBackend:
 
     async def respond(self, request: agent_service_pb2.RespondRequest) -> AsyncGenerator[Response, None]:
         headers = {"Accept": "text/event-stream"}
+        if self.key_refused:
+            raise self._fail(key_variable_denied(self.agent_id, self.key_refused).message, retryable=False)
         if self.api_key_env:
             key = os.environ.get(self.api_key_env)
             if not key:
