@@ -93,7 +93,11 @@ def text_of(message: message_pb2.Message) -> str:
 def client_tool(
     name: str, arguments: str | Mapping[str, Any] = "{}", *, call_id: str = ""
 ) -> events_pb2.ClientToolRequest:
-    """A request that the caller of Execute run tool ``name`` (arguments: JSON text or a mapping)."""
+    """A request that the caller of Execute run tool ``name`` (arguments: JSON text or a mapping).
+
+    ``call_id`` (generated when empty) is held to the rule for callers' ids: at most 128 characters (the
+    server's ``max_message_id_length``), no control characters. A call that breaks it ends the turn with
+    ``AGENT_UNAVAILABLE``, the text streamed before it kept."""
     args = arguments if isinstance(arguments, str) else json.dumps(arguments)
     call = message_pb2.ToolCallPart(
         call_id=call_id or f"call-{uuid.uuid4().hex}", name=name, arguments=args, client_side=True
