@@ -1,4 +1,4 @@
-"""Assertions shared by the test modules."""
+"""Assertions and values shared by the test modules."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
+from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from agentsessions import errors
@@ -30,3 +31,13 @@ def raises(
     assert err.reason == reason, err
     for key, value in metadata.items():
         assert err.metadata.get(key) == value, (key, err.metadata)
+
+
+def nested_json(levels: int) -> struct_pb2.Value:
+    """A JSON value of lists nested `levels` deep around a string (the server accepts 32)."""
+    value = struct_pb2.Value(string_value="bottom")
+    for _ in range(levels):
+        outer = struct_pb2.Value()
+        outer.list_value.values.append(value)
+        value = outer
+    return value

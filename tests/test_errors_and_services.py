@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
+from assertions import nested_json
 from conftest import DatabaseTarget, make_settings
 from google.protobuf import descriptor_pb2, field_mask_pb2, struct_pb2
 from google.protobuf.descriptor import MethodDescriptor
@@ -209,16 +210,6 @@ def _policy(**fields: int) -> session_pb2.TimeoutPolicy:
 
 def _meta(n: int) -> dict[str, str]:
     return {f"k{i}": "v" for i in range(n)}
-
-
-def _deep(levels: int) -> struct_pb2.Value:
-    """A JSON value of lists nested `levels` deep."""
-    value = struct_pb2.Value(string_value="x")
-    for _ in range(levels):
-        outer = struct_pb2.Value()
-        outer.list_value.values.append(value)
-        value = outer
-    return value
 
 
 def _data_message(value: struct_pb2.Value) -> Message:
@@ -718,7 +709,7 @@ OTHER_CASES: list[tuple[str, str, str, Call, str]] = [
             c.sessions.CreateSession,
             session_service_pb2.CreateSessionRequest(
                 session=session_pb2.Session(
-                    agent_id="echo", variables=struct_pb2.Struct(fields={"deep": _deep(32)})
+                    agent_id="echo", variables=struct_pb2.Struct(fields={"deep": nested_json(32)})
                 )
             ),
         ),
@@ -764,7 +755,9 @@ OTHER_CASES: list[tuple[str, str, str, Call, str]] = [
         "MessageService",
         "AppendMessages",
         "a data part nested 33 deep",
-        lambda c: c.client.append_messages(session_id=c.session_id, messages=[_data_message(_deep(33))]),
+        lambda c: c.client.append_messages(
+            session_id=c.session_id, messages=[_data_message(nested_json(33))]
+        ),
         "messages[0].parts[0].data.value",
     ),
     (

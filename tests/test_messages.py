@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 import pytest
+from assertions import nested_json
 from conftest import DatabaseTarget, make_settings
 from google.protobuf import json_format, struct_pb2
 
@@ -958,15 +959,6 @@ async def test_appends_to_missing_ended_or_expired_sessions(
     assert [m.message_id for m in await all_messages(client, expired)] == ["keep"]
 
 
-def _nested(levels: int) -> struct_pb2.Value:
-    value = struct_pb2.Value(string_value="bottom")
-    for _ in range(levels):
-        outer = struct_pb2.Value()
-        outer.list_value.values.append(value)
-        value = outer
-    return value
-
-
 async def test_the_deepest_accepted_json_stays_readable_everywhere(
     client: AsyncSessionsClient, unique: str
 ) -> None:
@@ -975,9 +967,9 @@ async def test_the_deepest_accepted_json_stays_readable_everywhere(
     One level more is refused up front."""
     sid = f"{unique}/deep"
     await client.create_session(agent_id="echo", session_id=sid)
-    deepest = _nested(32)
+    deepest = nested_json(32)
     variables = struct_pb2.Struct()
-    variables.fields["v"].list_value.values.append(_nested(30))  # the object, a list, then 31 levels
+    variables.fields["v"].list_value.values.append(nested_json(30))  # the object, a list, then 31 levels
     await client.append_messages(
         session_id=sid,
         messages=[Message(role=Role.ROLE_USER, parts=[Part(data=DataPart(value=deepest))])],
@@ -997,6 +989,6 @@ async def test_the_deepest_accepted_json_stays_readable_everywhere(
     with pytest.raises(errors.InvalidArgument) as refused:
         await client.append_messages(
             session_id=sid,
-            messages=[Message(role=Role.ROLE_USER, parts=[Part(data=DataPart(value=_nested(33)))])],
+            messages=[Message(role=Role.ROLE_USER, parts=[Part(data=DataPart(value=nested_json(33)))])],
         )
     assert refused.value.field_violations[0][0] == "messages[0].parts[0].data.value"
