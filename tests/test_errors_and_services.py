@@ -409,6 +409,15 @@ OTHER_CASES: list[tuple[str, str, str, Call, str]] = [
     (
         "SessionService",
         "UpdateSession",
+        "'*' with another path",
+        lambda c: c.client.update_session(
+            session_id=c.session_id, metadata={"a": "b"}, update_mask=["*", "colour"]
+        ),
+        "update_mask",
+    ),
+    (
+        "SessionService",
+        "UpdateSession",
         "bad metadata key",
         lambda c: c.client.update_session(session_id=c.session_id, metadata={"": "v"}),
         "session.metadata['']",
@@ -651,6 +660,13 @@ OTHER_CASES: list[tuple[str, str, str, Call, str]] = [
         "UpdateAgent",
         "unknown update_mask path",
         lambda c: c.client.update_agent(agent=Agent(agent_id="echo"), update_mask=["origin"]),
+        "update_mask",
+    ),
+    (
+        "AgentRegistryService",
+        "UpdateAgent",
+        "'*' with another path",
+        lambda c: c.client.update_agent(agent=Agent(agent_id="echo"), update_mask=["*", "display_name"]),
         "update_mask",
     ),
     (

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
 
 import grpc
@@ -33,6 +33,12 @@ from . import convert, events
 from .errors import streaming, unary
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+def _only_wildcard(paths: Collection[str]) -> None:
+    """`*` replaces every updatable field (AIP-134); other paths beside it would be ignored in silence."""
+    if len(paths) > 1:
+        raise InvalidArgument.field("update_mask", "'*' stands for every field and takes no other path")
 
 
 class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
@@ -107,6 +113,7 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
         if request.HasField("update_mask"):
             paths = frozenset(request.update_mask.paths)
             if "*" in paths:
+                _only_wildcard(paths)
                 paths = frozenset({"metadata", "variables", "timeout_policy"})
         else:  # AIP-134: no mask means every field the request populates
             paths = frozenset(
@@ -310,6 +317,7 @@ class AgentRegistryServicer(agent_service_pb2_grpc.AgentRegistryServiceServicer)
         check_agent_id(pb.agent_id, self.svc.limits, "agent.agent_id")
         paths = set(request.update_mask.paths)
         if "*" in paths:
+            _only_wildcard(paths)
             paths = {"display_name", "backend", "timeout_defaults", "history_window"}
         changes: dict[str, Any] = {}
         for path in paths:
