@@ -1,14 +1,22 @@
-"""The database layer beneath the store: a failed read does not break the reads after it."""
+"""The database layer beneath the store: a failed read does not break the reads after it, and a write
+whose caller goes away still completes."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
+import gc
+from datetime import UTC, datetime
+
 import pytest
 from conftest import DatabaseTarget
-from sqlalchemy import Connection
+from sqlalchemy import Connection, func, insert, select
 from sqlalchemy.exc import DBAPIError
 
 from sessiond.store import migrate
 from sessiond.store.database import Database
+from sessiond.store.tables import scoped_variables
 
 
 async def test_a_read_that_fails_in_the_driver_leaves_reads_working(fresh_database: DatabaseTarget) -> None:
@@ -28,5 +36,45 @@ async def test_a_read_that_fails_in_the_driver_leaves_reads_working(fresh_databa
                 await db.read(broken)
             assert await db.read(count) == 0
             assert await db.read(count, scan=True) == 0
+    finally:
+        await db.close()
+
+
+async def test_a_write_whose_caller_goes_away_still_completes_cleanly(
+    fresh_database: DatabaseTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cancelled RPC does not cut a write off mid-statement: it commits (as on SQLite's writer thread),
+    nothing is logged as an unretrieved failure, and the connections stay usable. On PostgreSQL the
+    cancellation used to reach asyncpg mid-query and break the connection."""
+    db = Database(fresh_database.url, schema=fresh_database.schema)
+    await db.open()
+    try:
+        await migrate.upgrade(db)
+        slow = "SELECT pg_sleep(0.2)" if db.dialect == "postgresql" else "SELECT 1"
+
+        def write(conn: Connection, n: int) -> None:
+            conn.exec_driver_sql(slow)
+            conn.execute(
+                insert(scoped_variables).values(
+                    scope=1, agent_id=f"a{n}", user_id="", variables={"n": n}, update_time=datetime.now(UTC)
+                )
+            )
+
+        for n in range(3):
+            caller = asyncio.ensure_future(db.write(functools.partial(write, n=n)))
+            await asyncio.sleep(0.02)
+            caller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await caller
+        await asyncio.sleep(0.5)  # the writes run on
+        gc.collect()
+
+        def count(conn: Connection) -> int:
+            return int(conn.execute(select(func.count()).select_from(scoped_variables)).scalar_one())
+
+        assert await db.read(count) == 3
+        await db.write(functools.partial(write, n=3))
+        assert await db.read(count) == 4
+        assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
     finally:
         await db.close()

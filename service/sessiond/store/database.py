@@ -198,7 +198,12 @@ class Database:
             if self._grouper is None or self._grouper.done():
                 self._grouper = asyncio.create_task(self._run_groups())
             return await future
-        return await self._transaction(op)
+        # Once started, a write runs to its end even if its caller goes away (a cancelled or timed-out RPC),
+        # as on SQLite's writer thread: cancelling asyncpg mid-statement broke the connection and left a
+        # "Future exception was never retrieved" error in the log. The outcome is then dropped.
+        task = asyncio.ensure_future(self._transaction(op))
+        task.add_done_callback(_retrieve)
+        return await asyncio.shield(task)
 
     async def _transaction(self, op: Op[T]) -> T:
         """`op` in a transaction of its own, run again when it loses a race."""
@@ -400,6 +405,12 @@ def _run_grouped(conn: Connection, ops: list[Op[Any]]) -> list[tuple[Any, BaseEx
         for i, outcome in zip(indexes, run_many(conn, [ops[i] for i in indexes]), strict=True):
             outcomes[i] = outcome
     return [o for o in outcomes if o is not None]
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Marks a write's outcome as seen when nobody waits for it any more (its failure was the caller's)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _settle_all(futures: list[asyncio.Future[Any]], outcomes: list[tuple[Any, BaseException | None]]) -> None:
