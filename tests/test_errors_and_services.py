@@ -37,6 +37,7 @@ from agentsessions import (
     Part,
     PolicySource,
     RemoteBackend,
+    RetryPolicy,
     Role,
     SessionsClient,
     SessionStatus,
@@ -1514,3 +1515,43 @@ async def test_malformed_requests_do_not_crash_the_server(
     messages = [m async for m in await client.list_messages(session_id=sid)]
     assert [m.parts[0].text.text for m in messages][:3] == ["0", "1", "2"]
     assert (await client.get_server_stats()).version
+
+
+async def test_the_client_retries_only_calls_whose_repeat_changes_nothing() -> None:
+    """Against a server that answers UNAVAILABLE to everything: reads and safe writes are tried again;
+    DeleteMessages never is (a repeat of "everything after N" whose first attempt landed would delete
+    what others appended in between), nor an append without message ids."""
+    calls: dict[str, int] = {}
+
+    def unavailable(method: str) -> grpc.RpcMethodHandler:
+        async def handler(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+            calls[method] = calls.get(method, 0) + 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "try later")
+            raise AssertionError("unreachable")
+
+        return grpc.unary_unary_rpc_method_handler(handler)
+
+    server = grpc.aio.server()
+    for service, methods in (
+        ("agentsessions.v1.SessionService", ["GetSession"]),
+        ("agentsessions.v1.MessageService", ["DeleteMessages", "AppendMessages"]),
+    ):
+        server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler(service, {m: unavailable(m) for m in methods})]
+        )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    retry = RetryPolicy(max_attempts=3, initial_backoff=0.001, max_backoff=0.002)
+    try:
+        async with AsyncSessionsClient(f"127.0.0.1:{port}", retry=retry) as client:
+            with pytest.raises(errors.Unavailable):
+                await client.get_session(session_id="s")
+            with pytest.raises(errors.Unavailable):
+                await client.delete_messages(session_id="s", after_sequence=3)
+            with pytest.raises(errors.Unavailable):
+                await client.delete_messages(session_id="s", message_id="m")
+            with pytest.raises(errors.Unavailable):
+                await client.append_messages(session_id="s", messages=[text_message()])
+    finally:
+        await server.stop(0)
+    assert calls == {"GetSession": 3, "DeleteMessages": 2, "AppendMessages": 1}

@@ -294,8 +294,9 @@ def delete_messages(
     request = message_service_pb2.DeleteMessagesRequest(
         session_id=session_id, message_id=message_id, after_sequence=after_sequence
     )
-    # Deleting "everything after N" twice deletes the same; a repeat of a one-message delete is NOT_FOUND.
-    return Prepared(request, idempotent=after_sequence is not None)
+    # Not retried: a repeat of a one-message delete is NOT_FOUND, and a repeat of "everything after N" whose
+    # first attempt landed (its answer lost) would delete messages others appended in between.
+    return Prepared(request, idempotent=False)
 
 
 # TurnService

@@ -414,7 +414,8 @@ class AsyncSessionsClient:
     ) -> message_service_pb2.DeleteMessagesResponse:
         """Deletes one message, or every message with a sequence above ``after_sequence`` (0: all).
 
-        Retried for ``after_sequence`` only (a repeated one-message delete would raise ``NotFound``).
+        Never retried: a repeated one-message delete would raise ``NotFound``, and a repeat of "everything
+        after N" whose first attempt did land would also delete what others appended in between.
         """
         prepared = _requests.delete_messages(
             session_id=session_id, message_id=message_id, after_sequence=after_sequence
