@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from conftest import DatabaseTarget, make_settings, two_servers
@@ -27,7 +28,7 @@ from turn_support import (
 from agentsessions import AsyncSessionsClient, MessageStatus, Role, SessionsClient, SessionStatus, errors
 from sessiond.domain.clock import ManualClock
 from sessiond.domain.turns import TurnKind, TurnRequest
-from sessiond.server import RunningServer
+from sessiond.server import RunningServer, start_server
 from sessiond.store.turns import Acquired, TurnStore
 
 INTERRUPTED = MessageStatus.MESSAGE_STATUS_INTERRUPTED
@@ -585,7 +586,7 @@ async def test_a_crashed_owners_lease_runs_out(
     assert running is not None and running.stop_mode == 1
 
     # The ghost stops renewing: its lease runs out.
-    await store.renew("ghost-process", wall - timedelta(seconds=1))
+    await store.renew("ghost-process", [f"ghost-{unique}"], wall - timedelta(seconds=1))
     assert reason(await run(client, sid, "free again", multitask_strategy="reject")) == STOP
     replay = [e async for e in client.execute(session_id=sid, trigger={"name": "x"}, request_id="ghost-req")]
     assert only(replay, "error").reason == "TURN_LOST"
@@ -700,3 +701,292 @@ async def test_deleting_a_session_takes_its_turns_along(client: AsyncSessionsCli
     events = await run(client, sid, "one", request_id="r1")
     assert events[0].turn_started.user_message.sequence == 1
     assert len(await history(client, sid)) == 2
+
+
+# --- turns and what happens around them -------------------------------------------------------------------
+
+
+async def test_an_execute_cancelled_while_taking_the_lease_leaves_no_lease(
+    database: DatabaseTarget, clock: ManualClock, unique: str
+) -> None:
+    """Two execute frames back to back: the second cancels the first's Execute while it takes the lease.
+    The lease commits all the same; the turn it started gets the frame's on_disconnect (cancel), so the
+    second turn runs at once. A lease left behind would hold it for the whole lease (two minutes here)."""
+    server = await start_server(make_settings(database, turn_lease_seconds=120.0), clock=clock)
+    try:
+        async with AsyncSessionsClient(f"127.0.0.1:{server.port}") as client:
+            sid = await new_session(client, unique)
+            conn = client.connect(session_id=sid)
+            reader = Reader(conn)
+            await conn.send_execute(text="first")
+            await conn.send_execute(text="second")
+            second = ""
+
+            def second_finished(frame: Any) -> bool:
+                nonlocal second
+                if not frame.HasField("turn_event"):
+                    return False
+                event = frame.turn_event
+                if (
+                    event.HasField("turn_started")
+                    and message_text(event.turn_started.user_message) == "second"
+                ):
+                    second = event.turn_id
+                return bool(event.HasField("turn_finished") and event.turn_id == second)
+
+            finished = await asyncio.wait_for(reader.until(second_finished), 60)
+            assert reason([finished[-1].turn_event]) == STOP
+            await conn.done_writing()
+            await reader.rest()
+
+            assert await TurnStore(server.service.store).running(sid) is None
+            assert reason(await run(client, sid, "free", multitask_strategy="reject")) == STOP
+            stored = [message_text(m) for m in await history(client, sid)]
+            assert stored[-4:] == ["second", "second", "free", "free"]
+            # The first frame's turn never took the lease, or ran (cut short or not), or was cancelled at
+            # once (its input stored, nothing else).
+            assert stored[:-4] in ([], ["first"], ["first", "first"])
+    finally:
+        await server.stop(0)
+
+
+async def test_renewal_keeps_only_the_leases_of_turns_running_here(
+    client: AsyncSessionsClient, server: RunningServer, unique: str
+) -> None:
+    """A lease row of this process that no turn runs (what a lost start would leave) is not renewed
+    with the others: it runs out like a crashed owner's."""
+    assert server.turns is not None
+    orphan_sid = await new_session(client, unique, "orphan")
+    store = TurnStore(server.service.store)
+    wall = datetime.now(UTC)
+    orphan = await store.acquire(
+        TurnRequest(session_id=orphan_sid, kind=TurnKind.TRIGGER),
+        turn_id=f"orphan-{unique}",
+        owner=server.turns.owner,
+        lease_now=wall,
+        lease_until=wall + timedelta(seconds=5),
+        now=datetime.now(UTC),
+    )
+    assert isinstance(orphan, Acquired)
+    sid = await new_session(client, unique)
+    reader = Reader(client.execute(session_id=sid, text="/hang running here"))
+    await reader.until_kind("text_delta")
+    await server.turns.renew_leases()
+    running = await store.running(sid)
+    assert running is not None and running.lease_expire_time > wall + timedelta(seconds=10)
+    left = await store.running(orphan_sid)
+    assert left is not None and left.lease_expire_time == orphan.turn.lease_expire_time
+    await client.stop_turn(session_id=sid)
+    assert reason(await reader.rest()) == CANCELLED
+
+
+async def test_deleting_a_session_stops_its_turn_which_writes_nothing_into_a_new_one(
+    client: AsyncSessionsClient, unique: str
+) -> None:
+    """A turn that outlives DeleteSession (on_disconnect=continue) is stopped; a session created again
+    under the id gets nothing of it: no message, no event, no stop."""
+    sid = await new_session(client, unique)
+    reader = Reader(client.execute(session_id=sid, text="/hang old answer", on_disconnect="continue"))
+    await reader.until(lambda e: text_of([e]) == "answer")
+    await client.delete_session(session_id=sid, force=True)
+    await client.create_session(agent_id="echo", session_id=sid)
+    tail = await reader.rest()
+    assert only(tail, "error").reason == "SESSION_NOT_FOUND"
+    assert "message_completed" not in kinds(tail)
+    assert reason(tail) == ERROR
+
+    stopped = await client.stop_turn(session_id=sid)
+    assert (stopped.stopped, stopped.turn_id) == (False, "")
+    session = await client.get_session(session_id=sid)
+    assert (session.message_count, session.last_sequence, session.last_event_id) == (0, 0, 0)
+    assert await history(client, sid) == []
+    events = await run(client, sid, "fresh", multitask_strategy="reject")
+    assert events[0].turn_started.user_message.sequence == 1
+    assert [message_text(m) for m in await history(client, sid)] == ["fresh", "fresh"]
+
+
+async def test_clear_stops_the_running_turn_and_restore_gets_none_of_it(
+    client: AsyncSessionsClient, unique: str
+) -> None:
+    """ClearSession ends the running turn's lease in its own transaction and stops it: the turn stores
+    nothing more, so the restored history is exactly what the caller restored. The turn's caller gets
+    TurnError SESSION_CLEARED and TurnFinished(ERROR); a retry of its request id replays that."""
+    sid = await new_session(client, unique)
+    reader = Reader(client.execute(session_id=sid, text="/hang old answer", request_id="req-old"))
+    head = await reader.until(lambda e: text_of([e]) == "answer")
+    await client.clear_session(session_id=sid)
+    tail = await reader.rest()
+    error = only(tail, "error")
+    assert (error.reason, error.retryable) == ("SESSION_CLEARED", False)
+    assert "message_completed" not in kinds(tail)
+    assert reason(tail) == ERROR
+
+    restored = await client.restore_session(
+        session_id=sid,
+        messages=[
+            {"role": "ROLE_USER", "parts": [{"text": {"text": "A"}}]},
+            {"role": "ROLE_ASSISTANT", "parts": [{"text": {"text": "B"}}]},
+        ],
+    )
+    assert restored.restored
+    assert [message_text(m) for m in await history(client, sid)] == ["A", "B"]
+    # The lease is free: the next turn starts at once, even under reject.
+    assert reason(await run(client, sid, "next", multitask_strategy="reject")) == STOP
+    assert [message_text(m) for m in await history(client, sid)] == ["A", "B", "next", "next"]
+
+    replay = await run(client, sid, "/hang old answer", request_id="req-old")
+    assert {e.turn_id for e in replay} == {head[0].turn_id}
+    assert only(replay, "error").reason == "SESSION_CLEARED"
+    assert reason(replay) == ERROR
+
+
+async def test_restore_stops_a_turn_left_from_the_sessions_old_life(
+    client: AsyncSessionsClient, clock: ManualClock, unique: str
+) -> None:
+    sid = f"{unique}/s"
+    await client.create_session(agent_id="echo", session_id=sid, timeout_policy={"autoRenew": False})
+    reader = Reader(client.execute(session_id=sid, text="/hang from the old life"))
+    await reader.until(lambda e: text_of([e]) == "life")
+    clock.advance(minutes=31)  # expired under the running turn
+    restored = await client.restore_session(
+        session_id=sid, messages=[{"role": "ROLE_USER", "parts": [{"text": {"text": "A"}}]}]
+    )
+    assert restored.restored
+    tail = await reader.rest()
+    assert only(tail, "error").reason == "SESSION_RESTORED"
+    assert reason(tail) == ERROR
+    assert [message_text(m) for m in await history(client, sid)] == ["A"]
+
+
+async def test_a_session_change_on_another_replica_stops_the_turn(
+    database: DatabaseTarget, clock: ManualClock, unique: str
+) -> None:
+    """A delete (or a clear) through one replica stops the turn another replica runs, which writes
+    nothing: at once where the bus carries the notice (PostgreSQL), else at its next lease renewal, its
+    writes being tied to its lease and to the session row it started in."""
+    settings = make_settings(database, turn_lease_seconds=1.0)
+    async with (
+        two_servers(settings, clock) as (first, second),
+        AsyncSessionsClient(f"127.0.0.1:{first.port}") as a,
+        AsyncSessionsClient(f"127.0.0.1:{second.port}") as b,
+    ):
+        sid = await new_session(a, unique)
+        running = Reader(a.execute(session_id=sid, text="/hang on replica one", on_disconnect="continue"))
+        await running.until(lambda e: text_of([e]) == "one")
+        await b.delete_session(session_id=sid, force=True)
+        await b.create_session(agent_id="echo", session_id=sid)
+        tail = await running.rest()
+        assert only(tail, "error").reason == "SESSION_NOT_FOUND"
+        assert reason(tail) == ERROR
+        assert await history(b, sid) == []
+        assert (await a.stop_turn(session_id=sid)).stopped is False
+
+        running = Reader(a.execute(session_id=sid, text="/hang again"))
+        await running.until(lambda e: text_of([e]) == "again")
+        await b.clear_session(session_id=sid)
+        tail = await running.rest()
+        # The notice names the cause; without it the turn learns only that its lease is gone.
+        expected = "SESSION_CLEARED" if database.backend == "postgresql" else "TURN_LOST"
+        assert only(tail, "error").reason == expected
+        assert reason(tail) == ERROR
+        await b.restore_session(session_id=sid, messages=[])
+        assert await history(b, sid) == []
+
+
+async def test_a_request_that_cannot_start_leaves_the_running_turn_alone(
+    client: AsyncSessionsClient, unique: str
+) -> None:
+    """A continue that is refused (no such turn, a turn not paused) is refused before its multitask
+    strategy applies: the running turn is neither stopped nor rolled back, nor waited for."""
+    sid = await new_session(client, unique)
+    paused = await run(client, sid, "/tool lookup")
+    calls = only(paused, "client_tool_request").calls
+    results = [{"call_id": c.call_id, "output": "x"} for c in calls]
+    reader = Reader(client.execute(session_id=sid, text="/hang still running"))
+    head = await reader.until(lambda e: text_of([e]) == "running")
+
+    for strategy in ("interrupt", "rollback", "enqueue"):
+        with pytest.raises(errors.NotFound) as missing:
+            [
+                e
+                async for e in client.execute(
+                    session_id=sid,
+                    continue_turn={"turn_id": "no-such-turn", "tool_results": results},
+                    multitask_strategy=strategy,
+                )
+            ]
+        assert missing.value.reason == "TURN_NOT_FOUND"
+        # The running turn left the pause behind: continuing it is refused the same way.
+        with pytest.raises(errors.FailedPrecondition) as superseded:
+            [
+                e
+                async for e in client.execute(
+                    session_id=sid,
+                    continue_turn={"turn_id": paused[0].turn_id, "tool_results": results},
+                    multitask_strategy=strategy,
+                )
+            ]
+        assert superseded.value.reason == "TURN_NOT_PAUSED"
+
+    stopped = await client.stop_turn(session_id=sid)
+    assert (stopped.stopped, stopped.turn_id) == (True, head[0].turn_id)
+    tail = await reader.rest()
+    assert reason(tail) == CANCELLED
+    assert message_text(only(tail, "message_completed").message) == "still running"
+    assert [message_text(m) for m in await history(client, sid)][-2:] == [
+        "/hang still running",
+        "still running",
+    ]
+
+
+async def test_a_running_turn_is_activity(
+    client: AsyncSessionsClient, server: RunningServer, clock: ManualClock, unique: str
+) -> None:
+    """A turn renews its session while it runs (auto-renew on), as heartbeats would: its lease renewal
+    records it as activity, so a turn longer than the session's timeout keeps its session and answer."""
+    assert server.turns is not None
+    sid = await new_session(client, unique)
+    reader = Reader(client.execute(session_id=sid, text="/hang a long answer"))
+    await reader.until(lambda e: text_of([e]) == "answer")
+    before = await client.get_session(session_id=sid)
+    for _ in range(3):  # 60 minutes in all, twice the session's timeout
+        clock.advance(minutes=20)
+        await server.turns.renew_leases()
+    session = await client.get_session(session_id=sid)
+    assert session.status == SessionStatus.SESSION_STATUS_ACTIVE
+    assert session.last_activity_time.ToDatetime(UTC) == clock.now()
+    assert session.expire_time.ToDatetime(UTC) == clock.now() + timedelta(minutes=30)
+    assert session.renewal_count == before.renewal_count + 3
+    await server.turns.renew_leases()  # not due again at the same time: nothing changes
+    assert (await client.get_session(session_id=sid)).etag == session.etag
+
+    await client.stop_turn(session_id=sid)
+    tail = await reader.rest()
+    assert reason(tail) == CANCELLED
+    assert only(tail, "message_completed").message.status == INTERRUPTED
+
+
+async def test_a_turn_keeps_its_answer_when_its_session_expires_under_it(
+    client: AsyncSessionsClient, server: RunningServer, clock: ManualClock, unique: str
+) -> None:
+    """Without auto-renew a turn does not extend its session, which may expire while the turn runs. The
+    answer of a turn that started in an active session is stored all the same, and the session stays
+    expired (a write of the turn's own does not bring it back)."""
+    assert server.turns is not None
+    sid = f"{unique}/s"
+    await client.create_session(agent_id="echo", session_id=sid, timeout_policy={"autoRenew": False})
+    reader = Reader(client.execute(session_id=sid, text="/hang kept anyway"))
+    await reader.until(lambda e: text_of([e]) == "anyway")
+    clock.advance(minutes=31)
+    await server.turns.renew_leases()
+    await client.stop_turn(session_id=sid)
+    tail = await reader.rest()
+    assert reason(tail) == CANCELLED
+    answer = only(tail, "message_completed").message
+    assert (message_text(answer), answer.status) == ("kept anyway", INTERRUPTED)
+    session = await client.get_session(session_id=sid)
+    assert session.status == SessionStatus.SESSION_STATUS_EXPIRED
+    assert session.message_count == 2
+    with pytest.raises(errors.FailedPrecondition) as expired:
+        await client.append_text(session_id=sid, role="user", text="too late")
+    assert expired.value.reason == "SESSION_EXPIRED"

@@ -18,7 +18,7 @@ from .domain.model import NewMessage, Session, Status, StoredMessage
 from .domain.policy import POLICY_FIELDS, TimeoutLimits, TimeoutPolicy, resolve
 from .domain.validation import AGENT_ID, Limits, check_page_size, check_variables
 from .events.bus import EventBus, InProcessEventBus
-from .store.repository import MessagePageQuery, SessionFilter, Store
+from .store.repository import MessagePageQuery, SessionFilter, Store, TurnLease
 
 UPDATABLE_SESSION_PATHS = frozenset(
     {"metadata", "variables", "timeout_policy", *(f"timeout_policy.{f}" for f in POLICY_FIELDS)}
@@ -26,6 +26,10 @@ UPDATABLE_SESSION_PATHS = frozenset(
 
 
 T = TypeVar("T")
+
+# Told of the turns whose lease a session change ended: (session id, turn ids, what ended them:
+# "deleted", "cleared" or "restored"). The turn runner listens, to stop them.
+TurnsEnded = Callable[[str, Sequence[str], str], None]
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,16 @@ class SessionsService:
         self.limits = limits
         self.bus: EventBus = bus or InProcessEventBus()
         self.allowed_key_vars = allowed_key_vars  # for `api_key_env` of agents created through the API
+        self._turns_ended: list[TurnsEnded] = []
+
+    def on_turns_ended(self, listener: TurnsEnded) -> None:
+        """Calls `listener` after a delete, a clear or a restore ended the lease of a running turn."""
+        self._turns_ended.append(listener)
+
+    def _ended(self, session_id: str, turn_ids: Sequence[str], cause: str) -> None:
+        if turn_ids:
+            for listener in self._turns_ended:
+                listener(session_id, turn_ids, cause)
 
     # --- sessions ---------------------------------------------------------------------------------------
 
@@ -190,9 +204,16 @@ class SessionsService:
         )
 
     async def delete_session(self, *, session_id: str, etag: str, force: bool, allow_missing: bool) -> None:
+        ended: list[str] = []
         await self.store.delete_session(
-            session_id, etag=etag, force=force, allow_missing=allow_missing, now=self.clock.now()
+            session_id,
+            etag=etag,
+            force=force,
+            allow_missing=allow_missing,
+            now=self.clock.now(),
+            ended_turns=ended,
         )
+        self._ended(session_id, ended, "deleted")
 
     async def renew_session(self, *, session_id: str) -> Session:
         now = self.clock.now()
@@ -210,12 +231,21 @@ class SessionsService:
         return await self.store.change_session(session_id, beat, _renewed(manual=False), now=now)
 
     async def clear_session(self, *, session_id: str) -> Session:
-        return await self.store.clear_session(session_id, self.clock.now())
+        """Empties the history; the running turn is stopped and stores nothing more (design: Turns)."""
+        ended: list[str] = []
+        session = await self.store.clear_session(session_id, self.clock.now(), ended)
+        self._ended(session_id, ended, "cleared")
+        return session
 
     async def restore_session(
         self, *, session_id: str, messages: Sequence[NewMessage]
     ) -> tuple[Session, bool]:
-        return await self.store.restore_session(session_id, messages, self.clock.now())
+        """Replaces the history of an expired session; a turn still running from its old life is stopped
+        and stores nothing more."""
+        ended: list[str] = []
+        result = await self.store.restore_session(session_id, messages, self.clock.now(), ended)
+        self._ended(session_id, ended, "restored")
+        return result
 
     # --- messages ---------------------------------------------------------------------------------------
 
@@ -226,13 +256,19 @@ class SessionsService:
         messages: Sequence[NewMessage],
         live: list[Any] | None = None,
         set_variables: Mapping[str, Any] | None = None,
+        lease: TurnLease | None = None,
     ) -> tuple[Session, list[StoredMessage]]:
-        """Appends; `set_variables` are set key by key with the messages, in one transaction."""
-        if set_variables:
-            return await self.store.append_messages(
-                session_id, messages, self.clock.now(), live, set_variables=set_variables, limits=self.limits
-            )
-        return await self.store.append_messages(session_id, messages, self.clock.now(), live)
+        """Appends; `set_variables` are set key by key with the messages, in one transaction. With `lease`,
+        the append is a turn's own (`TurnLease`)."""
+        return await self.store.append_messages(
+            session_id,
+            messages,
+            self.clock.now(),
+            live,
+            set_variables=set_variables or None,
+            limits=self.limits,
+            lease=lease,
+        )
 
     async def list_messages(
         self,
@@ -284,9 +320,10 @@ class SessionsService:
         message_id: str | None,
         after_sequence: int | None,
         turn_id: str | None = None,
+        lease: TurnLease | None = None,
     ) -> tuple[Session, list[str]]:
         """Deletes one message, or every message above `after_sequence` (with `turn_id`: only that turn's,
-        as the rollback multitask strategy does)."""
+        as the rollback multitask strategy does, under the new turn's `lease`)."""
         if after_sequence is not None and after_sequence < 0:
             raise InvalidArgument.field("after_sequence", f"must not be negative, got {after_sequence}")
         return await self.store.delete_messages(
@@ -295,6 +332,7 @@ class SessionsService:
             after_sequence=after_sequence,
             now=self.clock.now(),
             turn_id=turn_id,
+            lease=lease,
         )
 
     # --- agents -----------------------------------------------------------------------------------------
@@ -354,13 +392,18 @@ class SessionsService:
 
     # --- events -----------------------------------------------------------------------------------------
 
-    async def publish_turn_event(self, event: events_pb2.TurnEvent) -> None:
+    async def publish_turn_event(
+        self, event: events_pb2.TurnEvent, *, lease: TurnLease | None = None
+    ) -> None:
         """Relays a turn event to the session's watchers. Turn started / finished are durable session events
-        (stored, replayable); deltas and the rest are live only."""
+        (stored, replayable); deltas and the rest are live only. With the turn's `lease`, the durable ones
+        go to the session the turn started in only (not to one created again under its id)."""
         if event.WhichOneof("kind") in ("turn_started", "turn_finished"):
             # A session deleted under the turn leaves nobody to tell.
             with contextlib.suppress(NotFound):
-                await self.store.record_event(event.session_id, "turn", self.clock.now(), {"turn": event})
+                await self.store.record_event(
+                    event.session_id, "turn", self.clock.now(), {"turn": event}, lease=lease
+                )
             return
         self.bus.publish(events_pb2.SessionEvent(session_id=event.session_id, time=event.time, turn=event))
 

@@ -22,6 +22,7 @@ from sqlalchemy import (
     exists,
     func,
     insert,
+    literal_column,
     select,
     text,
     tuple_,
@@ -33,6 +34,7 @@ from sqlalchemy.sql import Select
 from ..domain import model, state
 from ..domain.agents import Agent, AgentOrigin
 from ..domain.errors import (
+    Aborted,
     AlreadyExists,
     DomainError,
     FailedPrecondition,
@@ -45,6 +47,7 @@ from ..domain.errors import (
 from ..domain.model import NewMessage, Session, Status, StoredMessage
 from ..domain.policy import EffectivePolicy, Source, TimeoutPolicy
 from ..domain.state import Scope, ScopedChanges
+from ..domain.turns import FinishReason, TurnState
 from ..domain.validation import Limits, check_variables
 from .database import Database, WriteCache
 from .tables import (
@@ -87,6 +90,37 @@ class SessionFilter:
     user_id: str = ""
     status: Status | None = None
     metadata: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class TurnLease:
+    """What a turn's own writes (its input, its answer, a rollback's delete, its durable events) are made
+    under. They land only in the session the turn started in, never in one created again under the same
+    id, and (but for the events) only while the turn still holds its lease: a clear, a restore, a delete
+    or a take-over ends the lease, and with it the turn's right to write. The turn's own row is what
+    tells: it goes with its session (a primary key alone would not, as SQLite may give a new session the
+    primary key of the one deleted last)."""
+
+    session_pk: int
+    turn_id: str
+    owner: str
+
+
+def turn_lost(session_id: str, turn_id: str) -> Aborted:
+    return Aborted(
+        f"turn {turn_id!r} no longer holds the lease of session {session_id!r} (the session was cleared or "
+        "restored, or another turn took the lease over); its output was not stored",
+        reason="TURN_LOST",
+        metadata={"session_id": session_id, "turn_id": turn_id},
+    )
+
+
+def session_gone(session_id: str, turn_id: str) -> NotFound:
+    return NotFound(
+        f"session {session_id!r} was deleted while turn {turn_id!r} ran; its output was not stored",
+        reason="SESSION_NOT_FOUND",
+        metadata={"session_id": session_id, "turn_id": turn_id},
+    )
 
 
 @dataclass(frozen=True)
@@ -289,6 +323,27 @@ _SESSIONS_BY_IDS = select(sessions).where(sessions.c.session_id.in_(bindparam("p
 _SESSION_BY_REQUEST = select(sessions).where(sessions.c.request_id == bindparam("p_request_id"))
 _SESSIONS_BY_REQUESTS = select(sessions).where(sessions.c.request_id.in_(bindparam("p_ids", expanding=True)))
 _SESSION_PK_BY_ID = select(sessions.c.pk).where(sessions.c.session_id == bindparam("p_session_id"))
+_SESSION_BY_PK = select(sessions).where(sessions.c.pk == bindparam("p_pk"))
+_SESSION_BY_PK_FOR_UPDATE = _SESSION_BY_PK.with_for_update()
+# Turn leases (see store/turns.py). The running state is a literal, so that the partial indexes apply.
+_TURN_IS_RUNNING = turns.c.state == literal_column(str(int(TurnState.RUNNING)))
+_TURN_HOLDS_LEASE = select(turns.c.pk).where(
+    turns.c.turn_id == bindparam("p_turn_id"), turns.c.owner == bindparam("p_owner"), _TURN_IS_RUNNING
+)
+_TURN_ROW = select(turns.c.session_pk, turns.c.state).where(
+    turns.c.turn_id == bindparam("p_turn_id"), turns.c.owner == bindparam("p_owner")
+)
+_RUNNING_TURN_IDS = select(turns.c.turn_id).where(turns.c.session_pk == bindparam("p_pk"), _TURN_IS_RUNNING)
+# A clear or a restore ends the running turn's lease in its own transaction: the turn's later writes
+# are refused (`TurnLease`) and the next turn of the new history may start at once.
+_END_RUNNING_TURNS = (
+    update(turns)
+    .where(turns.c.session_pk == bindparam("p_pk"), _TURN_IS_RUNNING)
+    .values(
+        state=int(TurnState.FINISHED), finish_reason=int(FinishReason.ERROR), finish_time=bindparam("p_now")
+    )
+    .returning(turns.c.turn_id)
+)
 _UPDATE_SESSION = (
     update(sessions)
     .where(sessions.c.pk == bindparam("p_pk"))
@@ -532,12 +587,27 @@ class Store:
         return await self.db.read(op)
 
     async def record_event(
-        self, session_id: str, kind: str, now: datetime, detail: Mapping[str, Any]
+        self,
+        session_id: str,
+        kind: str,
+        now: datetime,
+        detail: Mapping[str, Any],
+        *,
+        lease: TurnLease | None = None,
     ) -> Session:
-        """Stores one event that changes nothing else (a turn started or finished)."""
+        """Stores one event that changes nothing else (a turn started or finished). With the turn's `lease`,
+        only in the session the turn started in (SESSION_NOT_FOUND once that was deleted, even if another
+        was created under its id)."""
 
         def fn(conn: Connection, sink: list[Any]) -> Session:
-            before = self._lock_session(conn, session_id)
+            if lease is None:
+                before = self._lock_session(conn, session_id)
+            else:
+                found = self._lock_session_pk(conn, lease.session_pk)
+                row = conn.execute(_TURN_ROW, {"p_turn_id": lease.turn_id, "p_owner": lease.owner}).first()
+                if found is None or row is None or row.session_pk != lease.session_pk:
+                    raise session_not_found(session_id)
+                before = found
             after = self._event(conn, before, kind, now, sink, detail=detail)
             conn.execute(_UPDATE_SESSION_ACTIVITY, _activity_values(after))
             return after
@@ -560,6 +630,23 @@ class Store:
         if row is None:
             raise session_not_found(session_id)
         return _session_from_row(row)
+
+    def _lock_session_pk(self, conn: Connection, pk: int) -> Session | None:
+        """`_lock_session` by primary key; None when the row is gone."""
+        stmt = _SESSION_BY_PK_FOR_UPDATE if self._for_update else _SESSION_BY_PK
+        row = conn.execute(stmt, {"p_pk": pk}).first()
+        return _session_from_row(row) if row is not None else None
+
+    @staticmethod
+    def _check_lease(conn: Connection, session: Session, lease: TurnLease) -> None:
+        """Refuses a turn's write into a session other than the one it started in (SESSION_NOT_FOUND), or
+        once its lease ended (TURN_LOST). Run under the session's lock: whatever ends a lease (a clear, a
+        restore, a delete, a take-over) holds that lock too."""
+        row = conn.execute(_TURN_ROW, {"p_turn_id": lease.turn_id, "p_owner": lease.owner}).first()
+        if row is None or row.session_pk != session.pk or session.pk != lease.session_pk:
+            raise session_gone(session.session_id, lease.turn_id)
+        if row.state != TurnState.RUNNING:
+            raise turn_lost(session.session_id, lease.turn_id)
 
     def _save_session(self, conn: Connection, before: Session, after: Session) -> None:
         if after is before:
@@ -922,8 +1009,19 @@ class Store:
         return await self._write(fn)
 
     async def delete_session(
-        self, session_id: str, *, etag: str, force: bool, allow_missing: bool, now: datetime
+        self,
+        session_id: str,
+        *,
+        etag: str,
+        force: bool,
+        allow_missing: bool,
+        now: datetime,
+        ended_turns: list[str] | None = None,
     ) -> bool:
+        """Deletes a session with everything it holds. `ended_turns`, when given, receives the id of the
+        turn that was running in it (its lease row goes with the session: the turn must be stopped)."""
+        ended: list[str] = []
+
         def fn(conn: Connection, sink: list[Any]) -> bool:
             # Locked like any other write's read (on PostgreSQL): the etag and "active needs force" checks
             # must hold against a concurrent update or restore, not against the row as it was.
@@ -942,6 +1040,7 @@ class Store:
                     reason="SESSION_ACTIVE",
                     metadata={"session_id": session_id},
                 )
+            ended[:] = conn.execute(_RUNNING_TURN_IDS, {"p_pk": session.pk}).scalars().all()
             # Children first: no reliance on ON DELETE CASCADE being enforced by the connection.
             for table in (messages, tool_calls, session_labels, session_events, turns):
                 conn.execute(delete(table).where(table.c.session_pk == session.pk))
@@ -949,7 +1048,10 @@ class Store:
             self._event(None, session, "deleted", now, sink)  # the log goes with the session: live only
             return True
 
-        return await self._write(fn)
+        deleted = await self._write(fn)
+        if ended_turns is not None:
+            ended_turns.extend(ended)
+        return deleted
 
     # --- messages --------------------------------------------------------------------------------------
 
@@ -962,14 +1064,19 @@ class Store:
         *,
         set_variables: Mapping[str, Any] | None = None,
         limits: Limits | None = None,
+        lease: TurnLease | None = None,
     ) -> tuple[Session, list[StoredMessage]]:
         """Appends atomically with gap-free sequence numbers. Messages whose caller-chosen id is already
         stored are returned as stored and not appended again. `live`, when given, receives the live forms
         of the events published (the caller may build its answer from them instead of converting again).
 
         `set_variables` are set key by key in the same transaction when the append stores anything (a
-        retry that finds every message stored sets nothing again), within `limits`."""
-        op = _AppendOp(self, session_id, new_messages, now, [], set_variables, limits)
+        retry that finds every message stored sets nothing again), within `limits`.
+
+        With `lease`, the append is a turn's own and holds to its lease (`TurnLease`). It may land in a
+        session that expired while the turn ran (a turn that started in an active session keeps its
+        answer), without renewing it: an expired session does not come back to life that way."""
+        op = _AppendOp(self, session_id, new_messages, now, [], set_variables, limits, lease)
         result = await self.db.write(op)
         self._deliver(op.events)
         if live is not None:
@@ -1019,6 +1126,8 @@ class Store:
                 before = state.get(op.session_id)
                 if before is None:
                     raise session_not_found(op.session_id)
+                if op.lease is not None:
+                    self._check_lease(conn, before, op.lease)
                 existing: dict[str, StoredMessage] = {}
                 for m in op.new_messages:
                     hit = known.get((op.session_id, m.message_id)) if m.caller_id else None
@@ -1028,7 +1137,9 @@ class Store:
                 if not fresh:
                     outcomes.append(((before, sorted(existing.values(), key=_by_sequence)), None))
                     continue
-                model.ensure_writable(before, op.now)
+                active = before.status(op.now) is Status.ACTIVE
+                if op.lease is None or before.end_time is not None:
+                    model.ensure_writable(before, op.now)
                 own, shared = self._set_variables(conn, before, op)  # may refuse: before anything is queued
                 if any(m.tool_result_ids for m in fresh):
                     flush()  # results are tied to calls that may be pending in this group
@@ -1038,7 +1149,12 @@ class Store:
                 for m, kept in zip(fresh, stored, strict=True):
                     if m.caller_id:
                         known[(op.session_id, m.message_id)] = kept
-                after = model.record_activity(before, op.now).evolve(
+                touched = (
+                    model.record_activity(before, op.now)
+                    if active
+                    else before.evolve(update_time=op.now, version=before.version + 1)
+                )
+                after = touched.evolve(
                     last_sequence=before.last_sequence + len(fresh),
                     message_count=before.message_count + len(fresh),
                 )
@@ -1240,12 +1356,16 @@ class Store:
         after_sequence: int | None,
         now: datetime,
         turn_id: str | None = None,
+        lease: TurnLease | None = None,
     ) -> tuple[Session, list[str]]:
         """Deletes one message, or those above `after_sequence` (only turn `turn_id`'s when given: a
-        turn's messages all sit above its start, so the key's range finds them without a scan)."""
+        turn's messages all sit above its start, so the key's range finds them without a scan). With
+        `lease`, the delete is a turn's own (a rollback) and holds to its lease (`TurnLease`)."""
 
         def fn(conn: Connection, sink: list[Any]) -> tuple[Session, list[str]]:
             before = self._lock_session(conn, session_id)
+            if lease is not None:
+                self._check_lease(conn, before, lease)
             model.ensure_writable(before, now)
             cond = [messages.c.session_pk == before.pk]
             if message_id is not None:
@@ -1284,10 +1404,18 @@ class Store:
 
         return await self._write(fn)
 
-    async def clear_session(self, session_id: str, now: datetime) -> Session:
+    async def clear_session(
+        self, session_id: str, now: datetime, ended_turns: list[str] | None = None
+    ) -> Session:
+        """Empties the history (the session is left expired) and ends the lease of the turn running in it:
+        nothing that turn still produces lands in the session. `ended_turns`, when given, receives its
+        id, for the caller to stop it."""
+        ended: list[str] = []
+
         def fn(conn: Connection, sink: list[Any]) -> Session:
             before = self._lock_session(conn, session_id)
             after = model.clear(before, now)
+            ended[:] = conn.execute(_END_RUNNING_TURNS, {"p_pk": before.pk, "p_now": now}).scalars().all()
             if after is not before:
                 conn.execute(delete(messages).where(messages.c.session_pk == before.pk))
                 conn.execute(delete(tool_calls).where(tool_calls.c.session_pk == before.pk))
@@ -1295,19 +1423,30 @@ class Store:
             self._save_session(conn, before, after)
             return after
 
-        return await self._write(fn)
+        cleared = await self._write(fn)
+        if ended_turns is not None:
+            ended_turns.extend(ended)
+        return cleared
 
     async def restore_session(
-        self, session_id: str, history: Sequence[NewMessage], now: datetime
+        self,
+        session_id: str,
+        history: Sequence[NewMessage],
+        now: datetime,
+        ended_turns: list[str] | None = None,
     ) -> tuple[Session, bool]:
-        """Replaces the history of an expired session and starts a new life for it. An active session is
-        returned unchanged (restored=False)."""
+        """Replaces the history of an expired session and starts a new life for it, ending the lease of a
+        turn still running from the old one (`ended_turns` receives its id, as with `clear_session`). An
+        active session is returned unchanged (restored=False)."""
+        ended: list[str] = []
 
         def fn(conn: Connection, sink: list[Any]) -> tuple[Session, bool]:
             before = self._lock_session(conn, session_id)
+            ended.clear()
             if before.status(now) is Status.ACTIVE:
                 return before, False
             after = model.restore(before, len(history), now)
+            ended[:] = conn.execute(_END_RUNNING_TURNS, {"p_pk": before.pk, "p_now": now}).scalars().all()
             conn.execute(delete(messages).where(messages.c.session_pk == before.pk))
             conn.execute(delete(tool_calls).where(tool_calls.c.session_pk == before.pk))
             if history:
@@ -1317,7 +1456,10 @@ class Store:
             self._save_session(conn, before, after)
             return after, True
 
-        return await self._write(fn)
+        restored = await self._write(fn)
+        if ended_turns is not None:
+            ended_turns.extend(ended)
+        return restored
 
     # --- sweeper ---------------------------------------------------------------------------------------
 
@@ -1483,6 +1625,7 @@ class _AppendOp:
     events: list[Any]  # live forms of this append's events, published once the group commits
     set_variables: Mapping[str, Any] | None = None
     limits: Limits | None = None  # of variables objects, with `set_variables`
+    lease: TurnLease | None = None  # a turn's own append (`Store.append_messages`)
 
     def __call__(self, conn: Connection) -> tuple[Session, list[StoredMessage]]:
         ((result, exc),) = self.run_many(conn, [self])

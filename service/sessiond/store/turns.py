@@ -13,7 +13,7 @@ like those of `repository.Store`, whose session locking it shares.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -34,7 +34,7 @@ from sqlalchemy import (
 from ..domain import model
 from ..domain.agents import Agent
 from ..domain.errors import agent_not_found, session_not_found
-from ..domain.model import Session
+from ..domain.model import Session, Status
 from ..domain.turns import (
     FinishReason,
     StopMode,
@@ -45,7 +45,7 @@ from ..domain.turns import (
     check_continuable,
     turn_not_found,
 )
-from .repository import _AGENT_BY_ID, Store, _agent_from_row
+from .repository import _AGENT_BY_ID, _TURN_HOLDS_LEASE, Store, TurnLease, _agent_from_row
 from .tables import sessions, turns
 
 
@@ -141,9 +141,15 @@ _REOPEN_PAUSED = (
     .where(turns.c.session_pk == bindparam("p_pk"), turns.c.closed_by_turn_id == bindparam("p_turn_id"))
     .values(closed_by_turn_id=None)
 )
+# Only the turns the owner names (those it runs): a row it took but never ran (its process lost the turn
+# between taking the lease and starting it) runs out like a crashed owner's.
 _RENEW = (
     update(turns)
-    .where(turns.c.owner == bindparam("p_owner"), _IS_RUNNING)
+    .where(
+        turns.c.owner == bindparam("p_owner"),
+        _IS_RUNNING,
+        turns.c.turn_id.in_(bindparam("p_turn_ids", expanding=True)),
+    )
     .values(lease_expire_time=bindparam("p_until"))
     .returning(turns.c.turn_id, turns.c.stop_mode)
 )
@@ -161,6 +167,18 @@ _FINISH = (
         events=bindparam("p_events"),
         finish_time=bindparam("p_now"),
     )
+)
+# A turn whose lease was ended under it (a clear, a restore, a take-over) still leaves its events for the
+# replays of its request id.
+_KEEP_EVENTS = (
+    update(turns)
+    .where(
+        turns.c.turn_id == bindparam("p_turn_id"),
+        turns.c.owner == bindparam("p_owner"),
+        turns.c.state == literal_column(str(int(TurnState.FINISHED))),
+        turns.c.events.is_(None),
+    )
+    .values(events=bindparam("p_events"))
 )
 _ABANDON = delete(turns).where(
     turns.c.turn_id == bindparam("p_turn_id"),
@@ -196,7 +214,8 @@ class TurnStore:
         """Starts turn `turn_id` of the session if no live lease stands in the way, in one transaction
         under the session's lock, and reads the session's agent with it. A request id seen before returns
         its turn instead (whatever the session's status: a retry replays); otherwise the session must be
-        writable."""
+        writable, and a continue must name the session's open pause, before a running turn is reported
+        (`Busy`): a request that cannot start must not set off its multitask strategy."""
         sid = request.session_id
 
         def op(conn: Connection) -> Acquisition:
@@ -215,12 +234,8 @@ class TurnStore:
             rows = conn.execute(_RUNNING_OR_PAUSED, {"p_pk": session.pk}).all()
             running_row = next((r for r in rows if r.state == TurnState.RUNNING), None)
             paused_rows = [r for r in rows if r.state != TurnState.RUNNING]
-            if running_row is not None:
-                running = _record(running_row, sid)
-                if running.leased(lease_now):
-                    return Busy(running)
-                conn.execute(_TAKE_OVER, {"p_pk": running_row.pk, "p_now": now})
-                taken_over = running
+            # Checked before the running turn is looked at: a request that cannot start must not stop
+            # (interrupt, rollback) or wait for (enqueue) the turn that runs.
             if request.kind is TurnKind.CONTINUE:
                 paused_row = next((r for r in paused_rows if r.turn_id == request.continue_turn_id), None)
                 if paused_row is None:  # not the open pause: read it to say why
@@ -230,6 +245,12 @@ class TurnStore:
                 if paused_row is None:
                     raise turn_not_found(sid, request.continue_turn_id)
                 check_continuable(_record(paused_row, sid), request)
+            if running_row is not None:
+                running = _record(running_row, sid)
+                if running.leased(lease_now):
+                    return Busy(running)
+                conn.execute(_TAKE_OVER, {"p_pk": running_row.pk, "p_now": now})
+                taken_over = running
             # A paused turn is continued by this turn, or left behind by it: either way it is closed.
             for row in paused_rows:
                 conn.execute(_CLOSE_ONE, {"p_pk": row.pk, "p_turn_id": turn_id})
@@ -255,15 +276,40 @@ class TurnStore:
 
         return await self.db.write(op)
 
-    async def renew(self, owner: str, lease_until: datetime) -> dict[str, StopMode]:
-        """Pushes the lease of every running turn of `owner` to `lease_until`. Returns the turns still
-        held, with the stop each was asked for (a turn missing from the answer lost its lease)."""
+    async def renew(
+        self, owner: str, turn_ids: Collection[str], lease_until: datetime
+    ) -> dict[str, StopMode]:
+        """Pushes the lease of the running turns `turn_ids` of `owner` to `lease_until`. Returns the turns
+        still held, with the stop each was asked for (a turn missing from the answer lost its lease)."""
+        if not turn_ids:
+            return {}
 
         def op(conn: Connection) -> dict[str, StopMode]:
-            rows = conn.execute(_RENEW, {"p_owner": owner, "p_until": lease_until})
-            return {r.turn_id: StopMode(r.stop_mode) for r in rows}
+            params = {"p_owner": owner, "p_turn_ids": list(turn_ids), "p_until": lease_until}
+            return {r.turn_id: StopMode(r.stop_mode) for r in conn.execute(_RENEW, params)}
 
         return await self.db.write(op)
+
+    async def record_activity(self, lease: TurnLease, now: datetime) -> Session | None:
+        """A running turn is activity: renews its session as a heartbeat does (auto-renew decides; a
+        `renewed` event when the expiry moved), while the turn holds its lease and the session is active.
+        Returns the session, or None when nothing was recorded."""
+        store = self.store
+
+        def fn(conn: Connection, sink: list[Any]) -> Session | None:
+            before = store._lock_session_pk(conn, lease.session_pk)
+            if before is None or before.status(now) is not Status.ACTIVE:
+                return None
+            held = conn.execute(_TURN_HOLDS_LEASE, {"p_turn_id": lease.turn_id, "p_owner": lease.owner})
+            if held.first() is None:
+                return None
+            after = model.record_activity(before, now)
+            if after.expire_time != before.expire_time:
+                after = store._event(conn, after, "renewed", now, sink, detail={"manual": False})
+            store._save_session(conn, before, after)
+            return after
+
+        return await store._write(fn)
 
     async def finish(
         self,
@@ -275,7 +321,8 @@ class TurnStore:
         events: bytes,
         now: datetime,
     ) -> bool:
-        """Releases the lease and records how the turn ended. False when the lease was lost meanwhile."""
+        """Releases the lease and records how the turn ended. False when the lease was lost meanwhile (its
+        events are kept all the same, for replays, unless another turn's are already there)."""
 
         def op(conn: Connection) -> bool:
             result = conn.execute(
@@ -289,7 +336,10 @@ class TurnStore:
                     "p_now": now,
                 },
             )
-            return bool(result.rowcount)
+            if result.rowcount:
+                return True
+            conn.execute(_KEEP_EVENTS, {"p_turn_id": turn_id, "p_owner": owner, "p_events": events})
+            return False
 
         return await self.db.write(op)
 

@@ -4,9 +4,11 @@ A turn runs in a task of its own, apart from the RPC that started it, so it can 
 (`DisconnectBehavior.CONTINUE`) and be followed by several callers (a retry with the same request id
 joins it). Its life:
 
-1. Acquire the session's turn lease in the database (`TurnStore.acquire`). If another turn holds it, the
-   request's strategy decides: reject (ABORTED / TURN_IN_PROGRESS), interrupt or rollback (stop that turn,
-   wait for it to end, take the lease), or enqueue (wait for it to end, take the lease).
+1. Acquire the session's turn lease in the database (`TurnStore.acquire`), which first checks that the
+   request can start at all. If another turn holds it, the request's strategy decides: reject (ABORTED /
+   TURN_IN_PROGRESS), interrupt or rollback (stop that turn, wait for it to end, take the lease), or
+   enqueue (wait for it to end, take the lease). Taking the lease and starting the turn are one step the
+   caller's cancel cannot split (`TurnRunner._begin`).
 2. Store the input (the user message, or the client tool results of a continue) through the message
    store, then emit TurnStarted. Rollback deletes the stopped turn's messages first.
 3. Call the agent's backend with the history window and relay its stream: each event is kept for the
@@ -15,13 +17,16 @@ joins it). Its life:
    the agent failed), emit MessageCompleted, release the lease, and emit TurnFinished last.
 
 Stopping a turn cancels only the task that iterates the agent's stream; the turn itself goes on to store
-what was produced and finish. A stop reaches a turn owned by another process through its lease row.
+what was produced and finish. A stop reaches a turn owned by another process through its lease row. The
+turn's writes hold to its lease (`TurnLease`): once a delete, a clear or a restore ended it, the turn is
+stopped and stores nothing more.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import Counter, deque
@@ -54,7 +59,8 @@ from ..domain.turns import (
 from ..domain.validation import check_text, uuid7
 from ..events.bus import Subscription
 from ..service_layer import SessionsService
-from ..store.turns import Acquired, Acquisition, Existing, TurnStore
+from ..store.repository import TurnLease, session_gone
+from ..store.turns import Acquired, Acquisition, Busy, Existing, TurnStore
 from .backends import AgentBackend, AgentFailure, Backends
 
 log = logging.getLogger(__name__)
@@ -158,10 +164,16 @@ class Turn:
         self.agent = agent
         self.session = session
         self.rolled_back = list(rolled_back)
+        # The turn's own writes hold to its lease and to the session row it started in.
+        self.lease = TurnLease(record.session_pk, record.turn_id, runner.owner)
         self.message_id = uuid7()  # the id the assistant message will be stored under
         self.registered_at = time.monotonic()
+        self.active_at = runner.clock.now()  # the last activity it recorded on its session
         self.emitted: list[TurnEvent] = []
         self.stop_mode = StopMode.NONE
+        # Why the turn's lease was ended under it (its session deleted, cleared or restored): it then
+        # stores nothing more and ends with this error.
+        self.ended: events_pb2.TurnError | None = None
         self.concluding = False
         self.started = asyncio.Event()
         self.start_error: BaseException | None = None
@@ -172,6 +184,7 @@ class Turn:
         # Events wait here for publication to the session's watchers, in order, by one task at a time:
         # the followers of the turn never wait for a durable event to be written.
         self._outbox: deque[TurnEvent] = deque()
+        self._silent = False  # see `end`
         self._publisher: asyncio.Task[None] | None = None
         self._agent_task: asyncio.Task[None] | None = None
         self._agent_reason: int | None = None
@@ -239,6 +252,8 @@ class Turn:
         self._publish_later(event)
 
     def _publish_later(self, event: TurnEvent) -> None:
+        if self._silent:
+            return
         self._outbox.append(event)
         if self._publisher is None or self._publisher.done():
             self._publisher = asyncio.create_task(self._publish_all())
@@ -247,7 +262,7 @@ class Turn:
         publish = self.runner._publish
         outbox = self._outbox
         while outbox:
-            await publish(outbox.popleft())
+            await publish(outbox.popleft(), self.lease)
 
     async def _published(self) -> None:
         """Returns once every event emitted so far was published."""
@@ -265,6 +280,21 @@ class Turn:
             self._agent_task.cancel()
         return True
 
+    def end(self, error: events_pb2.TurnError, *, session_gone: bool = False) -> None:
+        """The turn's lease was ended under it (its session deleted, cleared or restored): it stops, stores
+        nothing more (its writes would be refused anyway) and ends with `error`. A deleted session's turn
+        also stops publishing: its watchers are gone, and a session created again under the id is not
+        the turn's (its followers still get every event)."""
+        if self._finished:
+            return
+        if self.ended is None:
+            self.ended = error
+        if session_gone:
+            self._silent = True
+            self._outbox.clear()
+        self.runner._detach(self)
+        self.stop(StopMode.CANCEL)
+
     # --- the turn's life ---
 
     async def run(self) -> None:
@@ -276,6 +306,8 @@ class Turn:
                 return
             self.started.set()
             reason, error = await self._drive(stored)
+            if self.ended is not None:
+                reason, error = FinishReason.ERROR, self.ended
             await self._conclude(reason, error)
         except asyncio.CancelledError:
             if self._agent_task is not None:
@@ -317,12 +349,13 @@ class Turn:
                 message_id=None,
                 after_sequence=old.start_sequence,
                 turn_id=old.turn_id,
+                lease=self.lease,
             )
         stored = None
         new = self.request.message or self.request.tool_results
         if new is not None:
             self.session, messages = await svc.append_messages(
-                session_id=self.session_id, messages=[replace(new, turn_id=self.turn_id)]
+                session_id=self.session_id, messages=[replace(new, turn_id=self.turn_id)], lease=self.lease
             )
             stored = messages[0]
         event = self._event()
@@ -340,7 +373,7 @@ class Turn:
     ) -> agent_service_pb2.RespondRequest:
         svc = self.runner.service
         if backend.uses_history:
-            page, _ = await svc.list_messages(
+            page, session = await svc.list_messages(
                 session_id=self.session_id,
                 visible_only=False,
                 descending=True,
@@ -348,7 +381,11 @@ class Turn:
                 before_sequence=0,
                 page_size=history_window(self.agent.history_window),
                 page_token="",
+                with_session=True,
             )
+            if session is None or session.pk != self.record.session_pk:
+                # Deleted and created again under its id: that history belongs to another session.
+                raise session_gone(self.session_id, self.turn_id)
             history = [message_to_pb(m, ui_view=False) for m in reversed(page.items)]
         else:  # the echo agent answers the input alone
             history = [message_to_pb(stored, ui_view=False)] if stored is not None else []
@@ -516,7 +553,7 @@ class Turn:
             event.error.CopyFrom(error)
             self._emit(event)
         pending = self._pending_calls if reason is FinishReason.CLIENT_TOOL_CALLS else {}
-        if self._parts and self.stop_mode is not StopMode.ROLLBACK:
+        if self._parts and self.stop_mode is not StopMode.ROLLBACK and self.ended is None:
             status = {
                 FinishReason.CANCELLED: MessageStatus.INTERRUPTED,
                 FinishReason.ERROR: MessageStatus.ERROR,
@@ -534,9 +571,11 @@ class Turn:
             )
             failure: events_pb2.TurnError | None = None
             try:
-                _, stored = await svc.append_messages(session_id=self.session_id, messages=[message])
-            except DomainError as exc:  # the session expired, ended or went away under the turn
-                failure = events_pb2.TurnError(reason=exc.reason, message=exc.message)
+                _, stored = await svc.append_messages(
+                    session_id=self.session_id, messages=[message], lease=self.lease
+                )
+            except DomainError as exc:  # the session ended or went away, or the lease ended, under the turn
+                failure = self.ended or events_pb2.TurnError(reason=exc.reason, message=exc.message)
             except Exception:
                 log.exception("turn %s: storing the assistant message failed", self.turn_id)
                 failure = _internal_error()
@@ -561,7 +600,7 @@ class Turn:
                 events=encode_log(compact([*self.emitted, final])),
                 now=svc.clock.now(),
             )
-            if not released:
+            if not released and self.ended is None:
                 log.warning("turn %s lost its lease before it finished", self.turn_id)
         except Exception:
             log.warning(
@@ -573,6 +612,29 @@ class Turn:
         await self._published()
         self.runner._forget(self)
         self._deliver(final, last=True)
+
+
+def _ended_error(session_id: str, cause: str) -> events_pb2.TurnError:
+    """What the caller of a turn whose lease a session change ended learns (design: Turns)."""
+    if cause == "deleted":
+        return events_pb2.TurnError(
+            reason="SESSION_NOT_FOUND",
+            message=f"session {session_id!r} was deleted while the turn ran; its output was not stored",
+        )
+    return events_pb2.TurnError(
+        reason=f"SESSION_{cause.upper()}",  # SESSION_CLEARED, SESSION_RESTORED
+        message=f"session {session_id!r} was {cause} while the turn ran; its output was not stored",
+    )
+
+
+def _begun_without_caller(request: TurnRequest, begin: asyncio.Future[Turn | Busy | Existing]) -> None:
+    """The caller of `TurnRunner.execute` went away while the lease was being taken: a turn started all
+    the same gets the caller's on_disconnect, as when the caller goes away a moment later."""
+    if begin.cancelled() or begin.exception() is not None:  # nothing started (the error is nobody's now)
+        return
+    turn = begin.result()
+    if isinstance(turn, Turn) and request.on_disconnect is DisconnectBehavior.CANCEL:
+        turn.stop(StopMode.CANCEL)
 
 
 def _internal_error() -> events_pb2.TurnError:
@@ -646,8 +708,11 @@ class TurnRunner:
         self._waiting_changed: asyncio.Condition | None = None
         self._renewer: asyncio.Task[None] | None = None
         self._renew_now = asyncio.Event()  # a stop for a turn here was asked on another replica
+        self._early_stops: dict[str, StopMode] = {}  # see `_stop_and_wait`
+        self._renewing: asyncio.Lock | None = None  # one renewal at a time (`renew_leases`)
         self._closed = False
         service.bus.on_signal(STOP_SIGNAL, self._on_stop_signal)
+        service.on_turns_ended(self._on_turns_ended)
 
     # --- queries ---
 
@@ -673,10 +738,19 @@ class TurnRunner:
         turn_id = uuid7()
         rolled_back: list[TurnRecord] = []
         while True:
-            outcome = await self._acquire(request, turn_id)
+            # Taking the lease commits even when the caller goes away meanwhile (a cancel, a deadline, a
+            # Connect frame interrupting the one before): it runs shielded, and a turn it started is left
+            # to its caller's on_disconnect like any other.
+            begin = asyncio.ensure_future(self._begin(request, turn_id, rolled_back))
+            try:
+                outcome = await asyncio.shield(begin)
+            except asyncio.CancelledError:
+                begin.add_done_callback(functools.partial(_begun_without_caller, request))
+                raise
             if isinstance(outcome, Existing):
                 return await self._join(outcome.turn)
-            if isinstance(outcome, Acquired):
+            if isinstance(outcome, Turn):
+                turn = outcome
                 break
             running = outcome.running
             if request.strategy is MultitaskStrategy.REJECT:
@@ -688,9 +762,6 @@ class TurnRunner:
             if mode is StopMode.ROLLBACK:
                 rolled_back.append(running)
             await self._stop_and_wait(running, mode)
-        turn = Turn(self, outcome.turn, request, outcome.agent, outcome.session, rolled_back)
-        self._register(turn)
-        turn.task = asyncio.create_task(turn.run(), name=f"turn-{turn_id}")
         try:
             await turn.started.wait()
         except asyncio.CancelledError:
@@ -730,6 +801,19 @@ class TurnRunner:
 
     # --- internals ---
 
+    async def _begin(
+        self, request: TurnRequest, turn_id: str, rolled_back: Sequence[TurnRecord]
+    ) -> Turn | Busy | Existing:
+        """Takes the lease and, when it is ours, starts the turn in the same step: a turn whose lease was
+        taken is always running here (or finished), never a row nobody runs."""
+        outcome = await self._acquire(request, turn_id)
+        if not isinstance(outcome, Acquired):
+            return outcome
+        turn = Turn(self, outcome.turn, request, outcome.agent, outcome.session, rolled_back)
+        self._register(turn)
+        turn.task = asyncio.create_task(turn.run(), name=f"turn-{turn_id}")
+        return turn
+
     async def _acquire(self, request: TurnRequest, turn_id: str) -> Acquisition:
         lease_now = self.lease_clock.now()
         return await self.turns.acquire(
@@ -766,10 +850,15 @@ class TurnRunner:
         local = self._by_id.get(running.turn_id)
         if local is not None:
             local.stop(mode)
+        elif running.owner == self.owner:
+            # Ours, its lease committed, but not started yet (on PostgreSQL another caller may see the row
+            # before the task that took it goes on): it applies the stop once it registers.
+            self._early_stops[running.turn_id] = max(self._early_stops.get(running.turn_id, mode), mode)
         else:
             await self.turns.request_stop(running.session_id, running.turn_id, mode)
             self.service.bus.signal(STOP_SIGNAL, {"turn_id": running.turn_id})
         await self._wait(running)
+        self._early_stops.pop(running.turn_id, None)
 
     async def _wait(self, running: TurnRecord) -> None:
         """Waits until `running` ended (or its owner's lease ran out)."""
@@ -797,8 +886,24 @@ class TurnRunner:
                     await asyncio.wait_for(_turn_finished(events, running.turn_id), self.renew_interval)
 
     def _on_stop_signal(self, data: Mapping[str, Any]) -> None:
-        if data.get("turn_id") in self._by_id:
+        turn = self._by_id.get(str(data.get("turn_id")))
+        if turn is None:
+            return
+        if data.get("ended"):  # its session was deleted, cleared or restored on another replica
+            cause = str(data["ended"])
+            turn.end(_ended_error(turn.session_id, cause), session_gone=cause == "deleted")
+        else:
             self._renew_now.set()  # the renewal reads the stop from the lease row and applies it
+
+    def _on_turns_ended(self, session_id: str, turn_ids: Sequence[str], cause: str) -> None:
+        """A delete, a clear or a restore ended these turns' leases: stop them here, or tell their
+        replica (which otherwise learns it at its next renewal)."""
+        for turn_id in turn_ids:
+            local = self._by_id.get(turn_id)
+            if local is not None:
+                local.end(_ended_error(session_id, cause), session_gone=cause == "deleted")
+            else:
+                self.service.bus.signal(STOP_SIGNAL, {"turn_id": turn_id, "ended": cause})
 
     def _condition(self) -> asyncio.Condition:
         if self._waiting_changed is None:
@@ -816,17 +921,25 @@ class TurnRunner:
     def _register(self, turn: Turn) -> None:
         self._running[turn.session_id] = turn
         self._by_id[turn.turn_id] = turn
+        early = self._early_stops.pop(turn.turn_id, None)
+        if early is not None:
+            turn.stop(early)
         if self._renewer is None and not self._closed:
             self._renewer = asyncio.create_task(self._keep_leases(), name="turn-leases")
 
     def _forget(self, turn: Turn) -> None:
-        if self._running.get(turn.session_id) is turn:
-            del self._running[turn.session_id]
+        self._detach(turn)
         self._by_id.pop(turn.turn_id, None)
 
-    async def _publish(self, event: TurnEvent) -> None:
+    def _detach(self, turn: Turn) -> None:
+        """The turn is no longer its session's running turn (its lease ended): a StopTurn of the session,
+        which may be a new one under the same id, does not reach it."""
+        if self._running.get(turn.session_id) is turn:
+            del self._running[turn.session_id]
+
+    async def _publish(self, event: TurnEvent, lease: TurnLease | None = None) -> None:
         try:
-            await self.service.publish_turn_event(event)
+            await self.service.publish_turn_event(event, lease=lease)
         except Exception:
             log.warning("could not publish event %d of turn %s", event.index, event.turn_id, exc_info=True)
 
@@ -836,22 +949,51 @@ class TurnRunner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._renew_now.wait(), self.renew_interval)
             self._renew_now.clear()
-            if not self._by_id:
-                continue
-            asked_at = time.monotonic()
             try:
-                held = await self.turns.renew(self.owner, self.lease_clock.now() + self.lease)
+                await self.renew_leases()
             except Exception:
                 log.warning("could not renew the turn leases; retrying", exc_info=True)
+
+    async def renew_leases(self) -> None:
+        """One renewal: pushes the leases of the turns running here, applies the stops asked for them
+        elsewhere, and records each turn as activity on its session when due (a tenth of its timeout
+        after the last, so that a turn keeps its session alive as heartbeats would, without rewriting
+        the session at every renewal)."""
+        if self._renewing is None:
+            self._renewing = asyncio.Lock()
+        async with self._renewing:
+            await self._renew_leases()
+
+    async def _renew_leases(self) -> None:
+        if not self._by_id:
+            return
+        asked_at = time.monotonic()
+        held = await self.turns.renew(self.owner, list(self._by_id), self.lease_clock.now() + self.lease)
+        now = self.clock.now()
+        due: list[Turn] = []
+        for turn in list(self._by_id.values()):
+            if turn.registered_at > asked_at or turn.concluding:
                 continue
-            for turn in list(self._by_id.values()):
-                if turn.registered_at > asked_at or turn.concluding:
-                    continue
-                mode = held.get(turn.turn_id)
-                if mode is None:
-                    log.warning(
-                        "turn %s lost its lease (taken over after it ran out); stopping it", turn.turn_id
-                    )
-                    turn.stop(StopMode.CANCEL)
-                elif mode:
-                    turn.stop(mode)
+            mode = held.get(turn.turn_id)
+            if mode is None:
+                log.warning(
+                    "turn %s lost its lease (taken over after it ran out, or its session deleted, cleared or "
+                    "restored); stopping it",
+                    turn.turn_id,
+                )
+                self._detach(turn)
+                turn.stop(StopMode.CANCEL)
+                continue
+            if mode:
+                turn.stop(mode)
+            if now - turn.active_at >= turn.session.effective.timeout / 10:
+                due.append(turn)
+        for turn in due:
+            try:
+                session = await self.turns.record_activity(turn.lease, now)
+            except Exception:
+                log.warning("could not record turn %s as activity", turn.turn_id, exc_info=True)
+                continue
+            turn.active_at = now
+            if session is not None:
+                turn.session = session
