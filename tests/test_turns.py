@@ -246,6 +246,27 @@ async def test_continue_is_checked(client: AsyncSessionsClient, unique: str) -> 
     assert superseded.value.reason == "TURN_NOT_PAUSED"
 
 
+async def test_a_pause_from_before_a_clear_cannot_be_continued(
+    client: AsyncSessionsClient, unique: str
+) -> None:
+    """Clear (and the restore after it) close the session's open pause: the calls it asked for went with
+    the old history, and results for them would dangle in the new one."""
+    sid = await new_session(client, unique)
+    paused = await run(client, sid, "/tool lookup")
+    (call,) = only(paused, "client_tool_request").calls
+    await client.clear_session(session_id=sid)
+    restored = await client.restore_session(
+        session_id=sid, messages=[{"role": "ROLE_USER", "parts": [{"text": {"text": "A"}}]}]
+    )
+    assert restored.restored
+    with pytest.raises(errors.FailedPrecondition) as gone:
+        await run_continue(client, sid, paused[0].turn_id, [{"call_id": call.call_id, "output": "x"}])
+    assert gone.value.reason == "TURN_NOT_PAUSED"
+    assert "cleared or restored" in gone.value.message
+    assert [m.role for m in await history(client, sid)] == [Role.ROLE_USER]
+    assert reason(await run(client, sid, "fresh start")) == STOP
+
+
 async def test_bad_requests_are_invalid_argument(client: AsyncSessionsClient, unique: str) -> None:
     sid = await new_session(client, unique)
     cases = [

@@ -147,6 +147,13 @@ def check_continuable(paused: TurnRecord, request: TurnRequest) -> None:
             reason="TURN_NOT_PAUSED",
             metadata=meta,
         )
+    if paused.closed_by_turn_id == "":
+        raise FailedPrecondition(
+            f"turn {paused.turn_id!r} paused before its session was cleared or restored: the calls it asked "
+            "for went with that history",
+            reason="TURN_NOT_PAUSED",
+            metadata=meta,
+        )
     if paused.closed_by_turn_id is not None:
         raise FailedPrecondition(
             f"turn {paused.turn_id!r} was already continued or superseded by turn "

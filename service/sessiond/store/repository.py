@@ -344,6 +344,17 @@ _END_RUNNING_TURNS = (
     )
     .returning(turns.c.turn_id)
 )
+# ...and closes its open pause (a turn waiting for client tool results): the calls went with the old
+# history, and a continue would answer calls that are no longer there. "" marks a pause closed that way.
+_CLOSE_OPEN_PAUSE = (
+    update(turns)
+    .where(
+        turns.c.session_pk == bindparam("p_pk"),
+        turns.c.finish_reason == literal_column(str(int(FinishReason.CLIENT_TOOL_CALLS))),
+        turns.c.closed_by_turn_id.is_(None),
+    )
+    .values(closed_by_turn_id="")
+)
 _UPDATE_SESSION = (
     update(sessions)
     .where(sessions.c.pk == bindparam("p_pk"))
@@ -1416,6 +1427,7 @@ class Store:
             before = self._lock_session(conn, session_id)
             after = model.clear(before, now)
             ended[:] = conn.execute(_END_RUNNING_TURNS, {"p_pk": before.pk, "p_now": now}).scalars().all()
+            conn.execute(_CLOSE_OPEN_PAUSE, {"p_pk": before.pk})
             if after is not before:
                 conn.execute(delete(messages).where(messages.c.session_pk == before.pk))
                 conn.execute(delete(tool_calls).where(tool_calls.c.session_pk == before.pk))
@@ -1447,6 +1459,7 @@ class Store:
                 return before, False
             after = model.restore(before, len(history), now)
             ended[:] = conn.execute(_END_RUNNING_TURNS, {"p_pk": before.pk, "p_now": now}).scalars().all()
+            conn.execute(_CLOSE_OPEN_PAUSE, {"p_pk": before.pk})
             conn.execute(delete(messages).where(messages.c.session_pk == before.pk))
             conn.execute(delete(tool_calls).where(tool_calls.c.session_pk == before.pk))
             if history:
