@@ -801,6 +801,20 @@ async def test_renewal_keeps_only_the_leases_of_turns_running_here(
     assert reason(await reader.rest()) == CANCELLED
 
 
+async def test_ending_a_session_stops_its_turn(client: AsyncSessionsClient, unique: str) -> None:
+    """An ended session takes no more output: its running turn is stopped at once (the agent need not run
+    to its end for an answer that would be refused) and ends with SESSION_ENDED."""
+    sid = await new_session(client, unique)
+    reader = Reader(client.execute(session_id=sid, text="/hang never finished", on_disconnect="continue"))
+    await reader.until(lambda e: text_of([e]) == "finished")
+    await client.end_session(session_id=sid)
+    tail = await reader.rest()
+    assert only(tail, "error").reason == "SESSION_ENDED"
+    assert reason(tail) == ERROR
+    assert [m.role for m in await history(client, sid)] == [Role.ROLE_USER]
+    assert (await client.get_session(session_id=sid)).status == SessionStatus.SESSION_STATUS_ENDED
+
+
 async def test_deleting_a_session_stops_its_turn_which_writes_nothing_into_a_new_one(
     client: AsyncSessionsClient, unique: str
 ) -> None:

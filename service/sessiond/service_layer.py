@@ -27,8 +27,8 @@ UPDATABLE_SESSION_PATHS = frozenset(
 
 T = TypeVar("T")
 
-# Told of the turns whose lease a session change ended: (session id, turn ids, what ended them:
-# "deleted", "cleared" or "restored"). The turn runner listens, to stop them.
+# Told of the turns a session change ended: (session id, turn ids, what ended them: "deleted", "cleared",
+# "restored" or "ended"). The turn runner listens, to stop them.
 TurnsEnded = Callable[[str, Sequence[str], str], None]
 
 
@@ -198,10 +198,19 @@ class SessionsService:
         )
 
     async def end_session(self, *, session_id: str) -> Session:
+        """Ends the session; a turn running in it is stopped (an ended session takes no more of its
+        output, so the agent need not finish it)."""
         now = self.clock.now()
-        return await self.store.change_session(
-            session_id, lambda s: model.end(s, now), lambda b, a: [("ended", {})], now=now
+        running: list[str] = []
+        session = await self.store.change_session(
+            session_id,
+            lambda s: model.end(s, now),
+            lambda b, a: [("ended", {})],
+            now=now,
+            running_turns=running,
         )
+        self._ended(session_id, running, "ended")
+        return session
 
     async def delete_session(self, *, session_id: str, etag: str, force: bool, allow_missing: bool) -> None:
         ended: list[str] = []

@@ -999,11 +999,13 @@ class Store:
         *,
         now: datetime,
         shared: ScopedChanges | None = None,
+        running_turns: list[str] | None = None,
     ) -> Session:
         """Read-modify-write of one session under its lock: `change` applies the domain rule and `events`
         names the events the change makes (kind, detail), stored in the same transaction. With `shared`,
         the shared variables it changes are written too (once `change` accepted the write), and the session
-        comes back with its shared variables."""
+        comes back with its shared variables. `running_turns`, when given, receives the id of the turn
+        running in the session when the change changed it."""
 
         def fn(conn: Connection, sink: list[Any]) -> Session:
             before = self._lock_session(conn, session_id)
@@ -1011,6 +1013,8 @@ class Store:
             if after is not before:
                 for kind, detail in events(before, after):
                     after = self._event(conn, after, kind, now, sink, detail=detail)
+                if running_turns is not None:
+                    running_turns[:] = conn.execute(_RUNNING_TURN_IDS, {"p_pk": before.pk}).scalars().all()
             self._save_session(conn, before, after)
             if shared is None:
                 return after

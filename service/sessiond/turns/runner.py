@@ -622,7 +622,7 @@ def _ended_error(session_id: str, cause: str) -> events_pb2.TurnError:
             message=f"session {session_id!r} was deleted while the turn ran; its output was not stored",
         )
     return events_pb2.TurnError(
-        reason=f"SESSION_{cause.upper()}",  # SESSION_CLEARED, SESSION_RESTORED
+        reason=f"SESSION_{cause.upper()}",  # SESSION_CLEARED, SESSION_RESTORED, SESSION_ENDED
         message=f"session {session_id!r} was {cause} while the turn ran; its output was not stored",
     )
 
@@ -896,8 +896,9 @@ class TurnRunner:
             self._renew_now.set()  # the renewal reads the stop from the lease row and applies it
 
     def _on_turns_ended(self, session_id: str, turn_ids: Sequence[str], cause: str) -> None:
-        """A delete, a clear or a restore ended these turns' leases: stop them here, or tell their
-        replica (which otherwise learns it at its next renewal)."""
+        """A delete, a clear or a restore ended these turns' leases, or an end made their session read-only:
+        stop them here, or tell their replica (which otherwise learns it at its next renewal, or, for an
+        end, when its answer is refused)."""
         for turn_id in turn_ids:
             local = self._by_id.get(turn_id)
             if local is not None:
