@@ -267,6 +267,36 @@ async def test_a_pause_from_before_a_clear_cannot_be_continued(
     assert reason(await run(client, sid, "fresh start")) == STOP
 
 
+async def test_a_turn_abandoned_after_a_restore_does_not_reopen_the_old_pause(
+    client: AsyncSessionsClient, server: RunningServer, clock: ManualClock, unique: str
+) -> None:
+    """A turn that took the lease (closing the open pause), then had it ended by a restore before it
+    stored its input, is abandoned; the pause it closed belongs to the old history and stays closed."""
+    sid = await new_session(client, unique)
+    paused = await run(client, sid, "/tool lookup")
+    (call,) = only(paused, "client_tool_request").calls
+    store = TurnStore(server.service.store)
+    wall = datetime.now(UTC)
+    taken = await store.acquire(
+        TurnRequest(session_id=sid, kind=TurnKind.MESSAGE),
+        turn_id=f"t-{unique}",
+        owner=server.turns.owner,  # type: ignore[union-attr]
+        lease_now=wall,
+        lease_until=wall + timedelta(seconds=60),
+        now=clock.now(),
+    )
+    assert isinstance(taken, Acquired)
+    await client.clear_session(session_id=sid)
+    await client.restore_session(
+        session_id=sid, messages=[{"role": "ROLE_USER", "parts": [{"text": {"text": "A"}}]}]
+    )
+    await store.abandon(taken.turn)  # what the turn does once its input is refused (TURN_LOST)
+    with pytest.raises(errors.FailedPrecondition) as closed:
+        await run_continue(client, sid, paused[0].turn_id, [{"call_id": call.call_id, "output": "x"}])
+    assert closed.value.reason == "TURN_NOT_PAUSED"
+    assert [m.role for m in await history(client, sid)] == [Role.ROLE_USER]
+
+
 async def test_bad_requests_are_invalid_argument(client: AsyncSessionsClient, unique: str) -> None:
     sid = await new_session(client, unique)
     cases = [

@@ -345,11 +345,13 @@ class TurnStore:
 
     async def abandon(self, turn: TurnRecord) -> None:
         """Forgets a turn that never started (its input could not be stored), reopening the paused turn
-        it closed so that the caller can try again."""
+        it closed so that the caller can try again: only while the turn still held its lease. A clear, a
+        restore or a take-over that ended it meanwhile closed that pause for good (its calls belong to a
+        history that is gone, or the turn after it owns the session now)."""
 
         def op(conn: Connection) -> None:
-            conn.execute(_ABANDON, {"p_turn_id": turn.turn_id, "p_owner": turn.owner})
-            conn.execute(_REOPEN_PAUSED, {"p_pk": turn.session_pk, "p_turn_id": turn.turn_id})
+            if conn.execute(_ABANDON, {"p_turn_id": turn.turn_id, "p_owner": turn.owner}).rowcount:
+                conn.execute(_REOPEN_PAUSED, {"p_pk": turn.session_pk, "p_turn_id": turn.turn_id})
 
         await self.db.write(op)
 
