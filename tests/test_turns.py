@@ -6,6 +6,7 @@ and then waits to be stopped, so the tests synchronize on received events, never
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -842,6 +843,30 @@ async def test_ending_a_session_stops_its_turn(client: AsyncSessionsClient, uniq
     assert only(tail, "error").reason == "SESSION_ENDED"
     assert reason(tail) == ERROR
     assert [m.role for m in await history(client, sid)] == [Role.ROLE_USER]
+    assert (await client.get_session(session_id=sid)).status == SessionStatus.SESSION_STATUS_ENDED
+
+
+async def test_an_end_whose_caller_went_away_still_publishes_and_stops_the_turn(
+    client: AsyncSessionsClient, server: RunningServer, unique: str
+) -> None:
+    """A write commits even when its caller is cancelled meanwhile (a deadline, a disconnect): what must
+    follow the commit (its events to watchers, stopping the session's turn) follows it all the same."""
+    svc = server.service
+    sid = await new_session(client, unique)
+    reader = Reader(client.execute(session_id=sid, text="/hang long answer", on_disconnect="continue"))
+    await reader.until(lambda e: text_of([e]) == "answer")
+    with svc.bus.subscribe(sid) as watched:
+        ending = asyncio.ensure_future(svc.end_session(session_id=sid))
+        await asyncio.sleep(0)  # the write is on its way
+        ending.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ending
+        tail = await reader.rest()  # the turn was stopped
+        assert only(tail, "error").reason == "SESSION_ENDED"
+        kinds_seen = []
+        while (event := watched.get_nowait()) is not None:
+            kinds_seen.append(event.WhichOneof("kind"))
+    assert "ended" in kinds_seen
     assert (await client.get_session(session_id=sid)).status == SessionStatus.SESSION_STATUS_ENDED
 
 

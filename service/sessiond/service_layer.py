@@ -208,8 +208,8 @@ class SessionsService:
             lambda b, a: [("ended", {})],
             now=now,
             running_turns=running,
+            on_commit=lambda: self._ended(session_id, running, "ended"),
         )
-        self._ended(session_id, running, "ended")
         return session
 
     async def delete_session(self, *, session_id: str, etag: str, force: bool, allow_missing: bool) -> None:
@@ -221,8 +221,8 @@ class SessionsService:
             allow_missing=allow_missing,
             now=self.clock.now(),
             ended_turns=ended,
+            on_commit=lambda: self._ended(session_id, ended, "deleted"),
         )
-        self._ended(session_id, ended, "deleted")
 
     async def renew_session(self, *, session_id: str) -> Session:
         now = self.clock.now()
@@ -242,9 +242,9 @@ class SessionsService:
     async def clear_session(self, *, session_id: str) -> Session:
         """Empties the history; the running turn is stopped and stores nothing more (design: Turns)."""
         ended: list[str] = []
-        session = await self.store.clear_session(session_id, self.clock.now(), ended)
-        self._ended(session_id, ended, "cleared")
-        return session
+        return await self.store.clear_session(
+            session_id, self.clock.now(), ended, on_commit=lambda: self._ended(session_id, ended, "cleared")
+        )
 
     async def restore_session(
         self, *, session_id: str, messages: Sequence[NewMessage]
@@ -252,9 +252,13 @@ class SessionsService:
         """Replaces the history of an expired session; a turn still running from its old life is stopped
         and stores nothing more."""
         ended: list[str] = []
-        result = await self.store.restore_session(session_id, messages, self.clock.now(), ended)
-        self._ended(session_id, ended, "restored")
-        return result
+        return await self.store.restore_session(
+            session_id,
+            messages,
+            self.clock.now(),
+            ended,
+            on_commit=lambda: self._ended(session_id, ended, "restored"),
+        )
 
     # --- messages ---------------------------------------------------------------------------------------
 

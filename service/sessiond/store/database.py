@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Op = Callable[[Connection], T]
+# An operation may also have an `after_commit()` method: called on the event loop once its transaction
+# committed, whether or not its caller still waits (a cancelled RPC's write commits all the same, and
+# what must follow a commit, such as publishing its events, must follow it too).
 
 _RETRY_SQLSTATES = {"40001", "40P01", "23505"}
 _SQLITE_PRAGMAS = (
@@ -202,7 +205,7 @@ class Database:
         # as on SQLite's writer thread: cancelling asyncpg mid-statement broke the connection and left a
         # "Future exception was never retrieved" error in the log. The outcome is then dropped.
         task = asyncio.ensure_future(self._transaction(op))
-        task.add_done_callback(_retrieve)
+        task.add_done_callback(functools.partial(_committed, op))
         return await asyncio.shield(task)
 
     async def _transaction(self, op: Op[T]) -> T:
@@ -236,7 +239,7 @@ class Database:
                     outcomes = [(None, exc)]
                 else:
                     outcomes = list(await asyncio.gather(*(self._outcome(op) for op in ops)))
-            _settle_all([future for _, future in batch], outcomes)
+            _settle_all(batch, outcomes)
 
     async def _outcome(self, op: Op[Any]) -> tuple[Any, BaseException | None]:
         try:
@@ -351,7 +354,7 @@ class _SQLiteWriter:
                         break
                     batch.append(item)
                 outcomes, data_version = self._run_batch(conn, [op for op, _ in batch], cache, data_version)
-                self._loop.call_soon_threadsafe(_settle_all, [fut for _, fut in batch], outcomes)
+                self._loop.call_soon_threadsafe(_settle_all, batch, outcomes)
 
     @staticmethod
     def _run_batch(
@@ -407,14 +410,28 @@ def _run_grouped(conn: Connection, ops: list[Op[Any]]) -> list[tuple[Any, BaseEx
     return [o for o in outcomes if o is not None]
 
 
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    """Marks a write's outcome as seen when nobody waits for it any more (its failure was the caller's)."""
-    if not task.cancelled():
-        task.exception()
+def _after_commit(op: Op[Any]) -> None:
+    hook = getattr(op, "after_commit", None)
+    if hook is not None:
+        try:
+            hook()
+        except Exception:
+            log.exception("after a committed write")
 
 
-def _settle_all(futures: list[asyncio.Future[Any]], outcomes: list[tuple[Any, BaseException | None]]) -> None:
-    for fut, (result, exc) in zip(futures, outcomes, strict=True):
+def _committed(op: Op[Any], task: asyncio.Future[Any]) -> None:
+    """A write run on its own finished: its after-commit step, and its outcome marked as seen (nobody may
+    wait for it any more: its failure was its caller's)."""
+    if not task.cancelled() and task.exception() is None:
+        _after_commit(op)
+
+
+def _settle_all(
+    batch: list[tuple[Op[Any], asyncio.Future[Any]]], outcomes: list[tuple[Any, BaseException | None]]
+) -> None:
+    for (op, fut), (result, exc) in zip(batch, outcomes, strict=True):
+        if exc is None:
+            _after_commit(op)
         if fut.done():  # the caller went away; the write happened all the same
             continue
         if exc is not None:

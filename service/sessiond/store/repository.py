@@ -567,19 +567,19 @@ class Store:
             for live in events:
                 self._publish(live)
 
-    async def _write(self, fn: Callable[[Connection, list[Any]], T], live: list[Any] | None = None) -> T:
-        """A write whose events are published after it commits (never for a write that failed); `live`,
-        when given, receives them too."""
-        sink: list[Any] = []
-
-        def op(conn: Connection) -> T:
-            sink.clear()  # a group that failed may run this operation again
-            return fn(conn, sink)
-
-        result = await self.db.write(op)
-        self._deliver(sink)
+    async def _write(
+        self,
+        fn: Callable[[Connection, list[Any]], T],
+        live: list[Any] | None = None,
+        on_commit: Callable[[], None] | None = None,
+    ) -> T:
+        """A write whose events are published once it commits (never for a write that failed), and then
+        `on_commit` is called: both even when the caller went away meanwhile (`Database`'s after-commit
+        step), as the write commits all the same. `live`, when given, receives the events too."""
+        op = _Write(self, fn, on_commit)
+        result: T = await self.db.write(op)
         if live is not None:
-            live.extend(sink)
+            live.extend(op.sink)
         return result
 
     async def list_events(
@@ -1000,12 +1000,13 @@ class Store:
         now: datetime,
         shared: ScopedChanges | None = None,
         running_turns: list[str] | None = None,
+        on_commit: Callable[[], None] | None = None,
     ) -> Session:
         """Read-modify-write of one session under its lock: `change` applies the domain rule and `events`
         names the events the change makes (kind, detail), stored in the same transaction. With `shared`,
         the shared variables it changes are written too (once `change` accepted the write), and the session
         comes back with its shared variables. `running_turns`, when given, receives the id of the turn
-        running in the session when the change changed it."""
+        running in the session when the change changed it; `on_commit` is called once it committed."""
 
         def fn(conn: Connection, sink: list[Any]) -> Session:
             before = self._lock_session(conn, session_id)
@@ -1021,7 +1022,7 @@ class Store:
             self._write_shared(conn, after, shared, now)
             return self._with_shared(conn, after)
 
-        return await self._write(fn)
+        return await self._write(fn, on_commit=on_commit)
 
     async def delete_session(
         self,
@@ -1032,10 +1033,12 @@ class Store:
         allow_missing: bool,
         now: datetime,
         ended_turns: list[str] | None = None,
+        on_commit: Callable[[], None] | None = None,
     ) -> bool:
         """Deletes a session with everything it holds. `ended_turns`, when given, receives the id of the
-        turn that was running in it (its lease row goes with the session: the turn must be stopped)."""
-        ended: list[str] = []
+        turn that was running in it (its lease row goes with the session: the turn must be stopped), and
+        `on_commit` is called once the delete committed."""
+        ended: list[str] = ended_turns if ended_turns is not None else []
 
         def fn(conn: Connection, sink: list[Any]) -> bool:
             # Locked like any other write's read (on PostgreSQL): the etag and "active needs force" checks
@@ -1063,10 +1066,7 @@ class Store:
             self._event(None, session, "deleted", now, sink)  # the log goes with the session: live only
             return True
 
-        deleted = await self._write(fn)
-        if ended_turns is not None:
-            ended_turns.extend(ended)
-        return deleted
+        return await self._write(fn, on_commit=on_commit)
 
     # --- messages --------------------------------------------------------------------------------------
 
@@ -1092,8 +1092,7 @@ class Store:
         session that expired while the turn ran (a turn that started in an active session keeps its
         answer), without renewing it: an expired session does not come back to life that way."""
         op = _AppendOp(self, session_id, new_messages, now, [], set_variables, limits, lease)
-        result = await self.db.write(op)
-        self._deliver(op.events)
+        result = await self.db.write(op)  # its events are published once it commits (`after_commit`)
         if live is not None:
             live.extend(op.events)
         return result
@@ -1420,12 +1419,16 @@ class Store:
         return await self._write(fn)
 
     async def clear_session(
-        self, session_id: str, now: datetime, ended_turns: list[str] | None = None
+        self,
+        session_id: str,
+        now: datetime,
+        ended_turns: list[str] | None = None,
+        on_commit: Callable[[], None] | None = None,
     ) -> Session:
         """Empties the history (the session is left expired) and ends the lease of the turn running in it:
         nothing that turn still produces lands in the session. `ended_turns`, when given, receives its
-        id, for the caller to stop it."""
-        ended: list[str] = []
+        id, for `on_commit` to stop it once the clear committed."""
+        ended: list[str] = ended_turns if ended_turns is not None else []
 
         def fn(conn: Connection, sink: list[Any]) -> Session:
             before = self._lock_session(conn, session_id)
@@ -1439,10 +1442,7 @@ class Store:
             self._save_session(conn, before, after)
             return after
 
-        cleared = await self._write(fn)
-        if ended_turns is not None:
-            ended_turns.extend(ended)
-        return cleared
+        return await self._write(fn, on_commit=on_commit)
 
     async def restore_session(
         self,
@@ -1450,11 +1450,12 @@ class Store:
         history: Sequence[NewMessage],
         now: datetime,
         ended_turns: list[str] | None = None,
+        on_commit: Callable[[], None] | None = None,
     ) -> tuple[Session, bool]:
         """Replaces the history of an expired session and starts a new life for it, ending the lease of a
         turn still running from the old one (`ended_turns` receives its id, as with `clear_session`). An
         active session is returned unchanged (restored=False)."""
-        ended: list[str] = []
+        ended: list[str] = ended_turns if ended_turns is not None else []
 
         def fn(conn: Connection, sink: list[Any]) -> tuple[Session, bool]:
             before = self._lock_session(conn, session_id)
@@ -1473,10 +1474,7 @@ class Store:
             self._save_session(conn, before, after)
             return after, True
 
-        restored = await self._write(fn)
-        if ended_turns is not None:
-            ended_turns.extend(ended)
-        return restored
+        return await self._write(fn, on_commit=on_commit)
 
     # --- sweeper ---------------------------------------------------------------------------------------
 
@@ -1653,3 +1651,27 @@ class _AppendOp:
     @staticmethod
     def run_many(conn: Connection, ops: Sequence[_AppendOp]) -> list[Outcome]:
         return ops[0].store._append_many(conn, ops)
+
+    def after_commit(self) -> None:
+        self.store._deliver(self.events)
+
+
+class _Write:
+    """A write of `Store._write`: `fn` with the list its events go to, published once it commits."""
+
+    def __init__(
+        self, store: Store, fn: Callable[[Connection, list[Any]], Any], on_commit: Callable[[], None] | None
+    ) -> None:
+        self.store = store
+        self.fn = fn
+        self.on_commit = on_commit
+        self.sink: list[Any] = []
+
+    def __call__(self, conn: Connection) -> Any:
+        self.sink.clear()  # a group that failed may run this operation again
+        return self.fn(conn, self.sink)
+
+    def after_commit(self) -> None:
+        self.store._deliver(self.sink)
+        if self.on_commit is not None:
+            self.on_commit()
