@@ -982,8 +982,15 @@ class TurnRunner:
                     "restored); stopping it",
                     turn.turn_id,
                 )
-                self._detach(turn)
-                turn.stop(StopMode.CANCEL)
+                # Ended as when a session change is told here at once, but without knowing which: its
+                # caller learns TURN_LOST, and its events no longer go to the session's watchers (the id may
+                # name a session created again since).
+                lost = events_pb2.TurnError(
+                    reason="TURN_LOST",
+                    message=f"turn {turn.turn_id!r} lost its lease (taken over, or its session deleted, "
+                    "cleared or restored elsewhere); its output was not stored",
+                )
+                turn.end(lost, session_gone=True)
                 continue
             if mode:
                 turn.stop(mode)
