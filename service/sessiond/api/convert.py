@@ -199,12 +199,12 @@ def new_message_from_pb(
         if kind is None:
             raise InvalidArgument.field(where, f"a part needs one of {', '.join(_PART_KINDS)}")
         if kind == "tool_call":
-            _check_call_id(part.tool_call.call_id, f"{where}.tool_call.call_id", limits)
+            check_call_id(part.tool_call.call_id, f"{where}.tool_call.call_id", limits)
             if not part.tool_call.name:
                 raise InvalidArgument.field(f"{where}.tool_call.name", "is required")
             calls.append(part.tool_call.call_id)
         elif kind == "tool_result":
-            _check_call_id(part.tool_result.call_id, f"{where}.tool_result.call_id", limits)
+            check_call_id(part.tool_result.call_id, f"{where}.tool_result.call_id", limits)
             results.append(part.tool_result.call_id)
         elif kind == "file" and not part.file.uri:
             raise InvalidArgument.field(f"{where}.file.uri", "is required")
@@ -229,7 +229,8 @@ def new_message_from_pb(
     )
 
 
-def _check_call_id(call_id: str, field: str, limits: Limits) -> None:
+def check_call_id(call_id: str, field: str, limits: Limits) -> None:
+    """A tool call's id, from a caller or an agent: required, and what the store's call id column holds."""
     if not call_id:
         raise InvalidArgument.field(field, "is required")
     check_text(call_id, field, limits.max_message_id_length)

@@ -615,9 +615,9 @@ class Store:
                 before = self._lock_session(conn, session_id)
             else:
                 found = self._lock_session_pk(conn, lease.session_pk)
-                row = conn.execute(_TURN_ROW, {"p_turn_id": lease.turn_id, "p_owner": lease.owner}).first()
-                if found is None or row is None or row.session_pk != lease.session_pk:
-                    raise session_not_found(session_id)
+                if found is None:
+                    raise session_gone(session_id, lease.turn_id)
+                self._check_lease(conn, found, lease, running=False)  # an ended turn still logs its end
                 before = found
             after = self._event(conn, before, kind, now, sink, detail=detail)
             conn.execute(_UPDATE_SESSION_ACTIVITY, _activity_values(after))
@@ -649,14 +649,14 @@ class Store:
         return _session_from_row(row) if row is not None else None
 
     @staticmethod
-    def _check_lease(conn: Connection, session: Session, lease: TurnLease) -> None:
+    def _check_lease(conn: Connection, session: Session, lease: TurnLease, *, running: bool = True) -> None:
         """Refuses a turn's write into a session other than the one it started in (SESSION_NOT_FOUND), or
-        once its lease ended (TURN_LOST). Run under the session's lock: whatever ends a lease (a clear, a
-        restore, a delete, a take-over) holds that lock too."""
+        once its lease ended (TURN_LOST; not checked with running=False). Run under the session's lock:
+        whatever ends a lease (a clear, a restore, a delete, a take-over) holds that lock too."""
         row = conn.execute(_TURN_ROW, {"p_turn_id": lease.turn_id, "p_owner": lease.owner}).first()
         if row is None or row.session_pk != session.pk or session.pk != lease.session_pk:
             raise session_gone(session.session_id, lease.turn_id)
-        if row.state != TurnState.RUNNING:
+        if running and row.state != TurnState.RUNNING:
             raise turn_lost(session.session_id, lease.turn_id)
 
     def _save_session(self, conn: Connection, before: Session, after: Session) -> None:

@@ -45,7 +45,14 @@ from ..domain.turns import (
     check_continuable,
     turn_not_found,
 )
-from .repository import _AGENT_BY_ID, _TURN_HOLDS_LEASE, Store, TurnLease, _agent_from_row
+from .repository import (
+    _AGENT_BY_ID,
+    _TURN_HOLDS_LEASE,
+    _TURN_IS_RUNNING,
+    Store,
+    TurnLease,
+    _agent_from_row,
+)
 from .tables import sessions, turns
 
 
@@ -103,7 +110,7 @@ def _record(row: Row[Any], session_id: str) -> TurnRecord:
 # Statements built once with named parameters (see repository.py for why). The conditions of the partial
 # indexes are literals, not parameters: a planner uses a partial index only when it can see that the query
 # implies the index's condition.
-_IS_RUNNING = turns.c.state == literal_column(str(int(TurnState.RUNNING)))
+_IS_RUNNING = _TURN_IS_RUNNING
 _IS_OPEN_PAUSE = and_(
     turns.c.finish_reason == literal_column(str(int(FinishReason.CLIENT_TOOL_CALLS))),
     turns.c.closed_by_turn_id.is_(None),

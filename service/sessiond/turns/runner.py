@@ -39,7 +39,7 @@ from google.protobuf import timestamp_pb2
 
 from agentsessions.v1 import agent_service_pb2, events_pb2, message_pb2
 
-from ..api.convert import message_to_pb, session_to_pb
+from ..api.convert import check_call_id, message_to_pb, session_to_pb
 from ..domain.agents import Agent
 from ..domain.clock import Clock, SystemClock
 from ..domain.errors import DomainError, InvalidArgument
@@ -56,7 +56,7 @@ from ..domain.turns import (
     history_window,
     turn_in_progress,
 )
-from ..domain.validation import check_text, uuid7
+from ..domain.validation import uuid7
 from ..events.bus import Subscription
 from ..service_layer import SessionsService
 from ..store.repository import TurnLease, session_gone
@@ -294,6 +294,10 @@ class Turn:
             self._outbox.clear()
         self.runner._detach(self)
         self.stop(StopMode.CANCEL)
+
+    def ended_by(self, cause: str) -> None:
+        """`end` for a session change: "deleted", "cleared", "restored" or "ended"."""
+        self.end(_ended_error(self.session_id, cause), session_gone=cause == "deleted")
 
     # --- the turn's life ---
 
@@ -535,7 +539,7 @@ class Turn:
 
     def _check_call_id(self, call_id: str, field: str) -> None:
         try:
-            check_text(call_id, field, self.runner.service.limits.max_message_id_length)
+            check_call_id(call_id, field, self.runner.service.limits)
         except InvalidArgument as exc:
             raise self._invalid_call(exc) from None
 
@@ -890,8 +894,7 @@ class TurnRunner:
         if turn is None:
             return
         if data.get("ended"):  # its session was deleted, cleared or restored on another replica
-            cause = str(data["ended"])
-            turn.end(_ended_error(turn.session_id, cause), session_gone=cause == "deleted")
+            turn.ended_by(str(data["ended"]))
         else:
             self._renew_now.set()  # the renewal reads the stop from the lease row and applies it
 
@@ -902,7 +905,7 @@ class TurnRunner:
         for turn_id in turn_ids:
             local = self._by_id.get(turn_id)
             if local is not None:
-                local.end(_ended_error(session_id, cause), session_gone=cause == "deleted")
+                local.ended_by(cause)
             else:
                 self.service.bus.signal(STOP_SIGNAL, {"turn_id": turn_id, "ended": cause})
 
