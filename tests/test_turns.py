@@ -591,6 +591,68 @@ async def test_connect_execute_stop_heartbeat_and_errors(client: AsyncSessionsCl
     ]
 
 
+@pytest.mark.parametrize("first_on_disconnect", ["cancel", "continue"])
+async def test_connect_new_frame_interrupts_a_turn_still_starting_whatever_its_strategy(
+    client: AsyncSessionsClient, unique: str, first_on_disconnect: str
+) -> None:
+    """Two execute frames back to back: the second comes while the first is still taking its lease. The
+    stream's own turn never refuses the next frame (even under `reject`), and it does not run on (even
+    with on_disconnect=continue); each frame's events come whole and in order."""
+    sid = await new_session(client, unique)
+    conn = client.connect(session_id=sid)
+    reader = Reader(conn)
+    await conn.send_execute(text="/hang first", on_disconnect=first_on_disconnect)
+    await conn.send_execute(text="second", multitask_strategy="reject")
+    frames = await reader.until(
+        lambda r: r.HasField("error") or (r.HasField("turn_event") and "second" in text_of([r.turn_event]))
+    )
+    assert [f for f in frames if f.HasField("error")] == []
+    frames += await reader.until(
+        lambda r: r.HasField("turn_event") and r.turn_event.HasField("turn_finished")
+    )
+    events = [f.turn_event for f in frames if f.HasField("turn_event")]
+    second = next(e for e in events if text_of([e]) == "second").turn_id
+    new = [e for e in events if e.turn_id == second]
+    old = [e for e in events if e.turn_id != second]
+    assert reason(new) == STOP
+    if old:  # the first turn stored its input: its events come whole, before the second's
+        assert reason(old) == CANCELLED
+        assert events.index(old[-1]) < events.index(new[0])
+    await conn.done_writing()
+    await reader.rest()
+    stored = await history(client, sid)
+    assert [message_text(m) for m in stored][-2:] == ["second", "second"]
+    # Nothing of the first frame runs on: a turn that refuses to wait starts at once.
+    assert reason(await run(client, sid, "third", multitask_strategy="reject")) == STOP
+
+
+async def test_connect_frames_in_a_burst_end_with_the_last_one_running_alone(
+    client: AsyncSessionsClient, unique: str
+) -> None:
+    """Four frames sent at once: each interrupts the one before, even one cut off while it was still
+    interrupting its own predecessor; only the last frame's turn runs, and nothing is left running."""
+    sid = await new_session(client, unique)
+    conn = client.connect(session_id=sid)
+    reader = Reader(conn)
+    for text in ("/hang one", "/hang two", "/hang three"):
+        await conn.send_execute(text=text, on_disconnect="continue")
+    await conn.send_execute(text="last", multitask_strategy="reject")
+    frames = await reader.until(
+        lambda r: r.HasField("error") or (r.HasField("turn_event") and text_of([r.turn_event]) == "last")
+    )
+    assert [f for f in frames if f.HasField("error")] == []
+    await conn.done_writing()
+    frames += await reader.rest()
+    events = [f.turn_event for f in frames if f.HasField("turn_event")]
+    last = next(e.turn_id for e in events if text_of([e]) == "last")
+    finished = [e.turn_id for e in events if e.HasField("turn_finished")]
+    assert finished[-1] == last and len(finished) == len(set(finished))  # each turn ends once, the last last
+    by_turn = {t: [e for e in events if e.turn_id == t] for t in finished}
+    assert reason(by_turn[last]) == STOP
+    assert all(reason(evs) == CANCELLED for t, evs in by_turn.items() if t != last)
+    assert reason(await run(client, sid, "after", multitask_strategy="reject")) == STOP
+
+
 async def test_connect_disconnect_cancels_the_running_turn(client: AsyncSessionsClient, unique: str) -> None:
     sid = await new_session(client, unique)
     conn = client.connect(session_id=sid)

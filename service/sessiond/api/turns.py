@@ -9,9 +9,8 @@ TurnFinished with FINISH_REASON_ERROR.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -156,20 +155,42 @@ class TurnServicer(turn_service_pb2_grpc.TurnServiceServicer):
 class _Execution:
     """One execute frame of a Connect stream: the turn it started and the task relaying its events."""
 
-    def __init__(self, request: TurnRequest) -> None:
+    def __init__(self, request: TurnRequest, previous: _Execution | None) -> None:
         self.request = request
+        self.previous = previous  # the frame before, until this one has interrupted it
         self.stream: TurnStream | None = None
         self.task: asyncio.Task[None] | None = None
+        self.relaying = False
+        self._stopping: asyncio.Future[None] | None = None
 
-    async def interrupt(self) -> None:
-        """Stops the turn and waits until its last event was relayed (so frames stay in order)."""
+    def started(self, stream: TurnStream) -> None:
+        """The runner's hand-over of the turn this frame started (also when its start was cancelled)."""
+        self.stream = stream
+
+    async def interrupt(self, send: Callable[[events_pb2.TurnEvent], None]) -> None:
+        """Stops the turn and waits until its last event was relayed and it let the session go: frames
+        stay in order, and the next frame finds the session free whatever its strategy. Called again (by
+        a later frame), it waits for the same stop."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(send))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, send: Callable[[events_pb2.TurnEvent], None]) -> None:
         if self.stream is not None:
             self.stream.stop(StopMode.CANCEL)
         elif self.task is not None:
+            # Still starting: stop waiting for the session. A turn started all the same is handed over
+            # (`started`) by the time the task ends.
             self.task.cancel()
         if self.task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait([self.task])
+            await asyncio.wait([self.task])
+        if self.previous is not None:  # this frame was cut off while it interrupted the one before
+            await self.previous.interrupt(send)
+        if self.stream is not None and not self.relaying:
+            self.stream.stop(StopMode.CANCEL)
+            self.relaying = True
+            async for event in self.stream.events():
+                send(event)
 
     def abandon(self) -> None:
         """The caller went away: stop the turn unless it asked to run on, and stop relaying. (A turn still
@@ -178,6 +199,8 @@ class _Execution:
             self.stream.stop(StopMode.CANCEL)
         if self.task is not None:
             self.task.cancel()
+        if self._stopping is not None:
+            self._stopping.cancel()
 
 
 class _Connection:
@@ -261,17 +284,21 @@ class _Connection:
         pb = turn_service_pb2.ExecuteRequest()
         pb.CopyFrom(request)
         pb.session_id = self._session(request.session_id, "execute.session_id")
-        execution = _Execution(turn_request_from_pb(pb, self.svc.limits))
-        previous, self.latest = self.latest, execution
+        execution = _Execution(turn_request_from_pb(pb, self.svc.limits), self.latest)
+        self.latest = execution
         self.executions.add(execution)
-        execution.task = asyncio.create_task(self._relay(execution, previous))
+        execution.task = asyncio.create_task(self._relay(execution))
         execution.task.add_done_callback(lambda _: self.executions.discard(execution))
 
-    async def _relay(self, execution: _Execution, previous: _Execution | None) -> None:
-        if previous is not None:  # a new execute interrupts the turn the previous one started
-            await previous.interrupt()
+    def _send_turn_event(self, event: events_pb2.TurnEvent) -> None:
+        self.out.put_nowait(turn_service_pb2.ConnectResponse(turn_event=event))
+
+    async def _relay(self, execution: _Execution) -> None:
+        if execution.previous is not None:  # a new execute interrupts the turn the previous one started
+            await execution.previous.interrupt(self._send_turn_event)
+            execution.previous = None
         try:
-            execution.stream = await self.runner.execute(execution.request)
+            stream = await self.runner.execute(execution.request, started=execution.started)
         except DomainError as exc:
             self._send_error(exc)
             return
@@ -279,8 +306,9 @@ class _Connection:
             log.exception("execute on a Connect stream failed")
             self._send_error(DomainError("internal error; the server logged the details"))
             return
-        async for event in execution.stream.events():
-            self.out.put_nowait(turn_service_pb2.ConnectResponse(turn_event=event))
+        execution.relaying = True
+        async for event in stream.events():
+            self._send_turn_event(event)
 
     async def _stop(self, request: turn_service_pb2.StopTurnRequest) -> None:
         session_id = self._session(request.session_id, "stop.session_id")

@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -631,14 +630,12 @@ def _ended_error(session_id: str, cause: str) -> events_pb2.TurnError:
     )
 
 
-def _begun_without_caller(request: TurnRequest, begin: asyncio.Future[Turn | Busy | Existing]) -> None:
-    """The caller of `TurnRunner.execute` went away while the lease was being taken: a turn started all
-    the same gets the caller's on_disconnect, as when the caller goes away a moment later."""
-    if begin.cancelled() or begin.exception() is not None:  # nothing started (the error is nobody's now)
-        return
-    turn = begin.result()
-    if isinstance(turn, Turn) and request.on_disconnect is DisconnectBehavior.CANCEL:
-        turn.stop(StopMode.CANCEL)
+def _turn_begun(begin: asyncio.Future[Turn | Busy | Existing]) -> Turn | None:
+    """The turn a finished `_begin` started, if it started one (its error, if any, is nobody's now)."""
+    if begin.cancelled() or begin.exception() is not None:
+        return None
+    outcome = begin.result()
+    return outcome if isinstance(outcome, Turn) else None
 
 
 def _internal_error() -> events_pb2.TurnError:
@@ -736,9 +733,15 @@ class TurnRunner:
 
     # --- use cases ---
 
-    async def execute(self, request: TurnRequest) -> TurnStream:
+    async def execute(
+        self, request: TurnRequest, *, started: Callable[[TurnStream], None] | None = None
+    ) -> TurnStream:
         """Starts a turn (after the turn running in the session, per the request's strategy), or joins the
-        turn the request id started before. Returns once the turn has stored its input."""
+        turn the request id started before. Returns once the turn has stored its input.
+
+        `started` is handed the turn as soon as it exists, even when the caller is cancelled while its
+        lease is taken: a caller that cancels its own start (a Connect frame interrupted by the next) can
+        still stop that turn and wait for it."""
         turn_id = uuid7()
         rolled_back: list[TurnRecord] = []
         while True:
@@ -749,12 +752,24 @@ class TurnRunner:
             try:
                 outcome = await asyncio.shield(begin)
             except asyncio.CancelledError:
-                begin.add_done_callback(functools.partial(_begun_without_caller, request))
+                # The begin is one short write: wait for it, so that a turn it started is handed over
+                # before the cancellation goes on.
+                while not begin.done():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait([begin])
+                turn_begun = _turn_begun(begin)
+                if turn_begun is not None:
+                    if started is not None:
+                        started(turn_begun)
+                    if request.on_disconnect is DisconnectBehavior.CANCEL:
+                        turn_begun.stop(StopMode.CANCEL)
                 raise
             if isinstance(outcome, Existing):
                 return await self._join(outcome.turn)
             if isinstance(outcome, Turn):
                 turn = outcome
+                if started is not None:
+                    started(turn)
                 break
             running = outcome.running
             if request.strategy is MultitaskStrategy.REJECT:
