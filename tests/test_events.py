@@ -359,11 +359,23 @@ async def test_retention_purges_expired_and_ended_sessions(
             await running.sweeper.run_once()
             for sid in (expired, ended):  # inside the retention period: readable
                 assert (await client.get_session(session_id=sid)).message_count == 1
+            # Watchers from the last event on: the purge is the next thing that happens to them.
+            watchers = {
+                sid: client.watch_session(
+                    session_id=sid,
+                    after_event_id=(await client.get_session(session_id=sid)).last_event_id,
+                    resume=False,
+                )
+                for sid in (expired, ended)
+            }
             clock.advance(minutes=61)
             await running.sweeper.run_once()
             for sid in (expired, ended):
                 with pytest.raises(errors.NotFound):
                     await client.get_session(session_id=sid)
+                # Told, as for DeleteSession, and the watch ends there instead of waiting forever.
+                (gone,) = [e async for e in watchers[sid]]
+                assert kind(gone) == "deleted" and gone.session.session_id == sid
             assert (await client.get_session(session_id=active)).status == SessionStatus.SESSION_STATUS_ACTIVE
     finally:
         await running.stop(0)

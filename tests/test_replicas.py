@@ -1,6 +1,6 @@
 """Two replicas on one PostgreSQL database: a watcher on one sees, live, what the other changes (the
-LISTEN/NOTIFY event bus), including events too large for a notice, deletes and turn deltas, and again
-after its listening connection is cut."""
+LISTEN/NOTIFY event bus), including events too large for a notice, deletes, purges and turn deltas, and
+again after its listening connection is cut."""
 
 from __future__ import annotations
 
@@ -109,6 +109,25 @@ async def test_a_delete_on_one_replica_ends_watches_on_another(
     await on_a.delete_session(session_id=sid, force=True)
     (deleted,) = await next_events(stream, 1)
     assert kind(deleted) == "deleted"
+
+
+async def test_a_purge_on_one_replica_ends_watches_on_another(
+    replicas: tuple[RunningServer, RunningServer],
+    clients: tuple[AsyncSessionsClient, AsyncSessionsClient],
+    clock: ManualClock,
+    unique: str,
+) -> None:
+    a, _ = replicas
+    on_a, on_b = clients
+    sid = f"{unique}/purged"
+    stream = await watching(on_a, on_b, sid)
+    await on_a.end_session(session_id=sid)
+    (ended,) = await next_events(stream, 1)
+    clock.advance(days=8)  # past the default retention of 7 days
+    await a.sweeper.purge()
+    (gone,) = await next_events(stream, 1)
+    assert (kind(ended), kind(gone)) == ("ended", "deleted")
+    assert gone.event_id == ended.event_id + 1
 
 
 async def test_turn_deltas_reach_watchers_on_another_replica(

@@ -59,16 +59,18 @@ class Sweeper:
             await asyncio.sleep(self.pause)  # serving catches up between batches
 
     async def purge(self) -> int:
-        """Deletes sessions that ended or expired more than the retention period ago."""
+        """Deletes sessions that ended or expired more than the retention period ago; their watchers get
+        a `deleted` event, as when DeleteSession removes one."""
         if self.retention is None:
             return 0
-        cutoff = self.clock.now() - self.retention
+        now = self.clock.now()
+        cutoff = now - self.retention
         total = 0
         for ended in (True, False):
             cursor = SWEEP_START
             while True:
                 deleted, cursor = await self.store.purge(
-                    cutoff, ended=ended, limit=self.batch_size, after=cursor
+                    cutoff, ended=ended, limit=self.batch_size, now=now, after=cursor
                 )
                 total += deleted
                 if deleted < self.batch_size:

@@ -419,7 +419,7 @@ _UPDATE_NOTICES = (
 def _purge_query(at: Any, state: Any) -> Select[Any]:
     """Sessions in `state` whose time `at` is past the cutoff, walked by keyset on (at, pk)."""
     return (
-        select(sessions.c.pk, at.label("at"))
+        select(sessions, at.label("at"))
         .where(
             state,
             at <= bindparam("p_cutoff", type_=UTCDateTime()),
@@ -1516,11 +1516,12 @@ class Store:
         return await self._write(fn)
 
     async def purge(
-        self, cutoff: datetime, *, ended: bool, limit: int, after: SweepCursor = SWEEP_START
+        self, cutoff: datetime, *, ended: bool, limit: int, now: datetime, after: SweepCursor = SWEEP_START
     ) -> tuple[int, SweepCursor]:
         """Deletes up to `limit` sessions past `after` that ended (or, with ended=False, expired) before
         `cutoff`, with their messages and events. Returns how many it deleted (fewer than `limit`: none is
-        left) and the cursor for the next batch."""
+        left) and the cursor for the next batch. Each purged session's watchers get its `deleted` event
+        (live only, as for DeleteSession), once it committed."""
 
         def fn(conn: Connection, sink: list[Any]) -> tuple[int, SweepCursor]:
             stmt = _PURGE_ENDED if ended else _PURGE_EXPIRED
@@ -1533,6 +1534,8 @@ class Store:
                 for table in (messages, tool_calls, session_labels, session_events, turns):
                     conn.execute(delete(table).where(table.c.session_pk.in_(pks)))
                 conn.execute(delete(sessions).where(sessions.c.pk.in_(pks)))
+            for row in rows:
+                self._event(None, _session_from_row(row), "deleted", now, sink)
             return len(pks), ((rows[-1].at, rows[-1].pk) if rows else after)
 
         return await self._write(fn)
