@@ -115,6 +115,19 @@ async def two_servers(
         await first.stop(0)
 
 
+@asynccontextmanager
+async def replica_clients(
+    settings: Settings, clock: ManualClock
+) -> AsyncIterator[tuple[AsyncSessionsClient, AsyncSessionsClient]]:
+    """Two replicas (`two_servers`) and a client of each."""
+    async with (
+        two_servers(settings, clock) as (first, second),
+        AsyncSessionsClient(f"127.0.0.1:{first.port}") as on_first,
+        AsyncSessionsClient(f"127.0.0.1:{second.port}") as on_second,
+    ):
+        yield on_first, on_second
+
+
 @pytest.fixture
 def target(server: RunningServer) -> str:
     return f"127.0.0.1:{server.port}"

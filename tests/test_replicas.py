@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-from conftest import POSTGRES_URL, DatabaseTarget, make_settings, two_servers
+from conftest import POSTGRES_URL, DatabaseTarget, make_settings, replica_clients, two_servers
 from turn_support import CANCELLED, STOP, Reader, reason
 
 from agentsessions import AsyncSessionsClient, SessionEvent
@@ -198,11 +198,7 @@ async def test_stops_and_interrupts_reach_another_replica_at_once(
     if database.backend != "postgresql":
         pytest.skip("replicas share a PostgreSQL database; SQLite serves from one process")
     settings = make_settings(database, turn_lease_seconds=600.0)
-    async with (
-        two_servers(settings, clock) as (first, second),
-        AsyncSessionsClient(f"127.0.0.1:{first.port}") as on_a,
-        AsyncSessionsClient(f"127.0.0.1:{second.port}") as on_b,
-    ):
+    async with replica_clients(settings, clock) as (on_a, on_b):
         sid = (await on_a.create_session(agent_id="echo", session_id=f"{unique}/stop")).session_id
         running = Reader(on_a.execute(session_id=sid, text="/hang on replica A"))
         head = await asyncio.wait_for(running.until_kind("text_delta"), WAIT)

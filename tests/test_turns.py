@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from conftest import DatabaseTarget, make_settings, two_servers
+from conftest import DatabaseTarget, make_settings, replica_clients
 from google.protobuf import json_format
 from turn_support import (
     CANCELLED,
@@ -741,11 +741,7 @@ async def test_one_turn_per_session_across_servers(
     """Two servers on one database, as two replicas: the lease row keeps one turn running per session,
     and a stop or an interrupt from one replica reaches the turn the other one runs."""
     settings = make_settings(database, turn_lease_seconds=1.0)
-    async with (
-        two_servers(settings, clock) as (first, second),
-        AsyncSessionsClient(f"127.0.0.1:{first.port}") as a,
-        AsyncSessionsClient(f"127.0.0.1:{second.port}") as b,
-    ):
+    async with replica_clients(settings, clock) as (a, b):
         sid = await new_session(a, unique)
         running = Reader(a.execute(session_id=sid, text="/hang on replica one"))
         head = await running.until(lambda e: text_of([e]) == "one")
@@ -1017,11 +1013,7 @@ async def test_a_session_change_on_another_replica_stops_the_turn(
     nothing: at once where the bus carries the notice (PostgreSQL), else at its next lease renewal, its
     writes being tied to its lease and to the session row it started in."""
     settings = make_settings(database, turn_lease_seconds=1.0)
-    async with (
-        two_servers(settings, clock) as (first, second),
-        AsyncSessionsClient(f"127.0.0.1:{first.port}") as a,
-        AsyncSessionsClient(f"127.0.0.1:{second.port}") as b,
-    ):
+    async with replica_clients(settings, clock) as (a, b):
         sid = await new_session(a, unique)
         running = Reader(a.execute(session_id=sid, text="/hang on replica one", on_disconnect="continue"))
         await running.until(lambda e: text_of([e]) == "one")
