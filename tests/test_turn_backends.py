@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from conftest import DatabaseTarget, make_settings
 from turn_support import (
@@ -192,8 +193,21 @@ ToolCallPart = message_pb2.ToolCallPart
             ),
             "tool_call.result.call_id: must not contain control characters",
         ),
+        (
+            events_pb2.ClientToolRequest(
+                calls=[ToolCallPart(call_id="d1", name="a"), ToolCallPart(call_id="d1", name="b")]
+            ),
+            "client_tool_request.calls[1].call_id: 'd1' names another call of this turn",
+        ),
     ],
-    ids=["call-id-too-long", "call-id-with-nul", "call-without-name", "server-call-id", "result-call-id"],
+    ids=[
+        "call-id-too-long",
+        "call-id-with-nul",
+        "call-without-name",
+        "server-call-id",
+        "result-call-id",
+        "call-id-twice-in-a-request",
+    ],
 )
 async def test_an_invalid_tool_call_from_the_agent_ends_the_turn_and_keeps_its_output(
     client: AsyncSessionsClient, unique: str, output: Any, problem: str
@@ -233,6 +247,72 @@ async def test_an_invalid_tool_call_from_the_agent_ends_the_turn_and_keeps_its_o
         (Role.ROLE_USER, "again", MessageStatus.MESSAGE_STATUS_COMPLETE),
         (Role.ROLE_ASSISTANT, "fine", MessageStatus.MESSAGE_STATUS_COMPLETE),
     ]
+
+
+async def test_an_answer_is_cut_at_the_message_size_limit(database: DatabaseTarget, unique: str) -> None:
+    """An agent's answer may not outgrow the message a caller may append: past the limit the agent is
+    stopped and the turn finishes LENGTH with what came before, and the session's history and later
+    turns stay readable."""
+
+    async def agent(request: RespondRequest) -> AsyncIterator[Any]:
+        if request_text(request.message) != "go":
+            yield "short"
+            return
+        for letter in "abcdefgh":
+            yield letter * 1000
+
+    running = await start_server(make_settings(database, max_message_bytes=4096))
+    try:
+        async with (
+            AsyncSessionsClient(f"127.0.0.1:{running.port}") as client,
+            await serve_agent(agent) as server,
+        ):
+            sid = await session_of(client, {"remote": {"target": server.target}}, unique, "big")
+            events = await run(client, sid, text="go")
+            assert reason(events) == LENGTH
+            assert text_of(events) == "a" * 1000 + "b" * 1000 + "c" * 1000 + "d" * 1000
+            stored = await history(client, sid)
+            assert message_text(stored[-1]) == text_of(events)
+            assert len(stored[-1].SerializeToString()) <= 4096 + 200  # the parts alone are under 4096
+            after = await run(client, sid, text="again")
+            assert (text_of(after), reason(after)) == ("short", STOP)
+    finally:
+        await running.stop(0)
+
+
+async def test_a_frame_that_does_not_decode_ends_the_turn_as_an_agent_failure(
+    client: AsyncSessionsClient, unique: str
+) -> None:
+    """grpc.aio hands over a frame it cannot decode as None: the turn ends as a malformed stream does
+    (not retryable), keeping what came before."""
+    good = agent_service_pb2.RespondResponse(text_delta=events_pb2.TextDelta(text="before "))
+    frame = good.SerializeToString()
+
+    async def respond(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        yield frame
+        yield b"\x0a\x04\x12\x02\xff\xfe"  # a text delta whose text is not UTF-8
+        yield frame
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "agentsessions.v1.AgentService", {"Respond": grpc.unary_stream_rpc_method_handler(respond)}
+            )
+        ]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        sid = await session_of(client, {"remote": {"target": f"127.0.0.1:{port}"}}, unique, "garbled")
+        events = await run(client, sid, text="go")
+    finally:
+        await server.stop(0)
+    error = only(events, "error")
+    assert (error.reason, error.retryable) == ("AGENT_UNAVAILABLE", False)
+    assert "does not decode" in error.message
+    assert reason(events) == ERROR
+    assert message_text(only(events, "message_completed").message) == "before "
 
 
 async def test_unreachable_agent_is_retryable_and_keeps_the_user_message(

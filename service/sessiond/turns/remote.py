@@ -42,6 +42,11 @@ class RemoteBackend:
         call = self.stub.Respond(request, timeout=self.timeout)
         try:
             async for response in call:
+                if response is None:  # what grpc.aio gives for a frame it could not decode
+                    raise AgentFailure(
+                        f"agent {self.agent_id!r} at {self.target} sent a frame that does not decode",
+                        retryable=False,
+                    )
                 yield response
         except grpc.aio.AioRpcError as err:
             code = err.code()

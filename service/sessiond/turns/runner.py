@@ -193,6 +193,9 @@ class Turn:
         self._open_kind = ""
         self._open: list[str] = []
         self._pending_calls: dict[str, str] = {}
+        self._call_ids: set[str] = set()
+        # An upper bound of the stored message's size, kept under the limit a caller's message has.
+        self._answer_bytes = 0
 
     @property
     def finished(self) -> bool:
@@ -423,6 +426,8 @@ class Turn:
         failure = self._agent_task.exception()
         if failure is None:
             return self._finish_reason()
+        if isinstance(failure, _AnswerFull):
+            return FinishReason.LENGTH, None
         if isinstance(failure, AgentFailure):
             error = events_pb2.TurnError(
                 reason=failure.reason, message=failure.message, retryable=failure.retryable
@@ -473,9 +478,13 @@ class Turn:
     def _delta(self, kind: str, text: str) -> None:
         if not text:
             return
+        size = len(text.encode("utf-8", "surrogatepass"))
         if self._open_kind != kind:
+            self._take(size + _PART_FRAMING)
             self._close_run()
             self._open_kind = kind
+        else:
+            self._take(size)
         self._open.append(text)
         event = self._event()
         delta = getattr(event, kind)
@@ -508,6 +517,7 @@ class Turn:
             out.result.name = out.result.name or out.call.name
             self._check_call_id(out.result.call_id, "tool_call.result.call_id")
             parts.append(message_pb2.Part(tool_result=out.result))
+        self._take(sum(p.ByteSize() + _PART_FRAMING for p in parts))
         self._parts += parts
         self._emit(event)
 
@@ -520,6 +530,7 @@ class Turn:
             call.call_id = call.call_id or f"call-{uuid7()}"
             call.client_side = True
             self._check_call(call, f"client_tool_request.calls[{i}]")
+        self._take(sum(call.ByteSize() + 2 * _PART_FRAMING for call in out.calls))
         for call in out.calls:
             self._pending_calls[call.call_id] = call.name
             self._parts.append(message_pb2.Part(tool_call=call))
@@ -535,6 +546,20 @@ class Turn:
         self._check_call_id(call.call_id, f"{field}.call_id")
         if not call.name:
             raise self._invalid_call(InvalidArgument.field(f"{field}.name", "is required"))
+        if call.call_id in self._call_ids:  # a result, or a continue, could not tell the two apart
+            raise self._invalid_call(
+                InvalidArgument.field(f"{field}.call_id", f"{call.call_id!r} names another call of this turn")
+            )
+        self._call_ids.add(call.call_id)
+
+    def _take(self, size: int) -> None:
+        """Counts `size` more bytes of the answer. An answer may not outgrow the message a caller may
+        append (`SESSIOND_MAX_MESSAGE_BYTES`): a larger one would be stored, then break every read of the
+        history and every later turn's request. Past it, the agent is stopped and the turn finishes
+        LENGTH with what came before, as a model cut off at its token limit does."""
+        if self._answer_bytes + size > self.runner.service.limits.max_message_bytes:
+            raise _AnswerFull
+        self._answer_bytes += size
 
     def _check_call_id(self, call_id: str, field: str) -> None:
         try:
@@ -628,6 +653,15 @@ def _ended_error(session_id: str, cause: str) -> events_pb2.TurnError:
         reason=f"SESSION_{cause.upper()}",  # SESSION_CLEARED, SESSION_RESTORED, SESSION_ENDED
         message=f"session {session_id!r} was {cause} while the turn ran; its output was not stored",
     )
+
+
+# Bytes a part adds to a stored message besides its text: the tags and lengths of Part, of its kind's
+# message and of the text field (at most 1 + 5 bytes each).
+_PART_FRAMING = 18
+
+
+class _AnswerFull(Exception):
+    """The agent's answer reached the size a stored message may have (`Turn._take`)."""
 
 
 def _turn_begun(begin: asyncio.Future[Turn | Busy | Existing]) -> Turn | None:
