@@ -398,6 +398,22 @@ async def test_a_redelivered_event_is_stored_once(service: AgentSessionsService,
     assert got is not None and [e.id for e in got.events] == [event.id]
 
 
+async def test_another_event_under_a_stored_id_is_refused(service: AgentSessionsService, app: str) -> None:
+    """The server keeps what it holds under a known id (a retry's); a different event under that id must
+    not pass for stored while the in-memory session goes on with it."""
+    session = await service.create_session(app_name=app, user_id="u")
+    first = _event("user", "first", delta={"step": 1})
+    await service.append_event(session, first)
+    other = _event("user", "other content", delta={"step": 2})
+    other.id = first.id
+    with pytest.raises(ValueError, match=r"stored in session .* with other content"):
+        await service.append_event(session, other)
+    assert [e.content.parts[0].text for e in session.events] == ["first"]  # type: ignore[union-attr,index]
+    got = await service.get_session(app_name=app, user_id="u", session_id=session.id)
+    assert got is not None and [e.id for e in got.events] == [first.id]
+    assert got.state == {"step": 1}
+
+
 async def test_concurrent_writers_never_see_stale_session_errors(
     service: AgentSessionsService, app: str
 ) -> None:

@@ -446,6 +446,7 @@ async def test_last_messages(client: AsyncSessionsClient, unique: str) -> None:
     assert [m.parts[0].text.text for m in last] == ["m27", "m28", "m29", "m30"]
     assert [m.sequence for m in await client.last_messages(session_id=sid, n=1)] == [30]
     assert [m.sequence for m in await client.last_messages(session_id=sid, n=100)] == list(range(1, 31))
+    assert await client.last_messages(session_id=sid, n=0) == []  # none, not the server's default page
 
 
 async def test_list_messages_can_bring_the_session_along(client: AsyncSessionsClient, unique: str) -> None:

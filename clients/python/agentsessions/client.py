@@ -405,6 +405,8 @@ class AsyncSessionsClient:
 
         May hold fewer than ``n`` messages so as not to separate a tool call from its result. Retried.
         """
+        if n <= 0:  # a page size of 0 would mean the server's default
+            return []
         prepared = _requests.last_messages(session_id=session_id, n=n, view=view)
         page = await self._unary(self._messages.ListMessages, prepared)
         return list(reversed(page.messages))
@@ -768,6 +770,8 @@ class SessionsClient:
     def last_messages(
         self, *, session_id: str, n: int, view: message_pb2.MessageView | str = message_pb2.MESSAGE_VIEW_FULL
     ) -> list[message_pb2.Message]:
+        if n <= 0:  # a page size of 0 would mean the server's default
+            return []
         prepared = _requests.last_messages(session_id=session_id, n=n, view=view)
         return list(reversed(self._unary(self._messages.ListMessages, prepared).messages))
 

@@ -351,14 +351,20 @@ class AgentSessionsService(_frames.LazyClient, BaseSessionService):
         }
         # The event and its state delta land in one transaction, as in ADK's own database service; the
         # event id is the message id, so a retried append_event stores and applies them once.
+        message = message_from_event(event)
         try:
-            await self.client.append_messages(
-                session_id=session.id, messages=[message_from_event(event)], set_variables=delta or None
+            stored = await self.client.append_messages(
+                session_id=session.id, messages=[message], set_variables=delta or None
             )
         except errors.NotFound as err:
             if err.reason == "SESSION_NOT_FOUND":
                 raise SessionNotFoundError(f"Session {session.id} not found.") from err
             raise
+        # The server keeps what it holds under a known id (a retry's), so another event under a stored
+        # id would be dropped in silence while this session went on with it.
+        kept = _frames.record_text(stored.messages[0], EVENT_TYPE) if stored.messages else None
+        if kept is not None and kept != _frames.record_text(message, EVENT_TYPE):
+            raise ValueError(f"Event {event.id} is stored in session {session.id} with other content.")
         self._commit_event_to_session(session, event)
         session.last_update_time = event.timestamp
         return event

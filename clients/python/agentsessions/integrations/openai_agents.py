@@ -21,6 +21,9 @@ Semantics, against the SDK's ``SQLiteSession``:
   gets a message id before it is sent). The service session is created on the first add.
 - ``clear_session`` deletes the history and leaves the session active and usable (the service's
   ``ClearSession`` would also expire it).
+- ``pop_item`` removes the newest message. Messages this adapter writes hold one item each; a message
+  another writer appended may hold several (an agent turn's text and its tool calls), and popping it
+  removes them all and returns the last. (Known limitation: the SDK's ``SQLiteSession`` would remove one.)
 - The service's timeouts apply: a session expired by inactivity stays readable, and writes to it raise
   :class:`agentsessions.errors.FailedPrecondition` (reason ``SESSION_EXPIRED``).
 """
