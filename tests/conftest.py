@@ -47,12 +47,18 @@ async def database(
 async def new_schema(prefix: str) -> AsyncIterator[str]:
     """A schema of its own in the PostgreSQL test database, dropped afterwards."""
     schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    await _admin(f"CREATE SCHEMA {schema}")
+    try:
+        yield schema
+    finally:  # on a connection of its own: a test may cut every connection to the database
+        await _admin(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+async def _admin(sql: str) -> None:
     conn = await asyncpg.connect(POSTGRES_URL)
     try:
-        await conn.execute(f"CREATE SCHEMA {schema}")
-        yield schema
+        await conn.execute(sql)
     finally:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         await conn.close()
 
 

@@ -13,10 +13,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from assertions import nested_json
-from conftest import DatabaseTarget, make_settings
+from conftest import POSTGRES_URL, DatabaseTarget, make_settings
 from google.protobuf import descriptor_pb2, field_mask_pb2, struct_pb2
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.descriptor_pool import DescriptorPool
@@ -24,6 +25,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from grpc_status import rpc_status
 
 from agentsessions import (
     Agent,
@@ -1555,3 +1557,46 @@ async def test_the_client_retries_only_calls_whose_repeat_changes_nothing() -> N
     finally:
         await server.stop(0)
     assert calls == {"GetSession": 3, "DeleteMessages": 2, "AppendMessages": 1}
+
+
+async def test_a_lost_database_connection_is_unavailable_and_the_client_retries(
+    database: DatabaseTarget, clock: ManualClock, unique: str
+) -> None:
+    """The database restarting under the server (its connections cut) is UNAVAILABLE with
+    DATABASE_UNAVAILABLE and a retry delay, not INTERNAL; the published client retries idempotent calls
+    through it, and the server goes on on fresh connections."""
+    if database.backend != "postgresql":
+        pytest.skip("cuts the server's PostgreSQL connections")
+    running = await start_server(make_settings(database), clock=clock)
+    try:
+        target = f"127.0.0.1:{running.port}"
+        async with AsyncSessionsClient(target) as client, grpc.aio.insecure_channel(target) as channel:
+            sid = (await client.create_session(agent_id="echo", session_id=f"{unique}/db")).session_id
+            get = session_service_pb2_grpc.SessionServiceStub(channel).GetSession
+            await get(session_service_pb2.GetSessionRequest(session_id=sid))  # a pooled connection in use
+
+            # As a restart does: every connection of the server's (the suite runs one server at a time).
+            conn = await asyncpg.connect(POSTGRES_URL)
+            try:
+                await conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            finally:
+                await conn.close()
+            with pytest.raises(grpc.aio.AioRpcError) as cut:  # the raw stub does not retry
+                await get(session_service_pb2.GetSessionRequest(session_id=sid))
+            assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+            status = rpc_status.from_call(cut.value)
+            assert status is not None
+            details = {d.type_url.rsplit("/", 1)[-1]: d for d in status.details}
+            info = error_details_pb2.ErrorInfo()
+            details["google.rpc.ErrorInfo"].Unpack(info)
+            assert info.reason == "DATABASE_UNAVAILABLE"
+            assert "google.rpc.RetryInfo" in details
+
+            assert (await client.get_session(session_id=sid)).session_id == sid
+            await client.append_text(session_id=sid, role="user", text="after the restart")
+            assert (await client.get_session(session_id=sid)).message_count == 1
+    finally:
+        await running.stop(0)

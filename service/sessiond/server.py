@@ -122,7 +122,10 @@ async def _watch_database(db: Database, servicer: health.aio.HealthServicer) -> 
     serving = True
     while True:
         await asyncio.sleep(HEALTH_PROBE_SECONDS)
-        ok = await db.ping()
+        try:  # a database that holds its connections open but answers nothing is down too
+            ok = await asyncio.wait_for(db.ping(), HEALTH_PROBE_SECONDS)
+        except TimeoutError:
+            ok = False
         if ok != serving:
             log.warning(
                 "database %s; health is now %s",

@@ -17,8 +17,9 @@ from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from sqlalchemy import exc as sa_exc
 
-from ..domain.errors import DomainError, InvalidArgument
+from ..domain.errors import DomainError, InvalidArgument, Unavailable
 
 DOMAIN = "agentsessions.v1"
 log = logging.getLogger(__name__)
@@ -114,6 +115,30 @@ class guard_decoding:
         self._server.add_registered_method_handlers(service, guarded)
 
 
+def database_unavailable(exc: Exception) -> Unavailable | None:
+    """The status of a failure of the database rather than of the request: unreachable, its connection
+    lost (a restart), locked past the busy timeout, out of disk. The caller may try again shortly, so it
+    is UNAVAILABLE (retried by the clients for idempotent calls), not INTERNAL."""
+    connection_lost = isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+    if not (connection_lost or isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, OSError))):
+        return None
+    return Unavailable(
+        "the database is unavailable; try again shortly",
+        reason="DATABASE_UNAVAILABLE",
+        retry_after_seconds=1,
+    )
+
+
+def _unexpected(exc: Exception, where: str) -> grpc.Status:
+    """The status of a failure that is not a DomainError, logged."""
+    unavailable = database_unavailable(exc)
+    if unavailable is not None:
+        log.warning("database unavailable in %s", where, exc_info=True)
+        return to_status(unavailable)
+    log.exception("unexpected failure in %s", where)
+    return internal_status()
+
+
 def unary(
     fn: Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]],
 ) -> Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]:
@@ -129,9 +154,8 @@ def unary(
             await context.abort_with_status(to_status(exc))
         except grpc.aio.AbortError:
             raise
-        except Exception:
-            log.exception("unexpected failure in %s", fn.__qualname__)
-            await context.abort_with_status(internal_status())
+        except Exception as exc:
+            await context.abort_with_status(_unexpected(exc, fn.__qualname__))
         raise AssertionError("unreachable: abort_with_status raises")
 
     return wrapper
@@ -155,8 +179,7 @@ def streaming(
             await context.abort_with_status(to_status(exc))
         except grpc.aio.AbortError:
             raise
-        except Exception:
-            log.exception("unexpected failure in %s", fn.__qualname__)
-            await context.abort_with_status(internal_status())
+        except Exception as exc:
+            await context.abort_with_status(_unexpected(exc, fn.__qualname__))
 
     return wrapper
