@@ -517,8 +517,7 @@ class Turn:
             out.result.name = out.result.name or out.call.name
             self._check_call_id(out.result.call_id, "tool_call.result.call_id")
             parts.append(message_pb2.Part(tool_result=out.result))
-        self._take(sum(p.ByteSize() + _PART_FRAMING for p in parts))
-        self._parts += parts
+        self._add_parts(parts)
         self._emit(event)
 
     def _client_tool_request(self, request: events_pb2.ClientToolRequest) -> None:
@@ -530,11 +529,15 @@ class Turn:
             call.call_id = call.call_id or f"call-{uuid7()}"
             call.client_side = True
             self._check_call(call, f"client_tool_request.calls[{i}]")
-        self._take(sum(call.ByteSize() + 2 * _PART_FRAMING for call in out.calls))
+        self._add_parts([message_pb2.Part(tool_call=call) for call in out.calls])
         for call in out.calls:
             self._pending_calls[call.call_id] = call.name
-            self._parts.append(message_pb2.Part(tool_call=call))
         self._emit(event)
+
+    def _add_parts(self, parts: list[message_pb2.Part]) -> None:
+        """Adds finished parts to the answer, counted against its size limit (`_take`)."""
+        self._take(sum(p.ByteSize() + _PART_FRAMING for p in parts))
+        self._parts += parts
 
     def _check_call(self, call: message_pb2.ToolCallPart, field: str) -> None:
         """Holds an agent's tool call to the rules a caller's is held to (`convert.new_message_from_pb`, and
