@@ -82,14 +82,25 @@ class RunningServer:
     bus: InProcessEventBus
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     turns: TurnRunner | None = None
+    turn_api: TurnServicer | None = None
 
     async def stop(self, grace: float | None = None) -> None:
+        """Drains: health turns NOT_SERVING and no new call is taken. Streams that would otherwise run
+        on to the end of `grace` end at once: watches and Connect streams with UNAVAILABLE /
+        SERVER_SHUTTING_DOWN (the clients resume elsewhere, or here once back), running turns stop, store
+        their partial output and relay their end to their callers. What still runs after `grace` is
+        cancelled."""
         await self.health.enter_graceful_shutdown()
         for task in self._tasks:
             task.cancel()
-        await self.server.stop(grace)
-        if self.turns is not None:  # turns that outlived their callers: keep their partial output
+        stopping = asyncio.ensure_future(self.server.stop(grace))
+        await asyncio.sleep(0)  # grpc takes no new call from here on
+        self.bus.end_subscriptions()
+        if self.turn_api is not None:
+            self.turn_api.shut_down()
+        if self.turns is not None:  # also the turns that outlived their callers keep their partial output
             await self.turns.close()
+        await stopping
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -201,7 +212,8 @@ async def start_server(
             ),
             lease_seconds=settings.turn_lease_seconds,
         )
-        turn_service_pb2_grpc.add_TurnServiceServicer_to_server(TurnServicer(service, runner), guarded)
+        turn_api = TurnServicer(service, runner)
+        turn_service_pb2_grpc.add_TurnServiceServicer_to_server(turn_api, guarded)
         agent_service_pb2_grpc.add_AgentRegistryServiceServicer_to_server(
             AgentRegistryServicer(service), guarded
         )
@@ -226,7 +238,7 @@ async def start_server(
     running = RunningServer(
         server=server, port=port, db=db, service=service, health=health_servicer, sweeper=sweeper, bus=bus
     )
-    running.turns = runner
+    running.turns, running.turn_api = runner, turn_api
     running._tasks.append(asyncio.create_task(_watch_database(db, health_servicer), name="health-probe"))
     if settings.sweeper_enabled:
         running._tasks.append(asyncio.create_task(sweeper.run(), name="sweeper"))

@@ -10,7 +10,7 @@ from typing import Any
 
 from agentsessions.v1 import events_pb2
 
-from ..domain.errors import FieldViolation, OutOfRange, ResourceExhausted
+from ..domain.errors import FieldViolation, OutOfRange, ResourceExhausted, shutting_down
 from ..domain.model import Session, StoredMessage
 from ..service_layer import SessionsService
 from ..store.repository import MessagePageQuery
@@ -109,6 +109,12 @@ async def watch(
         while True:
             received = await live.get()
             if received is None:
+                if live.ended:
+                    raise shutting_down(
+                        f"watch session {session_id!r} again from event {last}",
+                        session_id=session_id,
+                        last_event_id=str(last),
+                    )
                 raise lagging(session_id, last)
             event = received
             if event.event_id == 0:

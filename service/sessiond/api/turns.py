@@ -22,7 +22,7 @@ from agentsessions.v1 import (
     turn_service_pb2_grpc,
 )
 
-from ..domain.errors import DomainError, InvalidArgument, ResourceExhausted
+from ..domain.errors import DomainError, InvalidArgument, ResourceExhausted, shutting_down
 from ..domain.model import Role
 from ..domain.turns import DisconnectBehavior, MultitaskStrategy, StopMode, TurnKind, TurnRequest
 from ..domain.validation import Limits, check_session_id, check_text, check_variables
@@ -108,6 +108,13 @@ class TurnServicer(turn_service_pb2_grpc.TurnServiceServicer):
     def __init__(self, service: SessionsService, runner: TurnRunner) -> None:
         self.svc = service
         self.runner = runner
+        self._connections: set[_Connection] = set()
+
+    def shut_down(self) -> None:
+        """The server is draining: every Connect stream reads no more frames, relays the end of its
+        running turn (which the runner stops) and then ends UNAVAILABLE / SERVER_SHUTTING_DOWN."""
+        for connection in list(self._connections):
+            connection.shut_down()
 
     @streaming
     async def Execute(
@@ -136,6 +143,7 @@ class TurnServicer(turn_service_pb2_grpc.TurnServiceServicer):
         stopped, turn_id = await self.runner.stop(request.session_id, request.turn_id)
         return turn_service_pb2.StopTurnResponse(stopped=stopped, turn_id=turn_id)
 
+    @streaming
     async def Connect(
         self, request_iterator: AsyncIterator[turn_service_pb2.ConnectRequest], context: Ctx
     ) -> AsyncIterator[turn_service_pb2.ConnectResponse]:
@@ -145,10 +153,14 @@ class TurnServicer(turn_service_pb2_grpc.TurnServiceServicer):
             connection.close()
 
         context.add_done_callback(call_ended)  # type: ignore[arg-type]  # the stub wants a class
+        self._connections.add(connection)
+        if self.runner.closed:  # it came in as the server began to shut down
+            connection.shut_down()
         try:
             async for response in connection.run(request_iterator):
                 yield response
         finally:
+            self._connections.discard(connection)
             connection.close()
 
 
@@ -210,7 +222,8 @@ class _Connection:
     def __init__(self, service: SessionsService, runner: TurnRunner) -> None:
         self.svc = service
         self.runner = runner
-        self.out: asyncio.Queue[turn_service_pb2.ConnectResponse | None] = asyncio.Queue()
+        # What the stream sends, in order; None ends it, an error ends it with that status.
+        self.out: asyncio.Queue[turn_service_pb2.ConnectResponse | DomainError | None] = asyncio.Queue()
         self.session_id = ""
         self.latest: _Execution | None = None
         self.executions: set[_Execution] = set()
@@ -218,19 +231,41 @@ class _Connection:
         self.events: asyncio.Task[None] | None = None
         self.subscription: Subscription | None = None
         self.closed = False
+        self.draining: asyncio.Task[None] | None = None
 
     async def run(
         self, requests: AsyncIterator[turn_service_pb2.ConnectRequest]
     ) -> AsyncIterator[turn_service_pb2.ConnectResponse]:
-        self.reader = asyncio.create_task(self._read(requests))
+        if self.draining is None:
+            self.reader = asyncio.create_task(self._read(requests))
         while (response := await self.out.get()) is not None:
+            if isinstance(response, DomainError):
+                raise response
             yield response
+
+    def shut_down(self) -> None:
+        """Reads no more frames; once the turns started here have relayed their last event (the runner
+        stops them), the stream ends UNAVAILABLE / SERVER_SHUTTING_DOWN so the caller reconnects."""
+        if self.closed or self.draining is not None:
+            return
+        if self.reader is not None:
+            self.reader.cancel()
+        self.draining = asyncio.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        if self.reader is not None:
+            await asyncio.wait([self.reader])
+        relaying = [e.task for e in self.executions if e.task is not None]
+        if relaying:
+            await asyncio.wait(relaying)
+        where = {"session_id": self.session_id} if self.session_id else {}
+        self.out.put_nowait(shutting_down("open the stream again", **where))
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        for task in (self.reader, self.events):
+        for task in (self.reader, self.events, self.draining):
             if task is not None:
                 task.cancel()
         for execution in list(self.executions):
@@ -267,7 +302,8 @@ class _Connection:
             log.exception("a Connect stream failed")
             self.out.put_nowait(connect_error(DomainError("internal error; the server logged the details")))
         finally:
-            self.out.put_nowait(None)
+            if self.draining is None:  # else the stream ends once its turns have relayed their end
+                self.out.put_nowait(None)
 
     def _session(self, session_id: str, field: str) -> str:
         """The frame's session, or the stream's (kept from the first frame that named one)."""
@@ -333,6 +369,8 @@ class _Connection:
             async for event in self.subscription:
                 if event.WhichOneof("kind") != "turn":
                     self.out.put_nowait(turn_service_pb2.ConnectResponse(session_event=event))
+            if self.subscription.ended:  # the server is shutting down (`shut_down` ends the stream)
+                return
             # Cut off for falling behind: say so, and go on with live events.
             self.subscription.close()
             self._send_error(

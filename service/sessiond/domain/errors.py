@@ -126,3 +126,14 @@ def etag_mismatch(resource: str, expected: str, actual: str) -> Aborted:
         reason="ETAG_MISMATCH",
         metadata={"resource": resource, "etag": actual},
     )
+
+
+def shutting_down(what: str, **metadata: str) -> Unavailable:
+    """A stream or turn that a draining server ended: the caller goes on elsewhere (another replica, or
+    this one once it is back), from where `metadata` says it was."""
+    return Unavailable(
+        f"the server is shutting down; {what}",
+        reason="SERVER_SHUTTING_DOWN",
+        metadata=metadata,
+        retry_after_seconds=1,
+    )

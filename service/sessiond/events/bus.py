@@ -38,11 +38,12 @@ class Subscription:
         self.session_id = session_id
         self.deltas = deltas
         self.lagging = False
+        self.ended = False  # the server is shutting down (`InProcessEventBus.end_subscriptions`)
         self._bus = bus
         self._queue: asyncio.Queue[events_pb2.SessionEvent | None] = asyncio.Queue(max_buffer)
 
     def _offer(self, event: events_pb2.SessionEvent) -> None:
-        if self.lagging:
+        if self.lagging or self.ended:
             return
         try:
             self._queue.put_nowait(event)
@@ -50,11 +51,23 @@ class Subscription:
             # Cut off instead of growing without bound or stalling the publisher; the wake-up token
             # goes in place of the oldest event so the subscriber notices at once.
             self.lagging = True
+            self._cut_off()
+
+    def _cut_off(self) -> None:
+        if self._queue.full():
             self._queue.get_nowait()
-            self._queue.put_nowait(None)
+        self._queue.put_nowait(None)
+
+    def end(self) -> None:
+        """No more events: the server is shutting down. The subscriber gets None (after the events
+        already buffered) and, seeing `ended`, tells its caller to go on elsewhere."""
+        if not self.ended and not self.lagging:
+            self.ended = True
+            self._cut_off()
 
     async def get(self) -> events_pb2.SessionEvent | None:
-        """The next event; None once the subscription is lagging (the caller must resume from storage)."""
+        """The next event; None once the subscription is lagging (the caller must resume from storage)
+        or, after the events buffered before, once it ended."""
         if self.lagging and self._queue.empty():
             return None
         event = await self._queue.get()
@@ -96,6 +109,10 @@ class EventBus(Protocol):
 
     def subscriber_count(self) -> int: ...
 
+    def end_subscriptions(self) -> None:
+        """Ends every subscription, and those made from now on, for a shutdown (`Subscription.end`)."""
+        ...
+
     def signal(self, name: str, data: Mapping[str, Any]) -> None:
         """Tells the other replicas something (a stop asked for a turn one of them runs); never blocks,
         may be lost. Within one process there is nobody else to tell."""
@@ -112,6 +129,7 @@ class InProcessEventBus:
     def __init__(self) -> None:
         self._subscribers: dict[str, set[Subscription]] = {}
         self._handlers: dict[str, list[Callable[[Mapping[str, Any]], None]]] = {}
+        self._ending = False
 
     async def start(self, load: Loader, latest: Latest) -> None:
         """Starts what the bus runs besides fan-out, given how to read a session's stored events (as
@@ -140,10 +158,18 @@ class InProcessEventBus:
     ) -> Subscription:
         subscription = Subscription(self, session_id, max_buffer, deltas)
         self._subscribers.setdefault(session_id, set()).add(subscription)
+        if self._ending:
+            subscription.end()
         return subscription
 
     def subscriber_count(self) -> int:
         return sum(len(s) for s in self._subscribers.values())
+
+    def end_subscriptions(self) -> None:
+        self._ending = True
+        for subscribers in self._subscribers.values():
+            for subscription in subscribers:
+                subscription.end()
 
     def _remove(self, subscription: Subscription) -> None:
         subscribers = self._subscribers.get(subscription.session_id)

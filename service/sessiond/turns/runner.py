@@ -41,7 +41,7 @@ from agentsessions.v1 import agent_service_pb2, events_pb2, message_pb2
 from ..api.convert import check_call_id, message_to_pb, session_to_pb
 from ..domain.agents import Agent
 from ..domain.clock import Clock, SystemClock
-from ..domain.errors import DomainError, InvalidArgument
+from ..domain.errors import DomainError, InvalidArgument, shutting_down
 from ..domain.model import MessageStatus, NewMessage, Role, Session, StoredMessage
 from ..domain.turns import (
     DisconnectBehavior,
@@ -173,6 +173,9 @@ class Turn:
         # Why the turn's lease was ended under it (its session deleted, cleared or restored): it then
         # stores nothing more and ends with this error.
         self.ended: events_pb2.TurnError | None = None
+        # Why the server stopped the turn (it is shutting down): it keeps its partial output, as a stop
+        # does, and ends with this error, which its caller may retry elsewhere.
+        self.interrupted: events_pb2.TurnError | None = None
         self.concluding = False
         self.started = asyncio.Event()
         self.start_error: BaseException | None = None
@@ -301,6 +304,16 @@ class Turn:
         """`end` for a session change: "deleted", "cleared", "restored" or "ended"."""
         self.end(_ended_error(self.session_id, cause), session_gone=cause == "deleted")
 
+    def shut_down(self) -> None:
+        """The server is shutting down: the turn stops as for StopTurn (its partial output is stored,
+        INTERRUPTED) and ends with a retryable `SERVER_SHUTTING_DOWN` error instead of CANCELLED."""
+        if self.stop(StopMode.CANCEL) and self.interrupted is None:
+            self.interrupted = events_pb2.TurnError(
+                reason="SERVER_SHUTTING_DOWN",
+                message="the server is shutting down; the turn was stopped and its partial output stored",
+                retryable=True,
+            )
+
     # --- the turn's life ---
 
     async def run(self) -> None:
@@ -314,6 +327,8 @@ class Turn:
             reason, error = await self._drive(stored)
             if self.ended is not None:
                 reason, error = FinishReason.ERROR, self.ended
+            elif self.interrupted is not None and reason is FinishReason.CANCELLED:
+                reason, error = FinishReason.ERROR, self.interrupted
             await self._conclude(reason, error)
         except asyncio.CancelledError:
             if self._agent_task is not None:
@@ -585,10 +600,15 @@ class Turn:
             self._emit(event)
         pending = self._pending_calls if reason is FinishReason.CLIENT_TOOL_CALLS else {}
         if self._parts and self.stop_mode is not StopMode.ROLLBACK and self.ended is None:
-            status = {
-                FinishReason.CANCELLED: MessageStatus.INTERRUPTED,
-                FinishReason.ERROR: MessageStatus.ERROR,
-            }.get(reason, MessageStatus.COMPLETE)
+            # Stopped, by a caller or by a shutdown: what the agent produced so far.
+            stopped = reason is FinishReason.CANCELLED or (error is not None and error is self.interrupted)
+            status = (
+                MessageStatus.INTERRUPTED
+                if stopped
+                else MessageStatus.ERROR
+                if reason is FinishReason.ERROR
+                else MessageStatus.COMPLETE
+            )
             message = NewMessage(
                 message_id=self.message_id,
                 role=Role.ASSISTANT,
@@ -779,6 +799,8 @@ class TurnRunner:
         `started` is handed the turn as soon as it exists, even when the caller is cancelled while its
         lease is taken: a caller that cancels its own start (a Connect frame interrupted by the next) can
         still stop that turn and wait for it."""
+        if self._closed:
+            raise shutting_down("send the turn to another replica, or here once the server is back")
         turn_id = uuid7()
         rolled_back: list[TurnRecord] = []
         while True:
@@ -840,13 +862,18 @@ class TurnRunner:
         self.service.bus.signal(STOP_SIGNAL, {"turn_id": record.turn_id})
         return True, record.turn_id
 
+    @property
+    def closed(self) -> bool:
+        """Whether `close` began: the server is shutting down, and starts no more turns."""
+        return self._closed
+
     async def close(self, grace: float = 10.0) -> None:
         """Stops the turns running here (their partial output is kept, for up to `grace` seconds) and closes
         the backends."""
         self._closed = True
         running = list(self._by_id.values())
         for turn in running:
-            turn.stop(StopMode.CANCEL)
+            turn.shut_down()
         if running:
             await asyncio.wait([asyncio.ensure_future(t.done.wait()) for t in running], timeout=grace)
         if self._renewer is not None:
@@ -980,6 +1007,8 @@ class TurnRunner:
         early = self._early_stops.pop(turn.turn_id, None)
         if early is not None:
             turn.stop(early)
+        if self._closed:  # it took its lease as the server began to shut down
+            turn.shut_down()
         if self._renewer is None and not self._closed:
             self._renewer = asyncio.create_task(self._keep_leases(), name="turn-leases")
 
