@@ -78,3 +78,40 @@ async def test_a_write_whose_caller_goes_away_still_completes_cleanly(
         assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
     finally:
         await db.close()
+
+
+class _Stuck:
+    """A grouped write (it has `run_many`, as appends and creates do) that the database keeps waiting."""
+
+    def __call__(self, conn: Connection) -> None:
+        self.run_many(conn, [self])
+
+    @staticmethod
+    def run_many(conn: Connection, ops: list[_Stuck]) -> list[tuple[None, None]]:
+        conn.exec_driver_sql("SELECT pg_sleep(5)")
+        return [(None, None) for _ in ops]
+
+
+async def test_closing_does_not_wait_for_a_database_that_does_not_answer(
+    fresh_database: DatabaseTarget,
+) -> None:
+    """PostgreSQL: a grouped write stuck in the database (no lock or statement timeout set) does not keep
+    `close`, and so a SIGTERM, from finishing; its caller and the one queued behind it learn that the
+    database went away instead of waiting for ever. Before, `close` waited on them with no bound."""
+    if fresh_database.backend != "postgresql":
+        pytest.skip("SQLite's writer thread answers for its own writes")
+    db = Database(fresh_database.url, schema=fresh_database.schema)
+    await db.open()
+    closed = False
+    try:
+        first = asyncio.ensure_future(db.write(_Stuck()))
+        await asyncio.sleep(0)  # the first group starts; the second write waits for the next
+        second = asyncio.ensure_future(db.write(_Stuck()))
+        await asyncio.wait_for(db.close(wait_seconds=0.2), 10)
+        closed = True
+        for caller in (first, second):
+            with pytest.raises(ConnectionError):
+                await caller
+    finally:
+        if not closed:
+            await db.close()

@@ -1600,3 +1600,52 @@ async def test_a_lost_database_connection_is_unavailable_and_the_client_retries(
             assert (await client.get_session(session_id=sid)).message_count == 1
     finally:
         await running.stop(0)
+
+
+@pytest.mark.parametrize("limit", ["database_lock_timeout_seconds", "database_statement_timeout_seconds"])
+async def test_a_row_locked_by_another_client_fails_only_its_own_writes(
+    database: DatabaseTarget, clock: ManualClock, unique: str, limit: str
+) -> None:
+    """PostgreSQL: while another client keeps a session's row locked (an open transaction, a stuck job),
+    writes to that session fail UNAVAILABLE / DATABASE_UNAVAILABLE once the lock timeout (or, with none,
+    the statement timeout) passes, and the writes to other sessions grouped behind them land. Before, no
+    timeout was set, and every append and create of the server waited behind that one lock for as long
+    as it was held."""
+    if database.backend != "postgresql":
+        pytest.skip("holds a PostgreSQL row lock")
+    limits = {"database_lock_timeout_seconds": 0, "database_statement_timeout_seconds": 0, limit: 0.2}
+    running = await start_server(make_settings(database, **limits), clock=clock)
+    try:
+        async with AsyncSessionsClient(f"127.0.0.1:{running.port}") as client:
+            locked, free = f"{unique}/locked", f"{unique}/free"
+            for sid in (locked, free):
+                await client.create_session(agent_id="echo", session_id=sid)
+            holder = await asyncpg.connect(POSTGRES_URL, server_settings={"search_path": database.schema})
+            try:
+                lock = holder.transaction()
+                await lock.start()
+                await holder.execute("SELECT 1 FROM sessions WHERE session_id = $1 FOR UPDATE", locked)
+                blocked = asyncio.create_task(client.append_text(session_id=locked, role="user", text="x"))
+                for _ in range(1000):  # until the server's write waits for the lock
+                    if await holder.fetchval("SELECT count(*) FROM pg_locks WHERE NOT granted"):
+                        break
+                    await asyncio.sleep(0.01)
+                else:
+                    raise AssertionError("the append never waited for the lock")
+                await client.append_text(session_id=free, role="user", text="lands")
+                await client.create_session(agent_id="echo", session_id=f"{unique}/new")
+                with pytest.raises(errors.Unavailable) as timed_out:
+                    await blocked
+                assert timed_out.value.reason == "DATABASE_UNAVAILABLE"
+                assert "locked by another client" in str(timed_out.value)
+                await lock.rollback()
+            finally:
+                await holder.close()
+            # Released: the session takes writes again, and the failed append left nothing behind.
+            await client.append_text(session_id=locked, role="user", text="after")
+            stored = [m async for m in await client.list_messages(session_id=locked)]
+            assert [m.parts[0].text.text for m in stored] == ["after"]
+            assert (await client.get_session(session_id=free)).message_count == 1
+            assert (await client.get_session(session_id=f"{unique}/new")).session_id == f"{unique}/new"
+    finally:
+        await running.stop(0)

@@ -26,6 +26,14 @@ class Settings(BaseSettings):
     # PostgreSQL only: the schema (search_path) the tables live in.
     database_schema: str | None = Field(None, validation_alias=_env("SESSIOND_DATABASE_SCHEMA"))
     database_pool_size: int = Field(10, ge=1, validation_alias=_env("SESSIOND_DATABASE_POOL_SIZE"))
+    # PostgreSQL only: how long a statement waits for a row lock another client holds, and how long any
+    # statement may run, before it fails UNAVAILABLE (0: no limit). Migrations run without either.
+    database_lock_timeout_seconds: float = Field(
+        5.0, ge=0, validation_alias=_env("SESSIOND_DATABASE_LOCK_TIMEOUT_SECONDS")
+    )
+    database_statement_timeout_seconds: float = Field(
+        60.0, ge=0, validation_alias=_env("SESSIOND_DATABASE_STATEMENT_TIMEOUT_SECONDS")
+    )
     migrate_on_start: bool = Field(True, validation_alias=_env("SESSIOND_MIGRATE_ON_START"))
     grace_seconds: float = Field(10.0, ge=0, validation_alias=_env("SESSIOND_GRACE_SECONDS"))
     log_level: str = Field("INFO", validation_alias=_env("SESSIOND_LOG_LEVEL"))

@@ -163,7 +163,11 @@ async def start_server(
         else []
     )
     db = Database(
-        settings.database_url, schema=settings.database_schema, pool_size=settings.database_pool_size
+        settings.database_url,
+        schema=settings.database_schema,
+        pool_size=settings.database_pool_size,
+        lock_timeout=settings.database_lock_timeout_seconds,
+        statement_timeout=settings.database_statement_timeout_seconds,
     )
     await db.open()
     bus: InProcessEventBus | None = None

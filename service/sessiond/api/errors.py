@@ -20,6 +20,7 @@ from grpc_status import rpc_status
 from sqlalchemy import exc as sa_exc
 
 from ..domain.errors import DomainError, InvalidArgument, Unavailable
+from ..store.database import TIMEOUT_SQLSTATES, sqlstate
 
 DOMAIN = "agentsessions.v1"
 log = logging.getLogger(__name__)
@@ -117,13 +118,22 @@ class guard_decoding:
 
 def database_unavailable(exc: Exception) -> Unavailable | None:
     """The status of a failure of the database rather than of the request: unreachable, its connection
-    lost (a restart), locked past the busy timeout, out of disk. The caller may try again shortly, so it
-    is UNAVAILABLE (retried by the clients for idempotent calls), not INTERNAL."""
+    lost (a restart), locked past the busy timeout (SQLite) or the lock or statement timeout (PostgreSQL),
+    out of disk. The caller may try again shortly, so it is UNAVAILABLE (retried by the clients for
+    idempotent calls), not INTERNAL."""
     connection_lost = isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
-    if not (connection_lost or isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, OSError))):
+    timed_out = sqlstate(exc) in TIMEOUT_SQLSTATES  # a lock held elsewhere, or a statement too slow
+    if not (
+        connection_lost
+        or timed_out
+        or isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, OSError))
+    ):
         return None
     return Unavailable(
-        "the database is unavailable; try again shortly",
+        "the database did not answer in time (a row locked by another client, or a slow statement); "
+        "try again shortly"
+        if timed_out
+        else "the database is unavailable; try again shortly",
         reason="DATABASE_UNAVAILABLE",
         retry_after_seconds=1,
     )

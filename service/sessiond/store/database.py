@@ -49,12 +49,21 @@ Op = Callable[[Connection], T]
 # what must follow a commit, such as publishing its events, must follow it too).
 
 _RETRY_SQLSTATES = {"40001", "40P01", "23505"}
+# lock_not_available (lock_timeout), query_canceled (statement_timeout): the database is busy, not the
+# request wrong.
+TIMEOUT_SQLSTATES = {"55P03", "57014"}
 _SQLITE_PRAGMAS = (
     "PRAGMA journal_mode=WAL",
     "PRAGMA synchronous=NORMAL",
     "PRAGMA foreign_keys=ON",
     "PRAGMA busy_timeout=30000",
 )
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The PostgreSQL error code of a failed statement (asyncpg's, under SQLAlchemy's wrapper), if any."""
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
 
 
 def normalize_url(url: str) -> URL:
@@ -74,11 +83,22 @@ class Database:
     """The store's connection to its database. Nothing connects until `open()`."""
 
     def __init__(
-        self, url: str, *, schema: str | None = None, pool_size: int = 10, max_batch: int = 256
+        self,
+        url: str,
+        *,
+        schema: str | None = None,
+        pool_size: int = 10,
+        max_batch: int = 256,
+        lock_timeout: float = 0,
+        statement_timeout: float = 0,
     ) -> None:
+        """`lock_timeout`, `statement_timeout` (PostgreSQL, seconds, 0 for none): how long a statement
+        waits for a lock, and runs, before it fails (`database_unavailable`). Without them a row lock
+        held by another client stalled every grouped write behind it, and a shutdown with them."""
         self.url = normalize_url(url)
         self.dialect = "sqlite" if self.url.get_backend_name() == "sqlite" else "postgresql"
         self.schema = schema
+        self._timeouts = {"lock_timeout": lock_timeout, "statement_timeout": statement_timeout}
         self._pool_size = pool_size
         self._max_batch = max_batch
         self._engine: AsyncEngine | None = None
@@ -139,20 +159,29 @@ class Database:
             _sqlite_setup(writer_engine, begin="BEGIN IMMEDIATE")
             self._writer = _SQLiteWriter(writer_engine, asyncio.get_running_loop(), self._max_batch)
         else:
-            connect_args: dict[str, Any] = {}
+            settings = {name: f"{round(seconds * 1000)}ms" for name, seconds in self._timeouts.items()}
             if self.schema:
-                connect_args["server_settings"] = {"search_path": self.schema}
+                settings["search_path"] = self.schema
             self._engine = create_async_engine(
-                self.url, pool_size=self._pool_size, max_overflow=self._pool_size, connect_args=connect_args
+                self.url,
+                pool_size=self._pool_size,
+                max_overflow=self._pool_size,
+                connect_args={"server_settings": settings},
             )
             # Reads run in autocommit: under READ COMMITTED each statement sees its own snapshot whether or
             # not a transaction wraps them, and the BEGIN and the ROLLBACK on return were two of a point
             # read's four round trips.
             self._read_engine = self._engine.execution_options(isolation_level="AUTOCOMMIT")
 
-    async def close(self) -> None:
+    async def close(self, wait_seconds: float = 10.0) -> None:
+        """Closes the connections, after the grouped writes under way (for up to `wait_seconds`: a
+        database that does not answer must not keep the process from stopping)."""
         if self._grouper is not None:
-            await asyncio.gather(self._grouper, return_exceptions=True)
+            done, _ = await asyncio.wait([self._grouper], timeout=wait_seconds)
+            if not done:
+                log.warning("closing the database with grouped writes still waiting for it")
+                self._grouper.cancel()
+                await asyncio.gather(self._grouper, return_exceptions=True)
             self._grouper = None
         if self._writer is not None:
             await asyncio.to_thread(self._writer.close)
@@ -215,12 +244,10 @@ class Database:
                 async with self.engine.begin() as conn:
                     return await conn.run_sync(op)
             except DBAPIError as exc:
-                sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(
-                    getattr(exc.orig, "__cause__", None), "sqlstate", None
-                )
-                if sqlstate not in _RETRY_SQLSTATES or attempt == 4:
+                state = sqlstate(exc)
+                if state not in _RETRY_SQLSTATES or attempt == 4:
                     raise
-                log.debug("retrying a write after %s (attempt %d)", sqlstate, attempt + 1)
+                log.debug("retrying a write after %s (attempt %d)", state, attempt + 1)
                 await asyncio.sleep(0.001 * 2**attempt)
         raise AssertionError("unreachable")
 
@@ -233,12 +260,18 @@ class Database:
             del self._pending[: self._max_batch]
             ops = [op for op, _ in batch]
             try:
-                outcomes = await self._transaction(functools.partial(_run_grouped, ops=ops))
-            except Exception as exc:
-                if len(ops) == 1:
-                    outcomes = [(None, exc)]
-                else:
-                    outcomes = list(await asyncio.gather(*(self._outcome(op) for op in ops)))
+                try:
+                    outcomes = await self._transaction(functools.partial(_run_grouped, ops=ops))
+                except Exception as exc:
+                    if len(ops) == 1:
+                        outcomes = [(None, exc)]
+                    else:
+                        outcomes = list(await asyncio.gather(*(self._outcome(op) for op in ops)))
+            except asyncio.CancelledError:  # `close` gave up on the database
+                waiting = batch + self._pending
+                self._pending.clear()
+                _settle_all(waiting, [(None, _closed_error()) for _ in waiting])
+                raise
             _settle_all(batch, outcomes)
 
     async def _outcome(self, op: Op[Any]) -> tuple[Any, BaseException | None]:
@@ -408,6 +441,12 @@ def _run_grouped(conn: Connection, ops: list[Op[Any]]) -> list[tuple[Any, BaseEx
         for i, outcome in zip(indexes, run_many(conn, [ops[i] for i in indexes]), strict=True):
             outcomes[i] = outcome
     return [o for o in outcomes if o is not None]
+
+
+def _closed_error() -> ConnectionError:
+    """What a grouped write gets when the database closes before it could run or finish: a write may have
+    committed or not, as when a connection is lost."""
+    return ConnectionError("the database was closed before this write finished")
 
 
 def _after_commit(op: Op[Any]) -> None:

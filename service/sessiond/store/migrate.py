@@ -26,6 +26,9 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 def _upgrade(connection: Connection, revision: str) -> None:
     if connection.dialect.name == "postgresql":
+        # A migration may wait for another replica's, and rewrite large tables: no time limits here.
+        connection.execute(text("SET LOCAL lock_timeout = 0"))
+        connection.execute(text("SET LOCAL statement_timeout = 0"))
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_LOCK})
     command.upgrade(alembic_config(connection), revision)
 
