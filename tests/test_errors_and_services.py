@@ -1649,3 +1649,50 @@ async def test_a_row_locked_by_another_client_fails_only_its_own_writes(
             assert (await client.get_session(session_id=f"{unique}/new")).session_id == f"{unique}/new"
     finally:
         await running.stop(0)
+
+
+async def test_a_closed_client_raises_client_closed_for_waiting_and_later_calls(
+    target: str, unique: str
+) -> None:
+    """Closing a client while other tasks read its streams ends them with `Cancelled` / CLIENT_CLOSED,
+    and so are calls made afterwards. Before, the readers got a bare CancelledError, as if their own task
+    had been cancelled, and later calls raised grpc's UsageError, outside the client's exceptions."""
+    client = AsyncSessionsClient(target)
+    sid = (await client.create_session(agent_id="echo", session_id=f"{unique}/closing")).session_id
+    watch = client.watch_session(session_id=sid, after_event_id=0, resume=False)
+    await client.append_text(session_id=sid, role="user", text="hi")
+    turn = client.execute(session_id=sid, text="/hang still going")
+    readers = []
+    for stream in (watch, turn):
+        first = await stream.__anext__()
+        assert first.session_id == sid
+        readers.append(asyncio.create_task(_drain(stream)))
+    await client.close()
+    for reader in readers:
+        with pytest.raises(errors.Cancelled) as ended:
+            await reader
+        assert ended.value.reason == errors.CLIENT_CLOSED
+    later: list[Callable[[], Awaitable[object]]] = [
+        lambda: client.get_session(session_id=sid),
+        lambda: _drain(client.watch_session(session_id=sid)),
+        lambda: _drain(client.connect(session_id=sid)),
+    ]
+    for call in later:
+        with pytest.raises(errors.Cancelled) as closed:
+            await call()
+        assert closed.value.reason == errors.CLIENT_CLOSED
+
+    sync = SessionsClient(target)
+    sync.close()
+    for sync_call in (
+        lambda: sync.get_session(session_id=sid),
+        lambda: list(sync.watch_session(session_id=sid)),
+        lambda: list(sync.connect(session_id=sid)),
+    ):
+        with pytest.raises(errors.Cancelled) as sync_closed:
+            sync_call()
+        assert sync_closed.value.reason == errors.CLIENT_CLOSED
+
+
+async def _drain(stream: Any) -> list[Any]:
+    return [item async for item in stream]

@@ -23,7 +23,7 @@ from google.protobuf.message import Message as ProtoMessage
 
 from agentsessions import _requests
 from agentsessions._requests import MessageInput, Prepared, TimeoutPolicyInput, Variables
-from agentsessions.errors import from_grpc_error
+from agentsessions.errors import client_closed, from_grpc_error
 from agentsessions.pagers import AsyncPager, Page, Pager
 from agentsessions.retry import DEFAULT_RETRY, CallAttempts, RetryPolicy
 from agentsessions.streams import AsyncConnection, AsyncStream, Connection, Stream, WatchCursor
@@ -109,6 +109,7 @@ class AsyncSessionsClient:
         channel: grpc.aio.Channel | None = None,
     ) -> None:
         self._owns_channel = channel is None
+        self._closed = False
         if channel is None:
             if credentials is not None:
                 channel = grpc.aio.secure_channel(target, credentials, options=channel_options)
@@ -131,7 +132,9 @@ class AsyncSessionsClient:
         return self._channel
 
     async def close(self) -> None:
-        """Closes the channel the client opened (a channel passed in stays open)."""
+        """Closes the channel the client opened (a channel passed in stays open). Calls and streams other
+        tasks still wait on, and calls made afterwards, raise ``Cancelled`` / ``CLIENT_CLOSED``."""
+        self._closed = True
         if self._owns_channel:
             await self._channel.close()
 
@@ -148,6 +151,8 @@ class AsyncSessionsClient:
     ) -> ResponseT:
         attempts = CallAttempts(self._retry if prepared.idempotent else None, self._timeout)
         while True:
+            if self._closed:
+                raise client_closed()
             try:
                 return await method(
                     prepared.request,
@@ -160,6 +165,13 @@ class AsyncSessionsClient:
                 delay = attempts.backoff(error)
                 if delay is None:
                     raise error from err
+            except grpc.aio.UsageError as err:  # a channel passed in, closed by its owner
+                raise client_closed() from err
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if self._closed and task is not None and not task.cancelling():
+                    raise client_closed() from None  # the channel closed under the call, not the task
+                raise
             await asyncio.sleep(delay)
 
     async def _pager(
@@ -475,7 +487,10 @@ class AsyncSessionsClient:
     def connect(self, *, session_id: str) -> AsyncConnection:
         """Opens a Connect stream for ``session_id``: send execute, stop and heartbeat frames, iterate
         the responses (see :class:`agentsessions.streams.AsyncConnection`). Not retried; no deadline."""
-        call = self._turns.Connect(metadata=self._metadata, credentials=self._call_credentials)
+        try:
+            call = self._turns.Connect(metadata=self._metadata, credentials=self._call_credentials)
+        except grpc.aio.UsageError as err:
+            raise client_closed() from err
         return AsyncConnection(call, session_id)
 
     # AgentRegistryService
@@ -540,6 +555,7 @@ class SessionsClient:
         channel: grpc.Channel | None = None,
     ) -> None:
         self._owns_channel = channel is None
+        self._closed = False
         if channel is None:
             if credentials is not None:
                 channel = grpc.secure_channel(target, credentials, options=channel_options)
@@ -562,7 +578,9 @@ class SessionsClient:
         return self._channel
 
     def close(self) -> None:
-        """Closes the channel the client opened (a channel passed in stays open)."""
+        """Closes the channel the client opened (a channel passed in stays open). Calls made afterwards
+        raise ``Cancelled`` / ``CLIENT_CLOSED``; those other threads still wait on raise ``Cancelled``."""
+        self._closed = True
         if self._owns_channel:
             self._channel.close()
 
@@ -579,6 +597,8 @@ class SessionsClient:
     ) -> ResponseT:
         attempts = CallAttempts(self._retry if prepared.idempotent else None, self._timeout)
         while True:
+            if self._closed:
+                raise client_closed()
             try:
                 return method(
                     prepared.request,

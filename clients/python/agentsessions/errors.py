@@ -215,6 +215,18 @@ class Unauthenticated(AgentSessionsError):
     grpc_status_code = grpc.StatusCode.UNAUTHENTICATED
 
 
+#: ErrorInfo reason of the :class:`Cancelled` a client raises itself for a call made after its ``close()``,
+#: or for a call or stream another task was waiting on when it closed.
+CLIENT_CLOSED = "CLIENT_CLOSED"
+
+
+def client_closed() -> Cancelled:
+    """The error of a call through a closed client (gRPC itself raises ``UsageError``, ``ValueError`` or,
+    in the task that waited, a bare ``CancelledError``)."""
+    info = error_details_pb2.ErrorInfo(reason=CLIENT_CLOSED, domain="agentsessions.v1")
+    return Cancelled("the client was closed", details=[info])
+
+
 def exception_for(
     code: grpc.StatusCode, message: str, details: Sequence[ProtoMessage] = ()
 ) -> AgentSessionsError:

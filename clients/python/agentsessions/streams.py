@@ -21,7 +21,7 @@ import grpc
 import grpc.aio
 
 from agentsessions import _requests
-from agentsessions.errors import AgentSessionsError, from_grpc_error
+from agentsessions.errors import AgentSessionsError, client_closed, from_grpc_error
 from agentsessions.retry import RetryPolicy
 from agentsessions.v1 import events_pb2, session_service_pb2, turn_service_pb2
 
@@ -112,9 +112,15 @@ class AsyncStream(Generic[ItemT]):
     ) -> None:
         self._open_call = open_call
         self._resumption = resumption
-        self._call = open_call()
+        self._call = self._open()
         self._cancelled = False
         self._items = self._iterate()
+
+    def _open(self) -> _AsyncCall[ItemT]:
+        try:
+            return self._open_call()
+        except grpc.aio.UsageError as err:  # the client's channel is closed
+            raise client_closed() from err
 
     def __aiter__(self) -> AsyncStream[ItemT]:
         return self
@@ -151,15 +157,18 @@ class AsyncStream(Generic[ItemT]):
                 if delay is None:
                     raise error from err
             except asyncio.CancelledError:
-                # grpc.aio raises CancelledError after call.cancel(); only a cancelled task propagates it.
+                # grpc.aio raises CancelledError after call.cancel() and when the channel closes; only a
+                # cancelled task propagates it.
                 task = asyncio.current_task()
-                if self._cancelled and (task is None or not task.cancelling()):
+                if task is not None and task.cancelling():
+                    raise
+                if self._cancelled:
                     return
-                raise
+                raise client_closed() from None
             await asyncio.sleep(delay)
             if self._cancelled:
                 return
-            self._call = self._open_call()
+            self._call = self._open()
 
 
 class Stream(Generic[ItemT]):
@@ -170,9 +179,15 @@ class Stream(Generic[ItemT]):
     ) -> None:
         self._open_call = open_call
         self._resumption = resumption
-        self._call = open_call()
+        self._call = self._open()
         self._cancelled = False
         self._items = self._iterate()
+
+    def _open(self) -> _SyncCall[ItemT]:
+        try:
+            return self._open_call()
+        except ValueError as err:  # grpc's "Cannot invoke RPC: Channel closed!"
+            raise client_closed() from err
 
     def __iter__(self) -> Stream[ItemT]:
         return self
@@ -211,7 +226,7 @@ class Stream(Generic[ItemT]):
             time.sleep(delay)
             if self._cancelled:
                 return
-            self._call = self._open_call()
+            self._call = self._open()
 
 
 class AsyncConnection(AsyncStream[turn_service_pb2.ConnectResponse]):
