@@ -310,7 +310,7 @@ class Turn:
         if self.stop(StopMode.CANCEL) and self.interrupted is None:
             self.interrupted = events_pb2.TurnError(
                 reason="SERVER_SHUTTING_DOWN",
-                message="the server is shutting down; the turn was stopped and its partial output stored",
+                message="the server is shutting down; the turn was stopped",
                 retryable=True,
             )
 
