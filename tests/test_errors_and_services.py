@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from grpc_status import rpc_status
+from turn_support import Reader
 
 from agentsessions import (
     Agent,
@@ -1666,7 +1667,7 @@ async def test_a_closed_client_raises_client_closed_for_waiting_and_later_calls(
     for stream in (watch, turn):
         first = await stream.__anext__()
         assert first.session_id == sid
-        readers.append(asyncio.create_task(_drain(stream)))
+        readers.append(asyncio.create_task(Reader(stream).rest()))
     await client.close()
     for reader in readers:
         with pytest.raises(errors.Cancelled) as ended:
@@ -1674,8 +1675,8 @@ async def test_a_closed_client_raises_client_closed_for_waiting_and_later_calls(
         assert ended.value.reason == errors.CLIENT_CLOSED
     later: list[Callable[[], Awaitable[object]]] = [
         lambda: client.get_session(session_id=sid),
-        lambda: _drain(client.watch_session(session_id=sid)),
-        lambda: _drain(client.connect(session_id=sid)),
+        lambda: Reader(client.watch_session(session_id=sid)).rest(),
+        lambda: Reader(client.connect(session_id=sid)).rest(),
     ]
     for call in later:
         with pytest.raises(errors.Cancelled) as closed:
@@ -1692,7 +1693,3 @@ async def test_a_closed_client_raises_client_closed_for_waiting_and_later_calls(
         with pytest.raises(errors.Cancelled) as sync_closed:
             sync_call()
         assert sync_closed.value.reason == errors.CLIENT_CLOSED
-
-
-async def _drain(stream: Any) -> list[Any]:
-    return [item async for item in stream]

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 from conftest import DatabaseTarget, make_settings
-from turn_support import ERROR, Reader, only, reason, text_of
+from turn_support import ERROR, Reader, message_text, only, reason, text_of
 
 from agentsessions import AsyncSessionsClient, MessageStatus, Role, errors
 from sessiond.domain.clock import ManualClock
@@ -17,10 +17,6 @@ from sessiond.server import start_server
 # would wait for all of it.
 GRACE_SECONDS = 3600
 HANG_GUARD_SECONDS = 60
-
-
-def message_text(message: object) -> str:
-    return "".join(p.text.text for p in message.parts if p.WhichOneof("kind") == "text")  # type: ignore[attr-defined]
 
 
 async def test_a_graceful_stop_ends_every_stream_at_once_and_keeps_partial_answers(

@@ -26,6 +26,7 @@ from turn_support import (
     Reply,
     chunk,
     kinds,
+    message_text,
     only,
     reason,
     text_of,
@@ -41,10 +42,6 @@ from sessiond.domain.clock import ManualClock
 from sessiond.server import RunningServer, start_server
 
 RespondRequest = agent_service_pb2.RespondRequest
-
-
-def message_text(message: Any) -> str:
-    return "".join(p.text.text for p in message.parts if p.WhichOneof("kind") == "text")
 
 
 async def history(client: AsyncSessionsClient, session_id: str) -> list[message_pb2.Message]:

@@ -21,6 +21,7 @@ from turn_support import (
     STOP,
     Reader,
     kinds,
+    message_text,
     only,
     reason,
     text_of,
@@ -47,10 +48,6 @@ async def run(client: AsyncSessionsClient, session_id: str, text: str, **kwargs:
 
 async def history(client: AsyncSessionsClient, session_id: str) -> list:  # type: ignore[type-arg]
     return [m async for m in await client.list_messages(session_id=session_id)]
-
-
-def message_text(message: object) -> str:
-    return "".join(p.text.text for p in message.parts if p.WhichOneof("kind") == "text")  # type: ignore[attr-defined]
 
 
 # --- request types and finish reasons ---------------------------------------------------------------------

@@ -13,6 +13,11 @@ from agentsessions import AsyncStream, TurnEvent
 from agentsessions.v1 import events_pb2
 
 
+def message_text(message: Any) -> str:
+    """The text parts of a message (a stored one, or one a turn event carries), joined."""
+    return "".join(p.text.text for p in message.parts if p.WhichOneof("kind") == "text")
+
+
 def kinds(events: list[TurnEvent]) -> list[str]:
     return [e.WhichOneof("kind") or "" for e in events]
 
