@@ -1,4 +1,4 @@
-"""The `sessiond` command: `sessiond serve`, `sessiond migrate`."""
+"""The `sessiond` command: `sessiond serve`, `sessiond migrate`, `sessiond admin ...` (`sessiond.admin`)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import sys
 from typing import Any
 
+from . import admin
 from .config import Settings
 from .store import migrate
 from .store.database import Database
@@ -23,6 +24,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["migrate_on_start"] = False
     if getattr(args, "config", None):
         overrides["config_file"] = args.config
+    if getattr(args, "metrics_listen", None):
+        overrides["metrics_listen"] = args.metrics_listen
     return Settings(**overrides)
 
 
@@ -36,7 +39,7 @@ async def _migrate(settings: Settings, revision: str) -> None:
         await db.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sessiond", description="Agent Sessions gRPC server")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the server (SIGTERM drains and stops it)")
@@ -44,10 +47,21 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--database-url", help="SQLAlchemy URL (SESSIOND_DATABASE_URL)")
     serve.add_argument("--no-migrate", action="store_true", help="do not apply migrations at start")
     serve.add_argument("--config", help="TOML file declaring agents (SESSIOND_CONFIG); see README, Agents")
+    serve.add_argument(
+        "--metrics-listen",
+        help="serve Prometheus metrics on host:port (SESSIOND_METRICS_LISTEN; default off)",
+    )
     mig = sub.add_parser("migrate", help="apply schema migrations and exit")
     mig.add_argument("--database-url", help="SQLAlchemy URL (SESSIOND_DATABASE_URL)")
     mig.add_argument("--revision", default="head")
-    args = parser.parse_args(argv)
+    admin.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "admin":
+        return admin.run(args)
 
     settings = _settings(args)
     logging.basicConfig(

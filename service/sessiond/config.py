@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     migrate_on_start: bool = Field(True, validation_alias=_env("SESSIOND_MIGRATE_ON_START"))
     grace_seconds: float = Field(10.0, ge=0, validation_alias=_env("SESSIOND_GRACE_SECONDS"))
     log_level: str = Field("INFO", validation_alias=_env("SESSIOND_LOG_LEVEL"))
+    # Prometheus metrics over HTTP (GET /metrics) on this host:port; empty: no metrics endpoint.
+    metrics_listen: str = Field("", validation_alias=_env("SESSIOND_METRICS_LISTEN"))
 
     default_timeout_minutes: int = Field(30, ge=1, validation_alias=_env("SESSION_DEFAULT_TIMEOUT_MINUTES"))
     min_timeout_minutes: int = Field(5, ge=1, validation_alias=_env("SESSION_MIN_TIMEOUT_MINUTES"))

@@ -11,7 +11,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import cast
+from typing import Any, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -46,6 +46,7 @@ from .domain.clock import Clock, SystemClock
 from .events.bus import InProcessEventBus
 from .events.pgbus import PostgresEventBus
 from .events.sweeper import Sweeper
+from .metrics import Metrics
 from .service_layer import SessionsService
 from .store import migrate
 from .store.database import Database
@@ -83,6 +84,9 @@ class RunningServer:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     turns: TurnRunner | None = None
     turn_api: TurnServicer | None = None
+    # The Prometheus endpoint, when SESSIOND_METRICS_LISTEN is set.
+    metrics_port: int | None = None
+    _metrics_http: Any = None
 
     async def stop(self, grace: float | None = None) -> None:
         """Drains: health turns NOT_SERVING and no new call is taken. Streams that would otherwise run
@@ -106,6 +110,9 @@ class RunningServer:
                 await task
         await self.bus.close()
         await self.db.close()
+        if self._metrics_http is not None:
+            await asyncio.to_thread(self._metrics_http.shutdown)
+            self._metrics_http.server_close()
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
@@ -171,6 +178,8 @@ async def start_server(
     )
     await db.open()
     bus: InProcessEventBus | None = None
+    metrics_http: Any = None
+    metrics_port: int | None = None
     try:
         if settings.migrate_on_start:
             await migrate.upgrade(db)
@@ -195,11 +204,13 @@ async def start_server(
             cleanup_interval=settings.cleanup_interval_minutes * 60,
         )
 
+        metrics = Metrics() if settings.metrics_listen else None
         server = grpc.aio.server(
+            interceptors=[metrics.interceptor()] if metrics is not None else None,
             options=[
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         # Undecodable requests get INVALID_ARGUMENT with an ErrorInfo, not UNKNOWN.
         guarded = cast(grpc.aio.Server, guard_decoding(server))
@@ -232,9 +243,20 @@ async def start_server(
         port = server.add_insecure_port(address)
         if port == 0:
             raise RuntimeError(f"cannot listen on {address}")
+        if metrics is not None:
+            metrics.watch(
+                session_counts=service.session_counts,
+                running_turns=runner.running_count,
+                watchers=bus.subscriber_count,
+                loop=asyncio.get_running_loop(),
+            )
+            metrics_http, metrics_port = metrics.serve(settings.metrics_listen)
         await server.start()
         await _set_health(health_servicer, True)
     except BaseException:
+        if metrics_http is not None:
+            metrics_http.shutdown()
+            metrics_http.server_close()
         if bus is not None:
             await bus.close()
         await db.close()
@@ -243,6 +265,7 @@ async def start_server(
         server=server, port=port, db=db, service=service, health=health_servicer, sweeper=sweeper, bus=bus
     )
     running.turns, running.turn_api = runner, turn_api
+    running.metrics_port, running._metrics_http = metrics_port, metrics_http
     running._tasks.append(asyncio.create_task(_watch_database(db, health_servicer), name="health-probe"))
     if settings.sweeper_enabled:
         running._tasks.append(asyncio.create_task(sweeper.run(), name="sweeper"))

@@ -1,0 +1,153 @@
+"""Prometheus metrics (SESSIOND_METRICS_LISTEN): what an operator's scrape of /metrics shows after calls of
+every kind, read from a real server's HTTP endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from conftest import DatabaseTarget, make_settings
+from prometheus_client.parser import text_string_to_metric_families
+from turn_support import Reader
+
+from agentsessions import AsyncSessionsClient, errors
+from sessiond.cli import _settings, build_parser
+from sessiond.domain.clock import ManualClock
+from sessiond.server import RunningServer, start_server
+
+SESSIONS = "agentsessions.v1.SessionService"
+TURNS = "agentsessions.v1.TurnService"
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(running: RunningServer) -> Samples:
+    async with httpx.AsyncClient() as http:
+        reply = await http.get(f"http://127.0.0.1:{running.metrics_port}/metrics")
+    assert reply.status_code == 200
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(reply.text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """A sample's value; 0 for a series not there yet (a counter nothing has counted)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def handled(samples: Samples, service: str, method: str, code: str, kind: str = "unary") -> float:
+    return value(
+        samples,
+        "grpc_server_handled_total",
+        grpc_type=kind,
+        grpc_service=service,
+        grpc_method=method,
+        grpc_code=code,
+    )
+
+
+@pytest.fixture
+async def metered(database: DatabaseTarget, clock: ManualClock) -> AsyncIterator[RunningServer]:
+    running = await start_server(make_settings(database, metrics_listen="127.0.0.1:0"), clock=clock)
+    try:
+        yield running
+    finally:
+        await running.stop(0)
+
+
+async def test_rpcs_are_counted_by_method_and_status_code_and_timed(
+    metered: RunningServer, unique: str
+) -> None:
+    before = await scrape(metered)
+    async with AsyncSessionsClient(f"127.0.0.1:{metered.port}") as client:
+        await client.create_session(agent_id="echo", session_id=f"{unique}/a")
+        await client.create_session(agent_id="echo", session_id=f"{unique}/b")
+        with pytest.raises(errors.NotFound):
+            await client.get_session(session_id=f"{unique}/missing")
+        with pytest.raises(errors.InvalidArgument):
+            await client.get_session(session_id="")
+        with pytest.raises(errors.AlreadyExists):
+            await client.create_session(agent_id="echo", session_id=f"{unique}/a")
+        events = [e async for e in client.execute(session_id=f"{unique}/a", text="counted words")]
+    after = await scrape(metered)
+
+    def delta(method: str, code: str, service: str = SESSIONS, kind: str = "unary") -> float:
+        return handled(after, service, method, code, kind) - handled(before, service, method, code, kind)
+
+    assert delta("CreateSession", "OK") == 2
+    assert delta("CreateSession", "ALREADY_EXISTS") == 1
+    assert delta("GetSession", "NOT_FOUND") == 1
+    assert delta("GetSession", "INVALID_ARGUMENT") == 1
+    assert delta("Execute", "OK", TURNS, "server_stream") == 1
+    unary = {"grpc_type": "unary", "grpc_service": SESSIONS, "grpc_method": "CreateSession"}
+    assert (
+        value(after, "grpc_server_started_total", **unary)
+        - value(before, "grpc_server_started_total", **unary)
+        == 3
+    )
+    timed = value(after, "grpc_server_handling_seconds_count", **unary) - value(
+        before, "grpc_server_handling_seconds_count", **unary
+    )
+    assert timed == 3
+    assert value(after, "grpc_server_handling_seconds_sum", **unary) > value(
+        before, "grpc_server_handling_seconds_sum", **unary
+    )
+    # Every event the caller received was counted as sent on the stream; unary calls have no such series.
+    stream = {"grpc_type": "server_stream", "grpc_service": TURNS, "grpc_method": "Execute"}
+    sent = value(after, "grpc_server_msg_sent_total", **stream) - value(
+        before, "grpc_server_msg_sent_total", **stream
+    )
+    assert sent == len(events) > 0
+    assert ("grpc_server_msg_sent_total", frozenset(unary.items())) not in after
+
+
+async def test_a_stream_the_client_cancels_is_counted_cancelled(metered: RunningServer, unique: str) -> None:
+    sid = f"{unique}/watched"
+    before = await scrape(metered)
+    async with AsyncSessionsClient(f"127.0.0.1:{metered.port}") as client:
+        await client.create_session(agent_id="echo", session_id=sid)
+        watch = client.watch_session(session_id=sid, after_event_id=0, resume=False)
+        reader = Reader(watch)
+        await client.append_text(session_id=sid, role="user", text="hi")
+        await reader.until(lambda e: e.HasField("messages_appended"))
+        assert value(await scrape(metered), "sessiond_watch_subscriptions") >= 1
+        watch.cancel()
+    # The server learns of the cancellation a moment later; nothing here waits on a clock.
+    for _ in range(200):
+        after = await scrape(metered)
+        if handled(after, SESSIONS, "WatchSession", "CANCELLED", "server_stream") > handled(
+            before, SESSIONS, "WatchSession", "CANCELLED", "server_stream"
+        ):
+            break
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("the cancelled watch was never counted")
+    assert value(after, "sessiond_watch_subscriptions") == 0
+
+
+async def test_server_state_is_read_at_scrape_time(metered: RunningServer, unique: str) -> None:
+    before = await scrape(metered)
+    async with AsyncSessionsClient(f"127.0.0.1:{metered.port}") as client:
+        for name in ("one", "two", "three"):
+            await client.create_session(agent_id="echo", session_id=f"{unique}/{name}")
+        await client.end_session(session_id=f"{unique}/three")
+    after = await scrape(metered)
+
+    def grew(status: str) -> float:
+        gauge = "sessiond_sessions"
+        return value(after, gauge, status=status) - value(before, gauge, status=status)
+
+    assert (grew("active"), grew("ended")) == (2, 1)
+    assert value(after, "sessiond_turns_running") == 0
+
+
+async def test_metrics_are_off_unless_an_address_is_given(server: RunningServer) -> None:
+    assert server.metrics_port is None
+    parse = build_parser().parse_args
+    assert _settings(parse(["serve"])).metrics_listen == ""
+    chosen = _settings(parse(["serve", "--metrics-listen", "127.0.0.1:9464"]))
+    assert chosen.metrics_listen == "127.0.0.1:9464"
