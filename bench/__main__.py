@@ -72,8 +72,9 @@ def _n(base: int) -> int:
     return max(10, int(base * SCALE))
 
 
-# Alternating rounds: bare, CreateSession, AppendMessages (64 sessions), AppendMessages (1), and GetSession:
-# not a target, but the floor under every call that touches the store.
+# Alternating rounds: bare, CreateSession, AppendMessages (64 sessions), AppendMessages (1), GetSession (not
+# a target, but the floor under every call that touches the store), and the same appends against
+# bench.lean_server (raw sqlite3 and group commit, no session rules: a durable append with nothing else).
 ROUNDS = 3
 
 
@@ -90,17 +91,22 @@ async def sessiond_workloads(kind: str) -> dict[str, float]:
     rounds: the machine's speed drifts by a third within minutes, so each ratio compares rounds run next
     to each other."""
     port = harness.free_port()
-    async with harness.database(kind) as (url, env), harness.bare_channel() as bare:
+    async with (
+        harness.database(kind) as (url, env),
+        harness.bare_channel() as bare,
+        harness.lean_channel() as lean,
+    ):
         args = ["-m", "sessiond.cli", "serve", "--listen", f"127.0.0.1:{port}", "--database-url", url]
         with harness.process(args, {**env, "SESSIOND_LOG_LEVEL": "WARNING", "SESSIOND_SWEEPER": "false"}):
             target = f"127.0.0.1:{port}"
             await harness.wait_ready(target, health=True)
-            return await _measure(target, bare)
+            return await _measure(target, bare, lean)
 
 
-async def _measure(target: str, bare: grpc.aio.Channel) -> dict[str, float]:
+async def _measure(target: str, bare: grpc.aio.Channel, lean: grpc.aio.Channel) -> dict[str, float]:
     out: dict[str, float] = {}
     noop = bare.unary_unary("/bench.Bare/Noop")
+    lean_messages = message_service_pb2_grpc.MessageServiceStub(lean)
     payload = b"x" * 64
     async with grpc.aio.insecure_channel(target) as channel:
         sessions = session_service_pb2_grpc.SessionServiceStub(channel)
@@ -131,6 +137,13 @@ async def _measure(target: str, bare: grpc.aio.Channel) -> dict[str, float]:
                 )
             )
 
+        def append_floor(i: int) -> Awaitable[object]:
+            return lean_messages.AppendMessages(
+                message_service_pb2.AppendMessagesRequest(
+                    session_id=ids[i % IN_FLIGHT], messages=[_text(f"m{i}")]
+                )
+            )
+
         def append_one(i: int) -> Awaitable[object]:
             return messages.AppendMessages(
                 message_service_pb2.AppendMessagesRequest(session_id=ids[0], messages=[_text(f"o{i}")])
@@ -144,6 +157,7 @@ async def _measure(target: str, bare: grpc.aio.Channel) -> dict[str, float]:
             "create": (create, _n(5000) // ROUNDS),
             "append": (append, _n(10000) // ROUNDS),
             "append_one": (append_one, _n(5000) // ROUNDS),
+            "append_floor": (append_floor, _n(10000) // ROUNDS),
             "get": (get, _n(10000) // ROUNDS),
         }
         for call, _ in workloads.values():
@@ -211,6 +225,7 @@ def _report(kind: str, r: dict[str, float]) -> None:
         ("AppendMessages (1 msg/call, 64 sessions)", "append", 0.6),
         ("AppendMessages (1 msg/call, 1 session)", "append_one", None),
         ("GetSession (a point read, for scale)", "get", None),
+        ("minimal durable append (bench.lean_server)", "append_floor", None),
     ]
     for name, key, target in rows:
         goal = f"  target >= {target:.1f}x" if target else ""

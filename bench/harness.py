@@ -69,8 +69,22 @@ def process(args: list[str], env: dict[str, str] | None = None) -> Iterator[subp
 @asynccontextmanager
 async def bare_channel() -> AsyncIterator[grpc.aio.Channel]:
     """A channel to a bare grpc.aio server (`bench.bare_server`) in a process of its own, ready."""
+    async with _channel("bench.bare_server") as channel:
+        yield channel
+
+
+@asynccontextmanager
+async def lean_channel() -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to the minimal durable append server (`bench.lean_server`) on a temporary SQLite file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        async with _channel("bench.lean_server", str(Path(tmp) / "lean.db")) as channel:
+            yield channel
+
+
+@asynccontextmanager
+async def _channel(module: str, *args: str) -> AsyncIterator[grpc.aio.Channel]:
     port = free_port()
-    with process(["-m", "bench.bare_server", str(port)]):
+    with process(["-m", module, str(port), *args]):
         target = f"127.0.0.1:{port}"
         await wait_ready(target, health=False)
         async with grpc.aio.insecure_channel(target) as channel:
