@@ -693,6 +693,69 @@ async def test_ui_view_paging_with_hidden_tool_messages(client: AsyncSessionsCli
             assert all(0 < len(p) <= size for p in pages)
 
 
+def assert_pairs_together(
+    pages: list[list[int]], pairs: list[tuple[int, int]], room: dict[tuple[int, int], int]
+) -> None:
+    """Each (call, result) pair is on one page whenever the page size leaves room for it: `room[pair]` is
+    how many messages of the view it spans, call and result included."""
+    size = max(len(p) for p in pages)
+    for pair in pairs:
+        if room[pair] > size:
+            continue
+        holding = [i for i, page in enumerate(pages) for seq in page if seq in pair]
+        assert len(set(holding)) == 1, (pair, pages)
+
+
+async def test_ui_view_keeps_visible_calls_with_results_when_hidden_group_members_sit_at_the_edge(
+    client: AsyncSessionsClient, unique: str
+) -> None:
+    """A group whose last member is hidden ends, in the UI view, before the page does: it must not make
+    the page look as if it spilled over (which used to send the page back untrimmed, call and result
+    split)."""
+    hidden_result = result_message("A")
+    hidden_result.hidden = True
+    ascending = await new_session(client, unique, "asc")
+    # 1 call A | 2 result A (hidden) | 3 call B | 4 text | 5 result B
+    history = [call_message("A"), hidden_result, call_message("B"), text_message("t"), result_message("B")]
+    await client.append_messages(session_id=ascending, messages=history)
+    assert await page_sequences(client, ascending, view=UI, page_size=3, order=ASC) == [[1], [3, 4, 5]]
+
+    hidden_call = call_message("A")
+    hidden_call.hidden = True
+    descending = await new_session(client, unique, "desc")
+    # 1 text | 2 call B | 3 text | 4 result B | 5 call A (hidden) | 6 result A
+    history = [text_message("t"), call_message("B"), text_message("t"), result_message("B")]
+    await client.append_messages(session_id=descending, messages=[*history, hidden_call, result_message("A")])
+    assert await page_sequences(client, descending, view=UI, page_size=3, order=DESC) == [[6], [4, 3, 2], [1]]
+
+    for size in range(1, 7):
+        for order in (ASC, DESC):
+            pages = await page_sequences(client, ascending, view=UI, page_size=size, order=order)
+            assert_pairs_together(pages, [(3, 5)], {(3, 5): 3})
+            pages = await page_sequences(client, descending, view=UI, page_size=size, order=order)
+            assert_pairs_together(pages, [(2, 4)], {(2, 4): 3})
+
+
+async def test_a_call_id_used_again_links_results_to_the_newest_call(
+    client: AsyncSessionsClient, unique: str
+) -> None:
+    """Models that number calls per turn reuse ids (`call_0`): each result belongs with the call before it."""
+    sid = await new_session(client, unique)
+    turn = [text_message("q"), call_message("call_0"), result_message("call_0")]
+    await client.append_messages(session_id=sid, messages=turn)  # 1, 2, 3
+    await client.append_messages(session_id=sid, messages=turn)  # 4, 5, 6: a later append
+    # 7, 8, 9 and 10, 11, 12: one append holding the id twice
+    await client.append_messages(session_id=sid, messages=[*turn, *turn, text_message("a")])  # ... 13
+    pairs = [(2, 3), (5, 6), (8, 9), (11, 12)]
+    for size in range(2, 8):
+        for order in (ASC, DESC):
+            pages = await page_sequences(client, sid, page_size=size, order=order)
+            assert sorted(s for p in pages for s in p) == list(range(1, 14))
+            assert_pairs_together(pages, pairs, dict.fromkeys(pairs, 2))
+    assert [m.sequence for m in await client.last_messages(session_id=sid, n=3)] == [11, 12, 13]
+    assert [m.sequence for m in await client.last_messages(session_id=sid, n=2)] == [13]
+
+
 # --- deletes ------------------------------------------------------------------------------------------
 
 

@@ -323,7 +323,7 @@ class SessionsService:
             rows = await self.store.list_messages(session_id, query)
         if len(rows) <= size:
             return Page(rows, ""), session
-        page = paging.keep_tool_groups(rows[:size], descending=descending)
+        page = paging.keep_tool_groups(rows[:size], rows[size], descending=descending)
         return Page(page, paging.encode_token(page[-1].sequence, fp)), session
 
     async def delete_messages(

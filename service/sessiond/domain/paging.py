@@ -54,27 +54,32 @@ def decode_token(
     return position
 
 
-def keep_tool_groups(page: Sequence[StoredMessage], *, descending: bool) -> list[StoredMessage]:
-    """Trims the far end of a page so that no tool call is separated from its results.
+def keep_tool_groups(
+    page: Sequence[StoredMessage], following: StoredMessage, *, descending: bool
+) -> list[StoredMessage]:
+    """Trims the far end of a full page so that no tool call is separated from its results. `following` is
+    the first message after the page in the same view and order: the next page starts there.
 
-    A page whose single group is larger than the page itself is returned whole: nothing smaller exists.
+    A group is cut when it reaches the first message left out (the view may skip hidden members of a
+    group, so the group's end in the full history is compared with that message, not with the page's last
+    one). A page whose single group is larger than the page itself is returned whole: nothing smaller
+    exists.
     """
     kept = list(page)
-    while kept:
-        edge = kept[-1].sequence
+    boundary = following.sequence
+    while True:
         if descending:
-            spilling = [m.sequence for m in kept if m.group_start < edge]
+            spilling = [m.sequence for m in kept if m.group_start <= boundary]
             if not spilling:
                 return kept
-            cut = max(spilling)
-            trimmed = [m for m in kept if m.sequence > cut]
+            boundary = max(spilling)
+            trimmed = [m for m in kept if m.sequence > boundary]
         else:
-            spilling = [m.sequence for m in kept if m.group_end > edge]
+            spilling = [m.sequence for m in kept if m.group_end >= boundary]
             if not spilling:
                 return kept
-            cut = min(spilling)
-            trimmed = [m for m in kept if m.sequence < cut]
+            boundary = min(spilling)
+            trimmed = [m for m in kept if m.sequence < boundary]
         if not trimmed:
             return list(page)
         kept = trimmed
-    return kept

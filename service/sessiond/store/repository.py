@@ -532,6 +532,13 @@ class Store:
         self._for_update = db.dialect == "postgresql"
         self._encode_event = encode_event
         self._publish = publish
+        # A call id used again in a session (models that number calls per turn: `call_0`) stands for its
+        # newest call, so a result links to the call it answers, not to the first call of that id.
+        insert_call = (postgresql if self._for_update else sqlite).insert(tool_calls)
+        self._record_calls = insert_call.on_conflict_do_update(
+            index_elements=[tool_calls.c.session_pk, tool_calls.c.call_id],
+            set_={"sequence": insert_call.excluded.sequence},
+        )
 
     # --- events ----------------------------------------------------------------------------------------
 
@@ -1128,7 +1135,7 @@ class Store:
                 )
                 pending_messages.clear()
             if pending_calls:
-                conn.execute(self._insert_ignore(tool_calls), pending_calls)
+                conn.execute(self._record_calls, pending_calls)
                 pending_calls.clear()
             if pending_events:
                 conn.execute(_INSERT_EVENT, pending_events)
@@ -1265,23 +1272,22 @@ class Store:
     ) -> tuple[list[int], list[int]]:
         """Ties each new tool result to its call: returns group_start and group_end for the new messages
         and widens group_end of the stored messages holding the calls."""
-        in_batch = {cid: first + i for i, m in enumerate(fresh) for cid in m.tool_call_ids}
-        missing = {cid for m in fresh for cid in m.tool_result_ids} - in_batch.keys()
-        stored_at: dict[str, int] = {}
-        if missing:
+        wanted = {cid for m in fresh for cid in m.tool_result_ids}
+        latest: dict[str, int] = {}  # call id -> sequence of its newest call so far
+        if wanted:
             rows = conn.execute(
                 select(tool_calls.c.call_id, tool_calls.c.sequence).where(
-                    tool_calls.c.session_pk == session_pk, tool_calls.c.call_id.in_(missing)
+                    tool_calls.c.session_pk == session_pk, tool_calls.c.call_id.in_(wanted)
                 )
             )
-            stored_at = {r.call_id: r.sequence for r in rows}
+            latest = {r.call_id: r.sequence for r in rows}
         starts = [first + i for i in range(len(fresh))]
         ends = list(starts)
         widen: dict[int, int] = {}
         for i, m in enumerate(fresh):
             seq = first + i
             for cid in m.tool_result_ids:
-                call_seq = in_batch.get(cid, stored_at.get(cid))
+                call_seq = latest.get(cid)
                 if call_seq is None or call_seq > seq:
                     continue
                 starts[i] = min(starts[i], call_seq)
@@ -1289,6 +1295,8 @@ class Store:
                     ends[call_seq - first] = max(ends[call_seq - first], seq)
                 else:
                     widen[call_seq] = max(widen.get(call_seq, call_seq), seq)
+            for cid in m.tool_call_ids:
+                latest[cid] = seq
         for call_seq, end in widen.items():
             conn.execute(
                 update(messages)
@@ -1333,7 +1341,7 @@ class Store:
         stored, calls = self._build_messages(conn, session, fresh, now)
         conn.execute(insert(messages), [_message_values(session.pk, m) for m in stored])
         if calls:
-            conn.execute(self._insert_ignore(tool_calls), calls)
+            conn.execute(self._record_calls, calls)
         return stored
 
     async def list_messages(self, session_id: str, q: MessagePageQuery) -> list[StoredMessage]:
