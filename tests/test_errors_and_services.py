@@ -604,6 +604,58 @@ OTHER_CASES: list[tuple[str, str, str, Call, str]] = [
     (
         "AgentRegistryService",
         "CreateAgent",
+        "remote target with a control character",
+        lambda c: c.client.create_agent(agent={"agentId": "r-y", "remote": {"target": "host\x00:1"}}),
+        "agent.remote.target",
+    ),
+    (
+        "AgentRegistryService",
+        "CreateAgent",
+        "openai base_url with a control character",
+        lambda c: c.client.create_agent(
+            agent={"agentId": "o-y", "openaiChat": {"baseUrl": "http://\x00host/v1", "model": "m"}}
+        ),
+        "agent.openai_chat.base_url",
+    ),
+    (
+        "AgentRegistryService",
+        "CreateAgent",
+        "openai base_url that is not http(s)",
+        lambda c: c.client.create_agent(
+            agent={"agentId": "o-z", "openaiChat": {"baseUrl": "ftp://host/v1", "model": "m"}}
+        ),
+        "agent.openai_chat.base_url",
+    ),
+    (
+        "AgentRegistryService",
+        "CreateAgent",
+        "openai base_url without a host",
+        lambda c: c.client.create_agent(
+            agent={"agentId": "o-h", "openaiChat": {"baseUrl": "http:///v1", "model": "m"}}
+        ),
+        "agent.openai_chat.base_url",
+    ),
+    (
+        "AgentRegistryService",
+        "CreateAgent",
+        "openai base_url with a bad port",
+        lambda c: c.client.create_agent(
+            agent={"agentId": "o-p", "openaiChat": {"baseUrl": "http://host:99999/v1", "model": "m"}}
+        ),
+        "agent.openai_chat.base_url",
+    ),
+    (
+        "AgentRegistryService",
+        "CreateAgent",
+        "openai model with a control character",
+        lambda c: c.client.create_agent(
+            agent={"agentId": "o-m", "openaiChat": {"baseUrl": "http://host/v1", "model": "m\n"}}
+        ),
+        "agent.openai_chat.model",
+    ),
+    (
+        "AgentRegistryService",
+        "CreateAgent",
         "negative history_window",
         lambda c: c.client.create_agent(agent=Agent(agent_id="h-x", echo=EchoBackend(), history_window=-1)),
         "agent.history_window",

@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
@@ -302,11 +303,30 @@ def backend_from_pb(pb: agent_pb2.Agent) -> dict[str, Any]:
         for i, tool in enumerate(pb.openai_chat.tools):
             json_from_pb(tool, f"agent.openai_chat.tools[{i}]")
     settings = json_format.MessageToDict(getattr(pb, kind), preserving_proto_field_name=True)
-    if kind == "remote" and not pb.remote.target:
-        raise InvalidArgument.field("agent.remote.target", "is required")
-    if kind == "openai_chat" and (not pb.openai_chat.base_url or not pb.openai_chat.model):
-        raise InvalidArgument.field("agent.openai_chat", "base_url and model are required")
+    if kind == "remote":
+        if not pb.remote.target:
+            raise InvalidArgument.field("agent.remote.target", "is required")
+        check_text(pb.remote.target, "agent.remote.target", 1024)
+    if kind == "openai_chat":
+        if not pb.openai_chat.base_url or not pb.openai_chat.model:
+            raise InvalidArgument.field("agent.openai_chat", "base_url and model are required")
+        check_text(pb.openai_chat.model, "agent.openai_chat.model", 256)
+        _check_base_url(pb.openai_chat.base_url)
     return {"kind": kind, **settings}
+
+
+def _check_base_url(url: str) -> None:
+    """An http(s) URL with a host, checked when the agent is stored: a URL no request can be sent to
+    would otherwise fail every turn of the agent."""
+    field = "agent.openai_chat.base_url"
+    check_text(url, field, 2048)
+    parsed = urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise InvalidArgument.field(field, f"must be an http:// or https:// URL with a host, got {url!r}")
+    try:
+        parsed.port  # noqa: B018 - raises for a port that is not a number or out of range
+    except ValueError as err:
+        raise InvalidArgument.field(field, f"has an invalid port: {err}") from None
 
 
 def check_history_window(value: int, field: str = "agent.history_window") -> None:

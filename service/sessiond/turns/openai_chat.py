@@ -111,6 +111,8 @@ class OpenAIChatBackend:
                     yield event
         except httpx.TimeoutException as err:
             raise self._fail(f"timed out ({type(err).__name__})", retryable=True) from err
+        except httpx.InvalidURL as err:  # an agent stored before base URLs were checked
+            raise self._fail(f"invalid base_url: {err}", retryable=False) from err
         except httpx.HTTPError as err:
             raise self._fail(f"{type(err).__name__}: {err}", retryable=True) from err
 
