@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
+import grpc
 import pytest
 from assertions import nested_json
 from conftest import DatabaseTarget, make_settings
@@ -32,6 +33,8 @@ from agentsessions import (
     ToolResultPart,
     errors,
 )
+from agentsessions.v1 import message_service_pb2_grpc
+from agentsessions.v1.message_service_pb2 import ListMessagesRequest
 from sessiond.domain.clock import ManualClock
 from sessiond.server import start_server
 
@@ -754,6 +757,34 @@ async def test_a_call_id_used_again_links_results_to_the_newest_call(
             assert_pairs_together(pages, pairs, dict.fromkeys(pairs, 2))
     assert [m.sequence for m in await client.last_messages(session_id=sid, n=3)] == [11, 12, 13]
     assert [m.sequence for m in await client.last_messages(session_id=sid, n=2)] == [13]
+
+
+async def test_large_messages_come_back_in_pages_any_default_client_can_receive(
+    client: AsyncSessionsClient, target: str, unique: str
+) -> None:
+    """Five messages of almost 1 MiB each: the published client's append gets its whole answer back, and
+    a default gRPC channel (4 MiB receive limit, as grpcurl and other languages have) reads the history at
+    the default page size, in pages that stop short of the limit, in both orders."""
+    sid = await new_session(client, unique)
+    big = [text_message(f"{i}" + "x" * 1_000_000) for i in range(5)]
+    appended = await client.append_messages(session_id=sid, messages=big)
+    assert [m.sequence for m in appended.messages] == [1, 2, 3, 4, 5]
+    async with grpc.aio.insecure_channel(target) as channel:  # default options
+        stub = message_service_pb2_grpc.MessageServiceStub(channel)
+        for order, expected in ((ASC, [1, 2, 3, 4, 5]), (DESC, [5, 4, 3, 2, 1])):
+            seen: list[int] = []
+            token = ""
+            while True:
+                page = await stub.ListMessages(
+                    ListMessagesRequest(session_id=sid, order=order, page_token=token, include_session=True)
+                )
+                assert page.ByteSize() < 4 * 1024 * 1024 and page.messages
+                seen += [m.sequence for m in page.messages]
+                token = page.next_page_token
+                if not token:
+                    break
+            assert seen == expected
+    assert [m.parts[0].text.text[:1] for m in await all_messages(client, sid)] == ["0", "1", "2", "3", "4"]
 
 
 # --- deletes ------------------------------------------------------------------------------------------

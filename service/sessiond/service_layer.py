@@ -321,9 +321,10 @@ class SessionsService:
             session, rows = await self.store.session_and_messages(session_id, query)
         else:
             rows = await self.store.list_messages(session_id, query)
-        if len(rows) <= size:
+        fit = paging.fitting(rows[:size], paging.MAX_PAGE_BYTES)
+        if fit == len(rows):
             return Page(rows, ""), session
-        page = paging.keep_tool_groups(rows[:size], rows[size], descending=descending)
+        page = paging.keep_tool_groups(rows[:fit], rows[fit], descending=descending)
         return Page(page, paging.encode_token(page[-1].sequence, fp)), session
 
     async def delete_messages(

@@ -72,6 +72,19 @@ def _agents(page: agent_service_pb2.ListAgentsResponse) -> Iterable[agent_pb2.Ag
     return page.agents
 
 
+# The server takes requests up to 16 MiB, and AppendMessages answers with what it stored: a large append's
+# answer is as large as its request, past gRPC's default 4 MiB receive limit.
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+
+
+def _options(channel_options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """The caller's channel arguments, with a receive limit that fits every answer unless they set one."""
+    options = list(channel_options)
+    if not any(key == "grpc.max_receive_message_length" for key, _ in options):
+        options.append(("grpc.max_receive_message_length", MAX_RESPONSE_BYTES))
+    return options
+
+
 class AsyncSessionsClient:
     """Async client of Agent Sessions over ``grpc.aio``.
 
@@ -112,9 +125,9 @@ class AsyncSessionsClient:
         self._closed = False
         if channel is None:
             if credentials is not None:
-                channel = grpc.aio.secure_channel(target, credentials, options=channel_options)
+                channel = grpc.aio.secure_channel(target, credentials, options=_options(channel_options))
             else:
-                channel = grpc.aio.insecure_channel(target, options=channel_options)
+                channel = grpc.aio.insecure_channel(target, options=_options(channel_options))
         self._channel = channel
         self._call_credentials = call_credentials
         self._timeout = timeout
@@ -558,9 +571,9 @@ class SessionsClient:
         self._closed = False
         if channel is None:
             if credentials is not None:
-                channel = grpc.secure_channel(target, credentials, options=channel_options)
+                channel = grpc.secure_channel(target, credentials, options=_options(channel_options))
             else:
-                channel = grpc.insecure_channel(target, options=channel_options)
+                channel = grpc.insecure_channel(target, options=_options(channel_options))
         self._channel = channel
         self._call_credentials = call_credentials
         self._timeout = timeout

@@ -13,6 +13,11 @@ from .model import StoredMessage
 
 P = TypeVar("P", int, str)
 
+# A page of messages stops short of this many bytes of content and metadata, so that it stays under the
+# 4 MiB a gRPC client receives by default (grpcurl, Node, Go, a Python channel with default options) with
+# room for the session (`include_session`) beside it; the next page starts where it stopped.
+MAX_PAGE_BYTES = 3 * 1024 * 1024
+
 
 def fingerprint(*parts: Any) -> str:
     """Ties a token to the request it continues: a token reused with other filters is refused."""
@@ -52,6 +57,17 @@ def decode_token(
             "page_token", "belongs to a request with other parameters; repeat the first request's parameters"
         ) from None
     return position
+
+
+def fitting(page: Sequence[StoredMessage], max_bytes: int) -> int:
+    """How many messages from the start of `page` fit in `max_bytes` of content and metadata (at least one:
+    a message is never split, and one is at most the configured message size)."""
+    total = 0
+    for i, m in enumerate(page):
+        total += len(m.content) + sum(len(k) + len(v) for k, v in m.metadata.items()) + 64
+        if total > max_bytes and i > 0:
+            return i
+    return len(page)
 
 
 def keep_tool_groups(
