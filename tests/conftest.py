@@ -96,13 +96,20 @@ def settings(database: DatabaseTarget) -> Settings:
     return make_settings(database)
 
 
-@pytest.fixture
-async def server(settings: Settings, clock: ManualClock) -> AsyncIterator[RunningServer]:
+@asynccontextmanager
+async def serving(settings: Settings, clock: ManualClock) -> AsyncIterator[RunningServer]:
+    """A server started with `settings`, stopped at once afterwards."""
     running = await start_server(settings, clock=clock)
     try:
         yield running
     finally:
         await running.stop(0)
+
+
+@pytest.fixture
+async def server(settings: Settings, clock: ManualClock) -> AsyncIterator[RunningServer]:
+    async with serving(settings, clock) as running:
+        yield running
 
 
 @asynccontextmanager

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
-from conftest import DatabaseTarget, make_settings, two_servers
+from conftest import DatabaseTarget, make_settings, serving, two_servers
 
 from agentsessions import AsyncSessionsClient, SessionEvent, SessionStatus, errors
 from sessiond.domain.clock import ManualClock
@@ -227,11 +227,8 @@ async def test_watch_rejects_bad_input(client: AsyncSessionsClient, unique: str)
 
 @pytest.fixture
 async def small_buffer_server(database: DatabaseTarget, clock: ManualClock) -> AsyncIterator[RunningServer]:
-    running = await start_server(make_settings(database, watch_buffer=4), clock=clock)
-    try:
+    async with serving(make_settings(database, watch_buffer=4), clock) as running:
         yield running
-    finally:
-        await running.stop(0)
 
 
 async def test_a_slow_watcher_is_cut_off_and_resumes_without_loss(
@@ -359,15 +356,14 @@ async def test_retention_purges_expired_and_ended_sessions(
             await running.sweeper.run_once()
             for sid in (expired, ended):  # inside the retention period: readable
                 assert (await client.get_session(session_id=sid)).message_count == 1
-            # Watchers from the last event on: the purge is the next thing that happens to them.
-            watchers = {
-                sid: client.watch_session(
-                    session_id=sid,
-                    after_event_id=(await client.get_session(session_id=sid)).last_event_id,
-                    resume=False,
-                )
-                for sid in (expired, ended)
-            }
+            # Watchers from the last event on: the purge is the next thing that happens to them. Each
+            # replays that last event first, so the watch is known to be open before the purge runs.
+            watchers = {}
+            for sid in (expired, ended):
+                last = (await client.get_session(session_id=sid)).last_event_id
+                watch = client.watch_session(session_id=sid, after_event_id=last - 1, resume=False)
+                assert (await anext(watch)).event_id == last
+                watchers[sid] = watch
             clock.advance(minutes=61)
             await running.sweeper.run_once()
             for sid in (expired, ended):

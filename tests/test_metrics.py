@@ -8,14 +8,14 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from conftest import DatabaseTarget, make_settings
+from conftest import DatabaseTarget, make_settings, serving
 from prometheus_client.parser import text_string_to_metric_families
 from turn_support import Reader
 
 from agentsessions import AsyncSessionsClient, errors
 from sessiond.cli import _settings, build_parser
 from sessiond.domain.clock import ManualClock
-from sessiond.server import RunningServer, start_server
+from sessiond.server import RunningServer
 
 SESSIONS = "agentsessions.v1.SessionService"
 TURNS = "agentsessions.v1.TurnService"
@@ -52,11 +52,8 @@ def handled(samples: Samples, service: str, method: str, code: str, kind: str = 
 
 @pytest.fixture
 async def metered(database: DatabaseTarget, clock: ManualClock) -> AsyncIterator[RunningServer]:
-    running = await start_server(make_settings(database, metrics_listen="127.0.0.1:0"), clock=clock)
-    try:
+    async with serving(make_settings(database, metrics_listen="127.0.0.1:0"), clock) as running:
         yield running
-    finally:
-        await running.stop(0)
 
 
 async def test_rpcs_are_counted_by_method_and_status_code_and_timed(

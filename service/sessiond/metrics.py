@@ -15,7 +15,8 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -39,7 +40,8 @@ _TYPES = {
 
 
 class Metrics:
-    """The registry and the RPC metrics; `interceptor()` feeds them, `serve()` exposes them."""
+    """The registry and the RPC metrics; `interceptor()` feeds them, `serve()` exposes them, and the server
+    adds its own state (`ServerState`) to `registry`."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -70,17 +72,6 @@ class Metrics:
     def interceptor(self) -> grpc.aio.ServerInterceptor:
         return _Interceptor(self)
 
-    def watch(
-        self,
-        *,
-        session_counts: Callable[[], Coroutine[Any, Any, dict[str, int]]],
-        running_turns: Callable[[], int],
-        watchers: Callable[[], int],
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
-        """Adds the server's state, read at scrape time (the scrape runs on the HTTP server's thread)."""
-        self.registry.register(_StateCollector(session_counts, running_turns, watchers, loop))
-
     def serve(self, address: str) -> tuple[Any, int]:
         """Starts the HTTP endpoint (`/metrics`) on `address` (host:port, port 0 for any); returns the HTTP
         server (`shutdown()` stops it) and the port it listens on."""
@@ -91,34 +82,31 @@ class Metrics:
         return httpd, int(httpd.server_port)
 
 
-class _StateCollector(Collector):
-    def __init__(
-        self,
-        session_counts: Callable[[], Coroutine[Any, Any, dict[str, int]]],
-        running_turns: Callable[[], int],
-        watchers: Callable[[], int],
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
-        self._session_counts = session_counts
-        self._running_turns = running_turns
-        self._watchers = watchers
-        self._loop = loop
+@dataclass(eq=False)  # the registry keeps collectors in a set: identity is their hash
+class ServerState(Collector):
+    """The server's own gauges, read when Prometheus scrapes (on the HTTP server's thread): register it on
+    `Metrics.registry`."""
+
+    session_counts: Callable[[], Coroutine[Any, Any, dict[str, int]]]
+    running_turns: Callable[[], int]
+    watchers: Callable[[], int]
+    loop: asyncio.AbstractEventLoop
 
     def describe(self) -> Iterable[Any]:
         return []  # read from the server only when scraped, never at registration
 
     def collect(self) -> Iterable[Any]:
         yield GaugeMetricFamily(
-            "sessiond_turns_running", "Turns running on this replica.", self._running_turns()
+            "sessiond_turns_running", "Turns running on this replica.", self.running_turns()
         )
         yield GaugeMetricFamily(
             "sessiond_watch_subscriptions",
             "Live event subscriptions on this replica (WatchSession and Connect streams).",
-            self._watchers(),
+            self.watchers(),
         )
         try:
             counts: dict[str, int] = asyncio.run_coroutine_threadsafe(
-                self._session_counts(), self._loop
+                self.session_counts(), self.loop
             ).result(SCRAPE_TIMEOUT_SECONDS)
         except Exception:  # the database is down or slow: the scrape goes on without the counts
             log.warning("metrics: session counts unavailable", exc_info=True)
@@ -211,18 +199,25 @@ def _wrap(
     return handler._replace(**{field: wrapped})  # type: ignore[attr-defined, no-any-return]
 
 
+@contextlib.contextmanager
+def _measured(labels: _Labels, context: grpc.aio.ServicerContext[Any, Any]) -> Iterator[None]:
+    """Counts a call as started, then as handled with the code it ended with, and times it."""
+    labels.started.inc()
+    start = time.perf_counter()
+    error: BaseException | None = None
+    try:
+        yield
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        labels.done(start, _code(context, error))
+
+
 def _timed(behavior: Callable[..., Awaitable[Any]], labels: _Labels) -> Callable[..., Awaitable[Any]]:
     async def timed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        labels.started.inc()
-        start = time.perf_counter()
-        error: BaseException | None = None
-        try:
+        with _measured(labels, context):
             return await behavior(request, context)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            labels.done(start, _code(context, error))
 
     return timed
 
@@ -231,20 +226,12 @@ def _timed_generator(
     behavior: Callable[..., AsyncGenerator[Any, None]], labels: _Labels
 ) -> Callable[..., AsyncIterator[Any]]:
     async def timed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        labels.started.inc()
-        start = time.perf_counter()
-        error: BaseException | None = None
         sent = labels.sent
         assert sent is not None
-        try:
+        with _measured(labels, context):
             async with contextlib.aclosing(behavior(request, context)) as items:
                 async for item in items:
                     sent.inc()
                     yield item
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            labels.done(start, _code(context, error))
 
     return timed

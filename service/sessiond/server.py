@@ -46,7 +46,7 @@ from .domain.clock import Clock, SystemClock
 from .events.bus import InProcessEventBus
 from .events.pgbus import PostgresEventBus
 from .events.sweeper import Sweeper
-from .metrics import Metrics
+from .metrics import Metrics, ServerState
 from .service_layer import SessionsService
 from .store import migrate
 from .store.database import Database
@@ -244,11 +244,13 @@ async def start_server(
         if port == 0:
             raise RuntimeError(f"cannot listen on {address}")
         if metrics is not None:
-            metrics.watch(
-                session_counts=service.session_counts,
-                running_turns=runner.running_count,
-                watchers=bus.subscriber_count,
-                loop=asyncio.get_running_loop(),
+            metrics.registry.register(
+                ServerState(
+                    session_counts=service.session_counts,
+                    running_turns=runner.running_count,
+                    watchers=bus.subscriber_count,
+                    loop=asyncio.get_running_loop(),
+                )
             )
             metrics_http, metrics_port = metrics.serve(settings.metrics_listen)
         await server.start()
