@@ -1575,7 +1575,7 @@ async def test_malformed_requests_do_not_crash_the_server(
 async def test_the_client_retries_only_calls_whose_repeat_changes_nothing() -> None:
     """Against a server that answers UNAVAILABLE to everything: reads and safe writes are tried again;
     DeleteMessages never is (a repeat of "everything after N" whose first attempt landed would delete
-    what others appended in between), nor an append without message ids."""
+    what others appended in between), nor an append without message ids, nor an update with an etag."""
     calls: dict[str, int] = {}
 
     def unavailable(method: str) -> grpc.RpcMethodHandler:
@@ -1590,6 +1590,7 @@ async def test_the_client_retries_only_calls_whose_repeat_changes_nothing() -> N
     for service, methods in (
         ("agentsessions.v1.SessionService", ["GetSession"]),
         ("agentsessions.v1.MessageService", ["DeleteMessages", "AppendMessages"]),
+        ("agentsessions.v1.AgentRegistryService", ["UpdateAgent"]),
     ):
         server.add_generic_rpc_handlers(
             [grpc.method_handlers_generic_handler(service, {m: unavailable(m) for m in methods})]
@@ -1607,9 +1608,15 @@ async def test_the_client_retries_only_calls_whose_repeat_changes_nothing() -> N
                 await client.delete_messages(session_id="s", message_id="m")
             with pytest.raises(errors.Unavailable):
                 await client.append_messages(session_id="s", messages=[text_message()])
+            # An update without an etag sets the same values again; with one, a repeat of an update
+            # that landed would fail ETAG_MISMATCH against its own write.
+            with pytest.raises(errors.Unavailable):
+                await client.update_agent(agent=Agent(agent_id="a", display_name="x"))
+            with pytest.raises(errors.Unavailable):
+                await client.update_agent(agent=Agent(agent_id="a", display_name="x", etag="v1"))
     finally:
         await server.stop(0)
-    assert calls == {"GetSession": 3, "DeleteMessages": 2, "AppendMessages": 1}
+    assert calls == {"GetSession": 3, "DeleteMessages": 2, "AppendMessages": 1, "UpdateAgent": 4}
 
 
 async def test_a_lost_database_connection_is_unavailable_and_the_client_retries(

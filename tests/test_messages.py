@@ -656,19 +656,19 @@ async def test_paging_never_separates_a_tool_call_from_its_result(
         for size in range(1, total + 2):
             pages = await page_sequences(client, sid, page_size=size, order=order)
             assert [s for p in pages for s in p] == expected, (order, size, pages)
-            assert all(0 < len(p) <= size for p in pages), (order, size, pages)
+            # Larger than asked for only to hold one group whole: nothing smaller keeps it together.
+            assert all(0 < len(p) <= size or set(p) in groups for p in pages), (order, size, pages)
             for group in groups:
                 holding = [i for i, p in enumerate(pages) if group & set(p)]
-                if len(group) <= size:
-                    assert len(holding) == 1, f"group {sorted(group)} split by page size {size}: {pages}"
+                assert len(holding) == 1, f"group {sorted(group)} split by page size {size}: {pages}"
 
     # "The last N" never starts in the middle of a group either.
     for n in range(1, total + 1):
         last = [m.sequence for m in await client.last_messages(session_id=sid, n=n)]
         assert last == list(range(total - len(last) + 1, total + 1))
-        assert 0 < len(last) <= n
+        assert 0 < len(last) <= n or set(last) in groups
         for group in groups:
-            if len(group) <= n and group & set(last):
+            if group & set(last):
                 assert group <= set(last), f"last_messages({n}) = {last} splits {sorted(group)}"
 
 
@@ -785,6 +785,30 @@ async def test_large_messages_come_back_in_pages_any_default_client_can_receive(
                     break
             assert seen == expected
     assert [m.parts[0].text.text[:1] for m in await all_messages(client, sid)] == ["0", "1", "2", "3", "4"]
+
+
+async def test_a_group_larger_than_the_page_comes_whole_never_outputs_without_their_call(
+    client: AsyncSessionsClient, unique: str
+) -> None:
+    """Parallel calls A and B in one message, then their two outputs: a page of one or two holds the
+    group whole (more than asked for), never an output without its call, in both orders and both views."""
+    sid = await new_session(client, unique)
+    history = [text_message("q"), call_message("A", "B"), result_message("A"), result_message("B")]
+    await client.append_messages(session_id=sid, messages=[*history, text_message("done")])  # 1 .. 5
+    for view in (FULL, UI):
+        for size in (1, 2):
+            descending = await page_sequences(client, sid, page_size=size, order=DESC, view=view)
+            assert descending == [[5], [4, 3, 2], [1]]
+            ascending = await page_sequences(client, sid, page_size=size, order=ASC, view=view)
+            assert ascending == [[1], [2, 3, 4], [5]]
+    # "Last N" that would start inside the group takes the group whole.
+    without_last = await new_session(client, unique, "tail")
+    await client.append_messages(session_id=without_last, messages=history)  # 1 .. 4
+    for n in (1, 2, 3):
+        assert [m.sequence for m in await client.last_messages(session_id=without_last, n=n)] == [2, 3, 4]
+    # A request's own bounds still hold.
+    pages = await page_sequences(client, sid, page_size=1, order=DESC, after_sequence=2)
+    assert pages == [[5], [4, 3]]
 
 
 # --- deletes ------------------------------------------------------------------------------------------
@@ -913,7 +937,7 @@ async def test_repeated_call_ids_do_not_break_appends_or_paging(
         for order, expected in ((ASC, list(range(1, 8))), (DESC, list(range(7, 0, -1)))):
             pages = await page_sequences(client, sid, page_size=size, order=order)
             assert [s for p in pages for s in p] == expected, (size, order, pages)
-            assert all(0 < len(p) <= size for p in pages)
+            assert all(0 < len(p) <= max(size, 3) for p in pages)  # 1-3 and 4-5 are groups
 
 
 # --- content ------------------------------------------------------------------------------------------

@@ -325,6 +325,22 @@ class SessionsService:
         if fit == len(rows):
             return Page(rows, ""), session
         page = paging.keep_tool_groups(rows[:fit], rows[fit], descending=descending)
+        reach = paging.spill_reach(page, rows[fit], descending=descending)
+        if reach is not None:  # one group larger than the page: the page grows to hold it whole
+            if descending:
+                low, high = max(reach - 1, after), page[-1].sequence
+            else:
+                low, high = page[-1].sequence, min(reach + 1, before) if before else reach + 1
+            rest = MessagePageQuery(
+                descending=descending,
+                visible_only=visible_only,
+                after_sequence=low,
+                before_sequence=high,
+                limit=self.limits.max_page_size,
+            )
+            page = [*page, *await self.store.list_messages(session_id, rest)]
+            if (low if descending else high) == (after if descending else before):
+                return Page(page, ""), session  # the group reached the end of what was asked for
         return Page(page, paging.encode_token(page[-1].sequence, fp)), session
 
     async def delete_messages(

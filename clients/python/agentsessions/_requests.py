@@ -382,7 +382,8 @@ def update_agent(
     request = agent_service_pb2.UpdateAgentRequest(
         agent=coerced, update_mask=field_mask_pb2.FieldMask(paths=list(update_mask))
     )
-    return Prepared(request, idempotent=True)
+    # With an etag, a retry after a lost answer would fail ETAG_MISMATCH on its own write (as for sessions).
+    return Prepared(request, idempotent=not coerced.etag)
 
 
 def delete_agent(*, agent_id: str, allow_missing: bool) -> Prepared[agent_service_pb2.DeleteAgentRequest]:

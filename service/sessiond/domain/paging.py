@@ -78,8 +78,8 @@ def keep_tool_groups(
 
     A group is cut when it reaches the first message left out (the view may skip hidden members of a
     group, so the group's end in the full history is compared with that message, not with the page's last
-    one). A page whose single group is larger than the page itself is returned whole: nothing smaller
-    exists.
+    one). A page that is all one group larger than the page comes back as it is: `spill_reach` then says
+    how far the page must grow to hold the group whole.
     """
     kept = list(page)
     boundary = following.sequence
@@ -99,3 +99,13 @@ def keep_tool_groups(
         if not trimmed:
             return list(page)
         kept = trimmed
+
+
+def spill_reach(page: Sequence[StoredMessage], following: StoredMessage, *, descending: bool) -> int | None:
+    """The far edge (a sequence) of a group that `page` holds only in part, or None when no group on it
+    reaches `following`, the first message left out."""
+    if descending:
+        starts = [m.group_start for m in page if m.group_start <= following.sequence]
+        return min(starts) if starts else None
+    ends = [m.group_end for m in page if m.group_end >= following.sequence]
+    return max(ends) if ends else None
