@@ -130,19 +130,19 @@ async def _measure(target: str, bare: grpc.aio.Channel, lean: grpc.aio.Channel) 
                 )
             )
 
-        def append(i: int) -> Awaitable[object]:
-            return messages.AppendMessages(
-                message_service_pb2.AppendMessagesRequest(
-                    session_id=ids[i % IN_FLIGHT], messages=[_text(f"m{i}")]
-                )
-            )
+        def appending(
+            stub: message_service_pb2_grpc.MessageServiceStub,
+        ) -> Callable[[int], Awaitable[object]]:
+            """Appends to `stub`'s server: the i-th call one message to the i-th of the 64 sessions."""
 
-        def append_floor(i: int) -> Awaitable[object]:
-            return lean_messages.AppendMessages(
-                message_service_pb2.AppendMessagesRequest(
-                    session_id=ids[i % IN_FLIGHT], messages=[_text(f"m{i}")]
+            def append(i: int) -> Awaitable[object]:
+                return stub.AppendMessages(
+                    message_service_pb2.AppendMessagesRequest(
+                        session_id=ids[i % IN_FLIGHT], messages=[_text(f"m{i}")]
+                    )
                 )
-            )
+
+            return append
 
         def append_one(i: int) -> Awaitable[object]:
             return messages.AppendMessages(
@@ -155,9 +155,9 @@ async def _measure(target: str, bare: grpc.aio.Channel, lean: grpc.aio.Channel) 
         workloads: dict[str, tuple[Callable[[int], Awaitable[object]], int]] = {
             "unary": (lambda i: noop(payload), _n(20000) // ROUNDS),
             "create": (create, _n(5000) // ROUNDS),
-            "append": (append, _n(10000) // ROUNDS),
+            "append": (appending(messages), _n(10000) // ROUNDS),
             "append_one": (append_one, _n(5000) // ROUNDS),
-            "append_floor": (append_floor, _n(10000) // ROUNDS),
+            "append_floor": (appending(lean_messages), _n(10000) // ROUNDS),
             "get": (get, _n(10000) // ROUNDS),
         }
         for call, _ in workloads.values():

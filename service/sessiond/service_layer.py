@@ -324,13 +324,14 @@ class SessionsService:
         fit = paging.fitting(rows[:size], paging.MAX_PAGE_BYTES)
         if fit == len(rows):
             return Page(rows, ""), session
-        page = paging.keep_tool_groups(rows[:fit], rows[fit], descending=descending)
-        reach = paging.spill_reach(page, rows[fit], descending=descending)
+        page, reach = paging.keep_tool_groups(rows[:fit], rows[fit], descending=descending)
         if reach is not None:  # one group larger than the page: the page grows to hold it whole
             if descending:
                 low, high = max(reach - 1, after), page[-1].sequence
+                at_end = low == after
             else:
                 low, high = page[-1].sequence, min(reach + 1, before) if before else reach + 1
+                at_end = high == before
             rest = MessagePageQuery(
                 descending=descending,
                 visible_only=visible_only,
@@ -339,8 +340,8 @@ class SessionsService:
                 limit=self.limits.max_page_size,
             )
             page = [*page, *await self.store.list_messages(session_id, rest)]
-            if (low if descending else high) == (after if descending else before):
-                return Page(page, ""), session  # the group reached the end of what was asked for
+            if at_end:  # the group reached the end of what was asked for
+                return Page(page, ""), session
         return Page(page, paging.encode_token(page[-1].sequence, fp)), session
 
     async def delete_messages(

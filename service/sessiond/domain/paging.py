@@ -64,48 +64,46 @@ def fitting(page: Sequence[StoredMessage], max_bytes: int) -> int:
     a message is never split, and one is at most the configured message size)."""
     total = 0
     for i, m in enumerate(page):
+        # 64: the fixed fields of a message on the wire (ids, sequence, times), roughly
         total += len(m.content) + sum(len(k) + len(v) for k, v in m.metadata.items()) + 64
         if total > max_bytes and i > 0:
             return i
     return len(page)
 
 
+def _spilling(page: Sequence[StoredMessage], boundary: int, *, descending: bool) -> list[StoredMessage]:
+    """The messages of `page` whose group reaches `boundary`, a message left out of the page."""
+    if descending:
+        return [m for m in page if m.group_start <= boundary]
+    return [m for m in page if m.group_end >= boundary]
+
+
 def keep_tool_groups(
     page: Sequence[StoredMessage], following: StoredMessage, *, descending: bool
-) -> list[StoredMessage]:
+) -> tuple[list[StoredMessage], int | None]:
     """Trims the far end of a full page so that no tool call is separated from its results. `following` is
     the first message after the page in the same view and order: the next page starts there.
 
     A group is cut when it reaches the first message left out (the view may skip hidden members of a
     group, so the group's end in the full history is compared with that message, not with the page's last
-    one). A page that is all one group larger than the page comes back as it is: `spill_reach` then says
-    how far the page must grow to hold the group whole.
+    one). Returns the page kept and None; or, for a page that is all one group larger than the page, the
+    page as it is and the far edge (a sequence) the page must grow to for the group to be whole.
     """
     kept = list(page)
     boundary = following.sequence
     while True:
+        spilling = _spilling(kept, boundary, descending=descending)
+        if not spilling:
+            return kept, None
         if descending:
-            spilling = [m.sequence for m in kept if m.group_start <= boundary]
-            if not spilling:
-                return kept
-            boundary = max(spilling)
+            boundary = max(m.sequence for m in spilling)
             trimmed = [m for m in kept if m.sequence > boundary]
         else:
-            spilling = [m.sequence for m in kept if m.group_end >= boundary]
-            if not spilling:
-                return kept
-            boundary = min(spilling)
+            boundary = min(m.sequence for m in spilling)
             trimmed = [m for m in kept if m.sequence < boundary]
         if not trimmed:
-            return list(page)
+            spilled = _spilling(page, following.sequence, descending=descending)
+            if descending:
+                return list(page), min(m.group_start for m in spilled)
+            return list(page), max(m.group_end for m in spilled)
         kept = trimmed
-
-
-def spill_reach(page: Sequence[StoredMessage], following: StoredMessage, *, descending: bool) -> int | None:
-    """The far edge (a sequence) of a group that `page` holds only in part, or None when no group on it
-    reaches `following`, the first message left out."""
-    if descending:
-        starts = [m.group_start for m in page if m.group_start <= following.sequence]
-        return min(starts) if starts else None
-    ends = [m.group_end for m in page if m.group_end >= following.sequence]
-    return max(ends) if ends else None
