@@ -11,6 +11,7 @@ import re
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -1092,7 +1093,7 @@ async def test_echo_is_built_in(client: AsyncSessionsClient) -> None:
     assert (await client.get_agent(agent_id="echo")).origin == AgentOrigin.AGENT_ORIGIN_BUILT_IN
 
 
-async def test_agent_crud(client: AsyncSessionsClient, unique: str) -> None:
+async def test_agent_crud(client: AsyncSessionsClient, clock: ManualClock, unique: str) -> None:
     agent_id = f"agent-{unique}"
     created = await client.create_agent(
         agent={
@@ -1173,6 +1174,15 @@ async def test_agent_crud(client: AsyncSessionsClient, unique: str) -> None:
         await client.create_session(agent_id=agent_id)
     assert info.value.reason == "AGENT_NOT_FOUND"
     assert agent_id not in [a.agent_id async for a in await client.list_agents()]
+
+    # An agent created again under the same id does not take the old one's etags.
+    clock.advance(timedelta(seconds=1))
+    again = await client.create_agent(agent_id=agent_id, agent=Agent(display_name="Again", echo={}))
+    assert again.etag != created.etag
+    with pytest.raises(errors.Aborted) as info:
+        await client.update_agent(agent=Agent(agent_id=agent_id, display_name="Stale", etag=created.etag))
+    assert info.value.reason == "ETAG_MISMATCH"
+    await client.delete_agent(agent_id=agent_id)
 
 
 async def test_update_agent_with_a_wildcard_mask_replaces_every_mutable_field(

@@ -565,6 +565,23 @@ async def test_update_checks_the_etag(client: AsyncSessionsClient, unique: str) 
     assert dict((await client.get_session(session_id=session_id)).metadata) == {"n": "1"}
 
 
+async def test_an_etag_belongs_to_one_session(client: AsyncSessionsClient, unique: str) -> None:
+    """Two sessions at the same version, and a session deleted and created again under its name (at the
+    same instant of the injected clock), do not share etags: an etag read from one is refused by the other."""
+    first = await client.create_session(agent_id="echo", session_id=f"{unique}/etag-a")
+    other = await client.create_session(agent_id="echo", session_id=f"{unique}/etag-b")
+    assert first.etag != other.etag
+    with raises(errors.Aborted, "ETAG_MISMATCH", etag=other.etag):
+        await client.update_session(session_id=other.session_id, metadata={"n": "1"}, etag=first.etag)
+
+    await client.delete_session(session_id=first.session_id, force=True)
+    again = await client.create_session(agent_id="echo", session_id=first.session_id)
+    assert again.etag != first.etag
+    with raises(errors.Aborted, "ETAG_MISMATCH", etag=again.etag):
+        await client.delete_session(session_id=first.session_id, force=True, etag=first.etag)
+    assert (await client.get_session(session_id=first.session_id)).etag == again.etag
+
+
 async def test_every_write_changes_the_etag(
     client: AsyncSessionsClient, clock: ManualClock, unique: str
 ) -> None:

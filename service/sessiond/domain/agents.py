@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from .errors import PermissionDenied
+from .model import row_etag
 from .policy import TimeoutPolicy
 
 ECHO_AGENT_ID = "echo"
@@ -37,7 +38,7 @@ class Agent:
 
     @property
     def etag(self) -> str:
-        return f"v{self.version}"
+        return row_etag(self.version, self.agent_id, self.create_time.timestamp())
 
 
 def builtin_echo(now: datetime) -> Agent:
