@@ -1762,3 +1762,23 @@ async def test_a_closed_client_raises_client_closed_for_waiting_and_later_calls(
         with pytest.raises(errors.Cancelled) as sync_closed:
             sync_call()
         assert sync_closed.value.reason == errors.CLIENT_CLOSED
+
+
+async def test_a_sync_client_whose_channel_its_owner_closed_raises_client_closed(target: str) -> None:
+    """A channel passed in and closed by its owner: the sync client's calls raise `Cancelled` /
+    CLIENT_CLOSED, as the async client's do. Before, unary calls raised grpc's bare ValueError ("Cannot
+    invoke RPC on closed channel!")."""
+    channel = grpc.insecure_channel(target)
+    client = SessionsClient(channel=channel)
+    channel.close()
+    for call in (
+        lambda: client.get_session(session_id="any"),
+        lambda: list(client.list_sessions()),
+        lambda: client.append_text(session_id="any", role="user", text="hi", message_id="m1"),
+        lambda: list(client.watch_session(session_id="any")),
+        lambda: list(client.connect(session_id="any")),
+    ):
+        with pytest.raises(errors.Cancelled) as closed:
+            call()
+        assert closed.value.reason == errors.CLIENT_CLOSED
+    client.close()  # the channel is its owner's: nothing to do, and no error

@@ -172,6 +172,33 @@ async def test_runner_with_recent_events_never_splits_a_call_from_its_response(
     assert [c["parts"][0].get("text") for c in llm.seen[2]] == ["Cold.", "And now?"]
 
 
+async def test_the_sync_runner_works_on_each_of_its_event_loops(target: str, app: str) -> None:
+    """ADK's sync Runner.run runs every call on an event loop of its own (asyncio.run in a thread), and a
+    grpc.aio channel belongs to the loop it was opened on: the service opens a client per loop. Before, the
+    client opened on the first loop was used on the next, and the second call failed with "Event loop is
+    closed"."""
+    llm = ScriptedLlm(script=[_text("One."), _text("Two.")], seen=[])
+    sessions = AgentSessionsService(target)
+    runner = Runner(app_name=app, agent=LlmAgent(name="assistant", model=llm), session_service=sessions)
+
+    def run_sync(session_id: str, text: str) -> list[Event]:
+        return list(runner.run(user_id="u", session_id=session_id, new_message=_user(text)))
+
+    try:
+        # The server runs on this test's loop: the sync calls, each with its own loop, run in threads.
+        session = await asyncio.to_thread(
+            lambda: asyncio.run(sessions.create_session(app_name=app, user_id="u"))
+        )
+        first = await asyncio.to_thread(run_sync, session.id, "one")
+        second = await asyncio.to_thread(run_sync, session.id, "two")
+        stored = await sessions.get_session(app_name=app, user_id="u", session_id=session.id)
+    finally:
+        await sessions.close()
+    assert [e.content.parts[0].text for e in first + second] == ["One.", "Two."]  # type: ignore[union-attr,index]
+    assert stored is not None
+    assert [e.content.parts[0].text for e in stored.events] == ["one", "One.", "two", "Two."]  # type: ignore[union-attr,index]
+
+
 # --- the BaseSessionService contract ----------------------------------------------------------------------
 
 
@@ -367,6 +394,69 @@ async def test_recent_events_keep_calls_with_their_responses(service: AgentSessi
         )
         assert got is not None and len(got.events) == expected, recent
         assert got.events[-1] == answer
+
+
+def _calls_event(timestamp: float, *call_ids: str) -> Event:
+    parts = [types.Part(function_call=types.FunctionCall(id=c, name="f", args={})) for c in call_ids]
+    return Event(author="assistant", timestamp=timestamp, content=types.Content(role="model", parts=parts))
+
+
+def _response_event(timestamp: float, call_id: str) -> Event:
+    response = types.FunctionResponse(id=call_id, name="f", response={"ok": 1})
+    return Event(
+        author="assistant",
+        timestamp=timestamp,
+        content=types.Content(role="user", parts=[types.Part(function_response=response)]),
+    )
+
+
+async def test_recent_events_after_a_timestamp_keep_calls_with_their_responses(
+    service: AgentSessionsService, app: str
+) -> None:
+    """`num_recent_events` with `after_timestamp` takes the pages as the server cuts them: a page cut short
+    so that a call stays with its response is the answer, and a page grown to hold a tool group larger than
+    it comes whole; and a response whose call is older than `after_timestamp` is left out. Before, the
+    reader went on past the short page and cut the grown one at the limit, and so returned a function
+    response without its call."""
+
+    async def ids(session_id: str, **config: Any) -> list[str]:
+        got = await service.get_session(
+            app_name=app, user_id="u", session_id=session_id, config=GetSessionConfig(**config)
+        )
+        assert got is not None
+        return [e.id for e in got.events]
+
+    session = await service.create_session(app_name=app, user_id="u")
+    go, call, response = (
+        _event("user", "go", timestamp=1000.0),
+        _calls_event(1001.0, "c1"),
+        _response_event(1002.0, "c1"),
+    )
+    answer = _event("assistant", "done", timestamp=1003.0)
+    for event in (go, call, response, answer):
+        await service.append_event(session, event)
+    # The newest 2 would start with the response: the server's page stops after the answer.
+    assert await ids(session.id, num_recent_events=2, after_timestamp=999.0) == [answer.id]
+    assert await ids(session.id, num_recent_events=3, after_timestamp=999.0) == [
+        call.id,
+        response.id,
+        answer.id,
+    ]
+    # The call is older than the timestamp: its response goes with it.
+    assert await ids(session.id, num_recent_events=3, after_timestamp=1001.5) == [answer.id]
+    assert await ids(session.id, after_timestamp=1001.5) == [answer.id]
+    assert await ids(session.id, after_timestamp=1001.0) == [call.id, response.id, answer.id]
+
+    # A group larger than the page: the page grows to hold it whole.
+    grown = await service.create_session(app_name=app, user_id="u")
+    calls = _calls_event(1001.0, "g1", "g2")
+    responses = [_response_event(1002.0, "g1"), _response_event(1003.0, "g2")]
+    for event in (_event("user", "go", timestamp=1000.0), calls, *responses):
+        await service.append_event(grown, event)
+    whole = [calls.id, *(r.id for r in responses)]
+    assert await ids(grown.id, num_recent_events=1, after_timestamp=999.0) == whole
+    assert await ids(grown.id, num_recent_events=1) == whole  # as without a timestamp
+    assert await ids(grown.id, num_recent_events=1, after_timestamp=1002.5) == []
 
 
 async def test_delete_is_idempotent_and_scoped_to_the_owner(service: AgentSessionsService, app: str) -> None:

@@ -352,6 +352,42 @@ async def test_messages_from_other_writers_read_as_items(
     ]
 
 
+async def test_messages_from_other_writers_read_as_items_in_the_order_of_their_parts(
+    make_session: Callable[..., AgentSessionsSession], client: AsyncSessionsClient
+) -> None:
+    """A message with text after a tool call (an agent turn that speaks, calls a tool, speaks again) reads
+    as items in the order of its parts; adjacent text parts are one message item. Before, all of its text
+    came first, as one item, then the calls."""
+    session = make_session()
+    await session.add_items([_user("hi")])
+    await client.append_messages(
+        session_id=session.session_id,
+        messages=[
+            {
+                "role": "ROLE_ASSISTANT",
+                "parts": [
+                    {"text": {"text": "Let me "}},
+                    {"text": {"text": "check."}},
+                    {"toolCall": {"callId": "g1", "name": "f", "arguments": "{}"}},
+                    {"text": {"text": "Asked."}},
+                    {"toolCall": {"callId": "g2", "name": "f", "arguments": "{}"}},
+                ],
+            },
+            {"role": "ROLE_TOOL", "parts": [{"toolResult": {"callId": "g1", "output": "ok"}}]},
+            {"role": "ROLE_TOOL", "parts": [{"toolResult": {"callId": "g2", "output": "ok"}}]},
+        ],
+    )
+    assert await session.get_items() == [
+        _user("hi"),
+        {"role": "assistant", "content": "Let me check."},
+        {"type": "function_call", "call_id": "g1", "name": "f", "arguments": "{}"},
+        {"role": "assistant", "content": "Asked."},
+        {"type": "function_call", "call_id": "g2", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "g1", "output": "ok"},
+        {"type": "function_call_output", "call_id": "g2", "output": "ok"},
+    ]
+
+
 async def test_the_stored_form(
     make_session: Callable[..., AgentSessionsSession], client: AsyncSessionsClient
 ) -> None:

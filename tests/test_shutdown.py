@@ -4,12 +4,13 @@ period, every stream ends with a status its client acts on, and what a running t
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 from conftest import DatabaseTarget, make_settings
 from turn_support import ERROR, Reader, message_text, only, reason, text_of
 
-from agentsessions import AsyncSessionsClient, MessageStatus, Role, errors
+from agentsessions import AsyncSessionsClient, Connection, MessageStatus, Role, SessionsClient, errors
 from sessiond.domain.clock import ManualClock
 from sessiond.server import start_server
 
@@ -120,3 +121,48 @@ async def test_streams_opened_while_the_server_drains_end_at_once(
             assert (await client.get_session(session_id=sid)).session_id == sid
     finally:
         await running.stop(0)
+
+
+async def test_a_sync_connect_stream_the_server_ends_lets_its_request_thread_go(
+    database: DatabaseTarget, clock: ManualClock, unique: str
+) -> None:
+    """gRPC's sync API reads a stream's requests on a thread of its own, here from the Connection's outbox;
+    when the server ends the stream, the Connection ends the outbox too. Before, nothing did, and that
+    thread waited on it for as long as the process ran: one thread lost per stream the server ended."""
+    running = await start_server(make_settings(database), clock=clock)
+    stopped = False
+    client = SessionsClient(f"127.0.0.1:{running.port}")
+    sid = f"{unique}/sync-connect"
+
+    def connect() -> tuple[Connection, list[threading.Thread]]:
+        client.create_session(agent_id="echo", session_id=sid)
+        client.heartbeat(session_id=sid)  # threads the server starts on first use start now, not below
+        before = set(threading.enumerate())
+        connection = client.connect(session_id=sid)
+        connection.send_heartbeat()
+        answer = next(connection)
+        assert answer.session.session_id == sid
+        return connection, [t for t in threading.enumerate() if t not in before]
+
+    def read_the_rest(connection: Connection) -> errors.AgentSessionsError | None:
+        try:
+            list(connection)
+        except errors.AgentSessionsError as err:
+            return err
+        return None
+
+    try:
+        connection, started = await asyncio.to_thread(connect)
+        assert started  # the request thread at least
+        await asyncio.wait_for(running.stop(GRACE_SECONDS), HANG_GUARD_SECONDS)
+        stopped = True
+        ended = await asyncio.to_thread(read_the_rest, connection)
+        assert isinstance(ended, errors.Unavailable) and ended.reason == "SERVER_SHUTTING_DOWN"
+        # The client stays open: what ends the threads is the stream's end, not the channel's.
+        for thread in started:
+            await asyncio.to_thread(thread.join, HANG_GUARD_SECONDS / 4)
+        assert [t.name for t in started if t.is_alive()] == []
+    finally:
+        client.close()
+        if not stopped:
+            await running.stop(0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -666,6 +667,34 @@ async def test_connect_disconnect_cancels_the_running_turn(client: AsyncSessions
     ]
 
 
+async def test_connect_frames_after_the_stream_stopped_taking_them_raise_stream_closed(
+    client: AsyncSessionsClient, unique: str
+) -> None:
+    """A frame sent after `done_writing()`, after the stream ended or after `cancel()` raises the client's
+    FailedPrecondition / STREAM_CLOSED. Before, it raised grpc's bare asyncio.InvalidStateError, outside
+    the client's exceptions."""
+    sid = await new_session(client, unique)
+    conn = client.connect(session_id=sid)
+    await conn.send_heartbeat()
+    await conn.done_writing()
+    for send in (conn.send_heartbeat, conn.send_stop, lambda: conn.send_execute(text="late")):
+        with pytest.raises(errors.FailedPrecondition) as half_closed:
+            await send()
+        assert half_closed.value.reason == errors.STREAM_CLOSED
+    answers = await Reader(conn).rest()  # the server ends the stream once the caller is done
+    assert [a.session.session_id for a in answers if a.HasField("session")] == [sid]
+    with pytest.raises(errors.FailedPrecondition) as ended:
+        await conn.send_heartbeat()
+    assert ended.value.reason == errors.STREAM_CLOSED
+
+    cancelled = client.connect(session_id=sid)
+    await cancelled.send_heartbeat()
+    cancelled.cancel()
+    with pytest.raises(errors.FailedPrecondition) as after_cancel:
+        await cancelled.send_heartbeat()
+    assert after_cancel.value.reason == errors.STREAM_CLOSED
+
+
 # --- the lease --------------------------------------------------------------------------------------------
 
 
@@ -796,6 +825,46 @@ async def test_sync_client_execute_and_connect(client: AsyncSessionsClient, targ
         ("/hang over the socket", COMPLETE),
         ("over the socket", INTERRUPTED),
     ]
+
+
+def _sync_frames_after_the_stream_stopped(target: str, sid: str) -> list[str]:
+    """The reasons a sync Connection's sends raise after done_writing(), the stream's end and cancel()."""
+    reasons = []
+    with SessionsClient(target) as client:
+        connection = client.connect(session_id=sid)
+        connection.send_heartbeat()
+        connection.done_writing()
+        sends: list[Callable[[], None]] = [
+            connection.send_heartbeat,
+            connection.send_stop,
+            lambda: connection.send_execute(text="late"),
+        ]
+        for send in sends:
+            with pytest.raises(errors.FailedPrecondition) as half_closed:
+                send()
+            reasons.append(half_closed.value.reason)
+        assert [f.session.session_id for f in connection if f.HasField("session")] == [sid]
+        with pytest.raises(errors.FailedPrecondition) as ended:
+            connection.send_heartbeat()
+        reasons.append(ended.value.reason)
+
+        cancelled = client.connect(session_id=sid)
+        cancelled.send_heartbeat()
+        next(cancelled)
+        cancelled.cancel()
+        with pytest.raises(errors.FailedPrecondition) as after_cancel:
+            cancelled.send_heartbeat()
+        reasons.append(after_cancel.value.reason)
+    return reasons
+
+
+async def test_sync_connect_frames_after_the_stream_stopped_taking_them_raise_stream_closed(
+    client: AsyncSessionsClient, target: str, unique: str
+) -> None:
+    """As with the async Connection. Before, the sync one dropped such a frame without a word."""
+    sid = await new_session(client, unique)
+    reasons = await asyncio.to_thread(_sync_frames_after_the_stream_stopped, target, sid)
+    assert reasons == [errors.STREAM_CLOSED] * 5
 
 
 async def test_deleting_a_session_takes_its_turns_along(client: AsyncSessionsClient, unique: str) -> None:

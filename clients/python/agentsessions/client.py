@@ -624,6 +624,9 @@ class SessionsClient:
                 delay = attempts.backoff(error)
                 if delay is None:
                     raise error from err
+            except ValueError as err:
+                # grpc's "Cannot invoke RPC on closed channel!": a channel passed in, closed by its owner
+                raise client_closed() from err
             time.sleep(delay)
 
     def _pager(

@@ -227,6 +227,18 @@ def client_closed() -> Cancelled:
     return Cancelled("the client was closed", details=[info])
 
 
+#: ErrorInfo reason of the :class:`FailedPrecondition` a Connect stream raises itself for a frame sent after
+#: it stopped taking frames: after ``done_writing()``, ``cancel()``, or the end of the call.
+STREAM_CLOSED = "STREAM_CLOSED"
+
+
+def stream_closed(why: str) -> FailedPrecondition:
+    """The error of a frame sent on a Connect stream that takes no more (gRPC itself raises a bare
+    ``asyncio.InvalidStateError``)."""
+    info = error_details_pb2.ErrorInfo(reason=STREAM_CLOSED, domain="agentsessions.v1")
+    return FailedPrecondition(f"the Connect stream takes no more frames: {why}", details=[info])
+
+
 def exception_for(
     code: grpc.StatusCode, message: str, details: Sequence[ProtoMessage] = ()
 ) -> AgentSessionsError:

@@ -21,7 +21,7 @@ import grpc
 import grpc.aio
 
 from agentsessions import _requests
-from agentsessions.errors import AgentSessionsError, client_closed, from_grpc_error
+from agentsessions.errors import AgentSessionsError, client_closed, from_grpc_error, stream_closed
 from agentsessions.retry import RetryPolicy
 from agentsessions.v1 import events_pb2, session_service_pb2, turn_service_pb2
 
@@ -55,6 +55,10 @@ class _AsyncCall(Protocol[ItemT_co]):
 class _SyncCall(Protocol[ItemT_co]):
     def __iter__(self) -> Iterator[ItemT_co]: ...
     def cancel(self) -> bool: ...
+
+
+class _SyncStreamingCall(_SyncCall[ItemT_co], Protocol[ItemT_co]):
+    def add_callback(self, callback: Callable[[], None]) -> bool: ...
 
 
 class Resumption(Protocol[ItemT_contra]):
@@ -287,6 +291,9 @@ class AsyncConnection(AsyncStream[turn_service_pb2.ConnectResponse]):
             await self._stream_call.write(request)
         except grpc.RpcError as err:
             raise from_grpc_error(err) from err
+        except asyncio.InvalidStateError as err:  # grpc's "RPC already finished" / "RPC is half closed"
+            ended = self._stream_call.done()
+            raise stream_closed("the call ended" if ended else "done_writing() was called") from err
 
 
 class Connection(Stream[turn_service_pb2.ConnectResponse]):
@@ -295,15 +302,39 @@ class Connection(Stream[turn_service_pb2.ConnectResponse]):
     def __init__(
         self,
         open_call: Callable[
-            [Iterator[turn_service_pb2.ConnectRequest]], _SyncCall[turn_service_pb2.ConnectResponse]
+            [Iterator[turn_service_pb2.ConnectRequest]],
+            _SyncStreamingCall[turn_service_pb2.ConnectResponse],
         ],
         session_id: str,
     ) -> None:
         # gRPC's sync API reads requests from an iterator on its own thread: frames go through a queue,
         # and None ends the iterator (half-close).
         self._outbox: queue.SimpleQueue[turn_service_pb2.ConnectRequest | None] = queue.SimpleQueue()
+        self._stopped: str | None = None  # why the stream takes no more frames, once it does not
         self.session_id = session_id
-        super().__init__(lambda: open_call(iter(self._outbox.get, None)))
+
+        def open_connect() -> _SyncStreamingCall[turn_service_pb2.ConnectResponse]:
+            call = open_call(iter(self._outbox.get, None))
+            # The call can end with that thread still waiting for a frame (the server ended the stream, or
+            # it failed): None lets the thread go. add_callback is False for a call that has ended already.
+            if not call.add_callback(self._end_requests):
+                self._end_requests()
+            return call
+
+        super().__init__(open_connect)
+
+    def _end_requests(self) -> None:
+        self._stop_taking("the call ended")
+
+    def _stop_taking(self, why: str) -> None:
+        if self._stopped is None:
+            self._stopped = why
+        self._outbox.put(None)
+
+    def _send(self, frame: turn_service_pb2.ConnectRequest) -> None:
+        if self._stopped is not None:
+            raise stream_closed(self._stopped)
+        self._outbox.put(frame)
 
     def send_execute(
         self,
@@ -327,21 +358,21 @@ class Connection(Stream[turn_service_pb2.ConnectResponse]):
             multitask_strategy=multitask_strategy,
             on_disconnect=on_disconnect,
         )
-        self._outbox.put(turn_service_pb2.ConnectRequest(execute=request))
+        self._send(turn_service_pb2.ConnectRequest(execute=request))
 
     def send_stop(self, *, turn_id: str = "") -> None:
         """Stops the running turn (only ``turn_id`` when given)."""
-        self._outbox.put(_requests.connect_stop(session_id=self.session_id, turn_id=turn_id))
+        self._send(_requests.connect_stop(session_id=self.session_id, turn_id=turn_id))
 
     def send_heartbeat(self) -> None:
         """Marks the caller as present; the server answers with the session."""
-        self._outbox.put(_requests.connect_heartbeat(self.session_id))
+        self._send(_requests.connect_heartbeat(self.session_id))
 
     def done_writing(self) -> None:
         """Tells the server no more frames follow; responses keep coming until it ends the stream."""
-        self._outbox.put(None)
+        self._stop_taking("done_writing() was called")
 
     def cancel(self) -> None:
         """Ends the call; iteration stops quietly."""
-        self._outbox.put(None)
+        self._stop_taking("cancel() was called")
         super().cancel()

@@ -3,6 +3,7 @@ agent a framework's sessions hang on, and the client they open on first use."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 from google.protobuf import struct_pb2
@@ -14,25 +15,41 @@ from agentsessions.v1 import message_pb2, session_pb2
 
 class LazyClient:
     """An adapter's client: the one passed in (left open), or one opened on first use and closed by
-    `close()`."""
+    `close()`.
+
+    A ``grpc.aio`` channel belongs to the event loop it was opened on, and some callers run each call on a
+    loop of its own (ADK's sync ``Runner.run`` runs ``asyncio.run`` in a thread per call), so the client
+    opened here is one per loop: a call on another loop opens another. The clients of loops that have
+    closed are dropped, not closed: closing a channel needs its loop."""
 
     def _use_client(self, client: AsyncSessionsClient | None, target: str = DEFAULT_TARGET) -> None:
         self._client = client
-        self._owns_client = client is None
         self._target = target
+        self._opened: dict[asyncio.AbstractEventLoop, AsyncSessionsClient] = {}
 
     @property
     def client(self) -> AsyncSessionsClient:
-        """The client in use (opened on first use when none was given)."""
-        if self._client is None:
-            self._client = AsyncSessionsClient(self._target)
-        return self._client
+        """The client in use: the one given, or the one opened on the running loop (on first use there)."""
+        if self._client is not None:
+            return self._client
+        loop = asyncio.get_running_loop()
+        client = self._opened.get(loop)
+        if client is None:
+            for ended in [other for other in list(self._opened) if other.is_closed()]:
+                self._opened.pop(ended, None)
+            client = self._opened[loop] = AsyncSessionsClient(self._target)
+        return client
 
     async def close(self) -> None:
-        """Closes the client this adapter opened (a client passed in stays open)."""
-        if self._owns_client and self._client is not None:
-            await self._client.close()
-            self._client = None
+        """Closes the clients this adapter opened (a client passed in stays open): the running loop's at
+        once, those of other loops still running on their loop, soon."""
+        opened, self._opened = self._opened, {}
+        loop = asyncio.get_running_loop()
+        for other, client in opened.items():
+            if other is loop:
+                await client.close()
+            elif other.is_running():
+                asyncio.run_coroutine_threadsafe(client.close(), other)
 
 
 #: The largest page the server serves; longer histories are read page by page.
@@ -55,11 +72,6 @@ def record_text(message: message_pb2.Message, kind: str) -> str | None:
         if part.WhichOneof("kind") == "data" and part.data.type == kind:
             return part.data.value.string_value
     return None
-
-
-def text_of(message: message_pb2.Message) -> str:
-    """The visible text of a message (its text parts, joined)."""
-    return "".join(p.text.text for p in message.parts if p.WhichOneof("kind") == "text")
 
 
 async def ensure_agent(client: AsyncSessionsClient, agent_id: str) -> None:
@@ -100,7 +112,7 @@ async def newest(
             session = pager.first_page.session
         found += pager.first_page.messages
         token = pager.first_page.next_page_token
-        if not token or wanted <= MAX_PAGE:
+        if not token or wanted <= MAX_PAGE or len(found) >= n:  # the last, or a page grown past n
             return session, found[::-1]
 
 

@@ -25,7 +25,10 @@ How ADK's model maps onto the service:
 - ``get_session`` with ``num_recent_events=N`` reads the session and one page of the newest N messages in
   one call: O(N) whatever the history's length, and never a function response without its call (the
   window then starts after it, so it may hold fewer than N events). ``after_timestamp`` keeps the events
-  from the newest back to the first one older than it, as ADK's in-memory service does.
+  from the newest back to the first one older than it, as ADK's in-memory service does, but never a
+  function response whose call is older.
+- A service opened without a client opens one per event loop that uses it, so ADK's sync ``Runner.run``
+  (a new event loop per call) works too; :meth:`AgentSessionsService.close` closes them.
 - ``append_event`` appends the event and sets its state delta in one call and one transaction
   (``AppendMessages`` with ``set_variables``), idempotent on the event id: a retry stores the event and
   applies the delta once. There is no stale-session check: appends are ordered by the service's sequence
@@ -188,6 +191,19 @@ def _state(session: session_pb2.Session) -> dict[str, Any]:
     return {k: _exact(v) for k, v in json_format.MessageToDict(session.variables).items()}
 
 
+def _after_cut_groups(events: list[Event]) -> list[Event]:
+    """``events`` (oldest first, cut from older ones) from after the last function response whose call is
+    not among them: a response never comes without its call."""
+    start = 0
+    calls: set[str] = set()
+    for i, event in enumerate(events):
+        if any(r.id and r.id not in calls for r in event.get_function_responses()):
+            start = i + 1
+            calls.clear()
+        calls.update(c.id for c in event.get_function_calls() if c.id)
+    return events[start:]
+
+
 class AgentSessionsService(_frames.LazyClient, BaseSessionService):
     """A Google ADK session service stored in Agent Sessions.
 
@@ -299,22 +315,38 @@ class AgentSessionsService(_frames.LazyClient, BaseSessionService):
     async def _events_since(
         self, session_id: str, after: float, limit: int | None
     ) -> tuple[session_pb2.Session | None, list[Event]]:
-        """From the newest event back to (not including) the first one older than ``after``: descending
-        pages, read only as far as needed; the session comes with the first."""
+        """From the newest event back to (not including) the first one older than ``after``, at most the
+        newest ``limit`` (as ``_frames.newest`` counts them): descending pages, read only as far as needed;
+        the session comes with the first.
+
+        The pages are taken as the server cuts them, so that no function response comes without its call:
+        with a limit, the page that asks for the last events wanted is the last one read, whether it came
+        back short (a call kept with its responses) or grown (a group larger than the page), and nothing is
+        cut from it. Where ``after`` falls inside a group, the window starts after its last response."""
         found: list[Event] = []
-        pager = await self.client.list_messages(
-            session_id=session_id,
-            order=message_pb2.MESSAGE_ORDER_DESCENDING,
-            page_size=min(limit or _frames.MAX_PAGE, _frames.MAX_PAGE),
-            include_session=True,
-        )
-        session = pager.first_page.session if pager.first_page.HasField("session") else None
-        async for message in pager:
-            event = event_from_message(message)
-            if event.timestamp < after or (limit is not None and len(found) == limit):
-                break
-            found.append(event)
-        return session, found[::-1]
+        session: session_pb2.Session | None = None
+        token = ""
+        while True:
+            wanted = _frames.MAX_PAGE if limit is None else limit - len(found)
+            page = (
+                await self.client.list_messages(
+                    session_id=session_id,
+                    order=message_pb2.MESSAGE_ORDER_DESCENDING,
+                    page_size=min(wanted, _frames.MAX_PAGE),
+                    page_token=token,
+                    include_session=session is None,
+                )
+            ).first_page
+            if page.HasField("session"):
+                session = page.session
+            for message in page.messages:
+                event = event_from_message(message)
+                if event.timestamp < after:
+                    return session, _after_cut_groups(found[::-1])
+                found.append(event)
+            token = page.next_page_token
+            if not token or (limit is not None and (wanted <= _frames.MAX_PAGE or len(found) >= limit)):
+                return session, found[::-1]
 
     async def list_sessions(self, *, app_name: str, user_id: str | None = None) -> ListSessionsResponse:
         """The app's sessions (of one user, when given), without events, oldest update first."""

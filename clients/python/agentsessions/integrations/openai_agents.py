@@ -10,7 +10,7 @@ history in the service instead of a per-process SQLite file::
 Each item is one message: readable parts (text, reasoning summaries, tool calls and their outputs) for the
 UI view and other clients, and the item itself, verbatim JSON, in a hidden data part of type
 ``openai.agents.item``, which is what :meth:`AgentSessionsSession.get_items` gives back. Messages that other
-writers appended (a gateway, an agent turn) come back as the equivalent items.
+writers appended (a gateway, an agent turn) come back as the equivalent items, in the order of their parts.
 
 Semantics, against the SDK's ``SQLiteSession``:
 
@@ -128,17 +128,26 @@ def message_from_item(item: TResponseInputItem, *, message_id: str = "") -> mess
 
 def item_from_message(message: message_pb2.Message) -> list[TResponseInputItem]:
     """The items a stored message holds: the verbatim item this adapter stored, or for a message that
-    another writer appended, its equivalent (a text message, tool calls, tool outputs)."""
+    another writer appended, its equivalent in the order of its parts: tool calls, tool outputs, and a text
+    message for the text parts between them."""
     text = _frames.record_text(message, ITEM_TYPE)
     if text is not None:
         return [cast(TResponseInputItem, json.loads(text))]
     items: list[dict[str, Any]] = []
-    body = _frames.text_of(message)
-    if body and message.role in _ROLE_NAMES:
-        items.append({"role": _ROLE_NAMES[message.role], "content": body})
+    texts: list[str] = []  # text parts since the last call or output: one message item
+
+    def flush_text() -> None:
+        body = "".join(texts)
+        texts.clear()
+        if body and message.role in _ROLE_NAMES:
+            items.append({"role": _ROLE_NAMES[message.role], "content": body})
+
     for part in message.parts:
         kind = part.WhichOneof("kind")
-        if kind == "tool_call":
+        if kind == "text":
+            texts.append(part.text.text)
+        elif kind == "tool_call":
+            flush_text()
             call = part.tool_call
             items.append(
                 {
@@ -149,6 +158,7 @@ def item_from_message(message: message_pb2.Message) -> list[TResponseInputItem]:
                 }
             )
         elif kind == "tool_result":
+            flush_text()
             items.append(
                 {
                     "type": "function_call_output",
@@ -156,6 +166,7 @@ def item_from_message(message: message_pb2.Message) -> list[TResponseInputItem]:
                     "output": part.tool_result.output,
                 }
             )
+    flush_text()
     return [cast(TResponseInputItem, i) for i in items]
 
 
