@@ -12,7 +12,7 @@ import pytest
 from conftest import POSTGRES_URL, DatabaseTarget, make_settings, replica_clients, two_servers
 from turn_support import CANCELLED, STOP, Reader, reason
 
-from agentsessions import AsyncSessionsClient, SessionEvent
+from agentsessions import AsyncSessionsClient, SessionEvent, errors
 from sessiond.domain.clock import ManualClock
 from sessiond.events.pgbus import PostgresEventBus
 from sessiond.server import RunningServer
@@ -215,3 +215,34 @@ async def test_stops_and_interrupts_reach_another_replica_at_once(
         tail = await asyncio.wait_for(running.rest(), WAIT)
         assert reason(tail) == CANCELLED
         assert reason(took_over) == STOP
+
+
+async def test_a_draining_replica_lets_go_of_a_caller_waiting_for_another_replicas_turn(
+    database: DatabaseTarget, clock: ManualClock, unique: str
+) -> None:
+    """An Execute on replica B waiting (enqueue) for the turn replica A runs ends SERVER_SHUTTING_DOWN as
+    soon as B begins to drain, so the caller can go to another replica. Before, it held B's drain until A's
+    turn ended or B's grace period ran out, and B then started the turn while stopping."""
+    if database.backend != "postgresql":
+        pytest.skip("replicas share a PostgreSQL database; SQLite serves from one process")
+    settings = make_settings(database, turn_lease_seconds=600.0)
+    async with two_servers(settings, clock) as (a, b), AsyncSessionsClient(f"127.0.0.1:{a.port}") as on_a:
+        sid = (await on_a.create_session(agent_id="echo", session_id=f"{unique}/drain")).session_id
+        running = Reader(on_a.execute(session_id=sid, text="/hang on replica A"))
+        await asyncio.wait_for(running.until_kind("text_delta"), WAIT)
+        async with AsyncSessionsClient(f"127.0.0.1:{b.port}") as on_b:
+            queued = asyncio.ensure_future(
+                Reader(on_b.execute(session_id=sid, text="queued", multitask_strategy="enqueue")).rest()
+            )
+            assert b.turns is not None
+            await asyncio.wait_for(b.turns.wait_for_waiting(sid, 1), WAIT)
+            await asyncio.wait_for(b.stop(3600), WAIT)  # a drain that waited for A's turn would hang here
+            with pytest.raises(errors.Unavailable) as refused:
+                await queued
+            assert refused.value.reason == "SERVER_SHUTTING_DOWN"
+
+        # A's turn ran on, untouched; B stored nothing of the queued turn.
+        assert (await on_a.stop_turn(session_id=sid)).stopped
+        assert reason(await asyncio.wait_for(running.rest(), WAIT)) == CANCELLED
+        texts = [m.parts[0].text.text async for m in await on_a.list_messages(session_id=sid)]
+        assert "queued" not in texts

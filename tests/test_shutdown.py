@@ -166,3 +166,40 @@ async def test_a_sync_connect_stream_the_server_ends_lets_its_request_thread_go(
         client.close()
         if not stopped:
             await running.stop(0)
+
+
+async def test_a_caller_waiting_for_the_running_turn_is_let_go_when_the_drain_begins(
+    database: DatabaseTarget, clock: ManualClock, unique: str
+) -> None:
+    """An Execute waiting (enqueue) for the turn running here ends SERVER_SHUTTING_DOWN when the drain
+    begins, and starts nothing. Before, once the drain had stopped the running turn, the waiting one
+    started its own turn, stored its input and ran while the server stopped."""
+    settings = make_settings(database)
+    running = await start_server(settings, clock=clock)
+    stopped = False
+    sid = f"{unique}/queued"
+    try:
+        async with AsyncSessionsClient(f"127.0.0.1:{running.port}") as client:
+            await client.create_session(agent_id="echo", session_id=sid)
+            first = Reader(client.execute(session_id=sid, text="/hang first answer"))
+            await first.until(lambda e: text_of([e]) == "answer")
+            queued = asyncio.ensure_future(
+                Reader(client.execute(session_id=sid, text="queued", multitask_strategy="enqueue")).rest()
+            )
+            assert running.turns is not None
+            await asyncio.wait_for(running.turns.wait_for_waiting(sid, 1), HANG_GUARD_SECONDS)
+            await asyncio.wait_for(running.stop(GRACE_SECONDS), HANG_GUARD_SECONDS)
+            stopped = True
+            with pytest.raises(errors.Unavailable) as refused:
+                await queued
+            assert refused.value.reason == "SERVER_SHUTTING_DOWN"
+            assert only(await first.rest(), "error").reason == "SERVER_SHUTTING_DOWN"
+
+        running = await start_server(settings, clock=clock)
+        stopped = False
+        async with AsyncSessionsClient(f"127.0.0.1:{running.port}") as client:
+            stored = [m async for m in await client.list_messages(session_id=sid)]
+            assert [message_text(m) for m in stored] == ["/hang first answer", "first answer"]
+    finally:
+        if not stopped:
+            await running.stop(0)

@@ -769,6 +769,7 @@ class TurnRunner:
         self._early_stops: dict[str, StopMode] = {}  # see `_stop_and_wait`
         self._renewing: asyncio.Lock | None = None  # one renewal at a time (`renew_leases`)
         self._closed = False
+        self._closing = asyncio.Event()  # set with `_closed`: wakes the callers waiting for a turn to end
         service.bus.on_signal(STOP_SIGNAL, self._on_stop_signal)
         service.on_turns_ended(self._on_turns_ended)
 
@@ -799,11 +800,12 @@ class TurnRunner:
         `started` is handed the turn as soon as it exists, even when the caller is cancelled while its
         lease is taken: a caller that cancels its own start (a Connect frame interrupted by the next) can
         still stop that turn and wait for it."""
-        if self._closed:
-            raise shutting_down("send the turn to another replica, or here once the server is back")
         turn_id = uuid7()
         rolled_back: list[TurnRecord] = []
         while True:
+            # Also after waiting for the turn before this one: a drain that began meanwhile starts nothing.
+            if self._closed:
+                raise _refused_by_drain()
             # Taking the lease commits even when the caller goes away meanwhile (a cancel, a deadline, a
             # Connect frame interrupting the one before): it runs shielded, and a turn it started is left
             # to its caller's on_disconnect like any other.
@@ -871,6 +873,7 @@ class TurnRunner:
         """Stops the turns running here (their partial output is kept, for up to `grace` seconds) and closes
         the backends."""
         self._closed = True
+        self._closing.set()
         running = list(self._by_id.values())
         for turn in running:
             turn.shut_down()
@@ -944,15 +947,26 @@ class TurnRunner:
         self._early_stops.pop(running.turn_id, None)
 
     async def _wait(self, running: TurnRecord) -> None:
-        """Waits until `running` ended (or its owner's lease ran out)."""
+        """Waits until `running` ended (or its owner's lease ran out). A drain that begins meanwhile ends
+        the wait with SERVER_SHUTTING_DOWN: the caller goes to another replica rather than hold the drain
+        for a turn that may run for its whole grace period (or, on another replica, longer)."""
         sid = running.session_id
         await self._set_waiting(sid, +1)
         try:
             local = self._by_id.get(running.turn_id)
-            if local is not None:
-                await local.done.wait()
-            else:
-                await self._wait_foreign(running)
+            ended = asyncio.ensure_future(
+                local.done.wait() if local is not None else self._wait_foreign(running)
+            )
+            closing = asyncio.ensure_future(self._closing.wait())
+            try:
+                await asyncio.wait([ended, closing], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in (ended, closing):
+                    waiter.cancel()
+                await asyncio.gather(ended, closing, return_exceptions=True)
+            if ended.cancelled():
+                raise _refused_by_drain()
+            ended.result()  # its failure, if it failed
         finally:
             await self._set_waiting(sid, -1)
 
@@ -1089,3 +1103,7 @@ class TurnRunner:
             turn.active_at = now
             if session is not None:
                 turn.session = session
+
+
+def _refused_by_drain() -> DomainError:
+    return shutting_down("send the turn to another replica, or here once the server is back")
