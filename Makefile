@@ -75,4 +75,4 @@ bench: install postgres
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) var build node_modules $(NODE_DIR)/node_modules .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) var build node_modules $(NODE_DIR)/node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -582,6 +582,22 @@ async def test_an_etag_belongs_to_one_session(client: AsyncSessionsClient, uniqu
     assert (await client.get_session(session_id=first.session_id)).etag == again.etag
 
 
+async def test_an_etag_of_the_newest_session_deleted_is_refused_by_its_successor(
+    client: AsyncSessionsClient, unique: str
+) -> None:
+    """Found by test_model_based.py: SQLite hands a row created right after the deletion of the newest one
+    the same pk, and at the same instant the create time was the same too, so the new session showed the
+    deleted one's etag and took it (an update meant for the old session landed on the new one)."""
+    session_id = f"{unique}/reborn"
+    first = await client.create_session(agent_id="echo", session_id=session_id)
+    await client.delete_session(session_id=session_id, force=True)
+    again = await client.create_session(agent_id="echo", session_id=session_id)
+    assert again.etag != first.etag
+    with raises(errors.Aborted, "ETAG_MISMATCH", etag=again.etag):
+        await client.update_session(session_id=session_id, metadata={"n": "1"}, etag=first.etag)
+    assert (await client.get_session(session_id=session_id)).etag == again.etag
+
+
 async def test_every_write_changes_the_etag(
     client: AsyncSessionsClient, clock: ManualClock, unique: str
 ) -> None:

@@ -4,6 +4,7 @@ rules and calls the store; it knows nothing of gRPC."""
 from __future__ import annotations
 
 import contextlib
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
@@ -106,6 +107,7 @@ class SessionsService:
                 effective=resolve(policy, agent.timeout_defaults, self.timeouts),
                 request_id=request_id,
                 now=now,
+                incarnation=secrets.randbits(62),
             )
 
         return await self.store.create_session(agent_id, build, shared=replace(shared, limits=self.limits))

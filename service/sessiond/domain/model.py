@@ -81,10 +81,15 @@ class Session:
     notified_expire_time: datetime | None = None
     # The `user:` and `app:` variables (domain.state), loaded only by the reads that show them merged.
     shared: Mapping[Scope, Mapping[str, Any]] = field(default_factory=dict)
+    # A random number drawn at creation (None for sessions stored before it existed): tells this session
+    # from one deleted before it under its name, which on SQLite may have had the same pk and create time.
+    incarnation: int | None = None
 
     @property
     def etag(self) -> str:
-        return row_etag(self.version, self.pk, self.create_time.timestamp())
+        if self.incarnation is None:
+            return row_etag(self.version, self.pk, self.create_time.timestamp())
+        return row_etag(self.version, self.pk, self.create_time.timestamp(), self.incarnation)
 
     def evolve(self, **changes: Any) -> Session:
         """`dataclasses.replace` for the hot paths: a copy of the instance dict instead of `__init__` run
@@ -182,6 +187,7 @@ def new_session(
     effective: EffectivePolicy,
     request_id: str | None,
     now: datetime,
+    incarnation: int,
 ) -> Session:
     cap = now + effective.max_duration
     return Session(
@@ -207,6 +213,7 @@ def new_session(
         last_sequence=0,
         version=1,
         request_id=request_id,
+        incarnation=incarnation,
     )
 
 

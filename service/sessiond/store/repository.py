@@ -180,6 +180,7 @@ def _session_from_row(row: Row[Any]) -> Session:
         last_event_id=m["last_event_id"],
         warned_expire_time=m["warned_expire_time"],
         notified_expire_time=m["notified_expire_time"],
+        incarnation=m["incarnation"],
     )
 
 
@@ -1615,6 +1616,7 @@ def _new_session_values(new: Session) -> dict[str, Any]:
         user_id=new.user_id,
         create_time=new.create_time,
         request_id=new.request_id,
+        incarnation=new.incarnation,
     )
     return values
 

@@ -103,6 +103,10 @@ sessions = Table(
     Column("last_sequence", BigInteger, nullable=False),
     Column("version", BigInteger, nullable=False),
     Column("request_id", String(128), nullable=True, unique=True),
+    # Drawn at random at creation, part of the etag's identity: SQLite gives a session created right after
+    # the deletion of the newest one the same pk, so (pk, create_time) alone named both at the same instant.
+    # NULL for sessions created before migration 0006, whose etags stay as they were.
+    Column("incarnation", BigInteger, nullable=True),
     # Highest event id stored for this session (events are numbered per session, from 1).
     Column("last_event_id", BigInteger, nullable=False, server_default="0"),
     # The expire_time a warning / an expiry event was pushed for: one of each per expiry window.
