@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
-from assertions import nested_json
+from assertions import nested_json, raises
 from conftest import POSTGRES_URL, DatabaseTarget, make_settings
 from google.protobuf import descriptor_pb2, field_mask_pb2, struct_pb2
 from google.protobuf.descriptor import MethodDescriptor
@@ -38,6 +38,7 @@ from agentsessions import (
     Message,
     MessageOrder,
     MessageView,
+    OpenAIChatBackend,
     Part,
     PolicySource,
     RemoteBackend,
@@ -111,6 +112,10 @@ class Case:
     call: Call
     field: str
 
+
+# A page token is base64 of JSON: 5,000 nested lists made json.loads raise RecursionError, answered INTERNAL
+# (found by test_fuzz_requests.py).
+DEEP_TOKEN = base64.urlsafe_b64encode(b"[" * 5000).decode()
 
 BAD_SESSION_IDS = {
     "empty": "",
@@ -353,6 +358,13 @@ OTHER_CASES: list[tuple[str, str, str, Call, str]] = [
     (
         "SessionService",
         "ListSessions",
+        "page token of JSON nested past the parser's limit",
+        lambda c: c.client.list_sessions(page_token=DEEP_TOKEN),
+        "page_token",
+    ),
+    (
+        "SessionService",
+        "ListSessions",
         "user_id filter with NUL",
         lambda c: c.client.list_sessions(user_id="u\x00"),
         "user_id",
@@ -535,6 +547,13 @@ OTHER_CASES: list[tuple[str, str, str, Call, str]] = [
     ),
     (
         "MessageService",
+        "ListMessages",
+        "page token of JSON nested past the parser's limit",
+        lambda c: c.client.list_messages(session_id=c.session_id, page_token=DEEP_TOKEN),
+        "page_token",
+    ),
+    (
+        "MessageService",
         "DeleteMessages",
         "no target",
         lambda c: raw(
@@ -691,6 +710,13 @@ OTHER_CASES: list[tuple[str, str, str, Call, str]] = [
         "ListAgents",
         "garbage page token",
         lambda c: c.client.list_agents(page_token="nope"),
+        "page_token",
+    ),
+    (
+        "AgentRegistryService",
+        "ListAgents",
+        "page token of JSON nested past the parser's limit",
+        lambda c: c.client.list_agents(page_token=DEEP_TOKEN),
         "page_token",
     ),
     # Tokens are not signed: one built by hand must not carry text a query cannot take.
@@ -1580,6 +1606,32 @@ async def test_malformed_requests_do_not_crash_the_server(
     messages = [m async for m in await client.list_messages(session_id=sid)]
     assert [m.parts[0].text.text for m in messages][:3] == ["0", "1", "2"]
     assert (await client.get_server_stats()).version
+
+
+async def test_errors_quoting_long_input_reach_a_default_client_whole(
+    client: AsyncSessionsClient, unique: str
+) -> None:
+    """A status travels in trailers, which a gRPC client with default settings refuses past 8 KiB
+    (RESOURCE_EXHAUSTED, the status lost). Messages that quote what the caller sent are cut so that the
+    status arrives; before, a 10,000-character etag came back RESOURCE_EXHAUSTED with no ErrorInfo
+    (found by test_fuzz_requests.py)."""
+    sid = (await client.create_session(agent_id="echo", session_id=f"{unique}/long")).session_id
+    await client.end_session(session_id=sid)
+    long_etag = "x" * 10_000
+    with raises(errors.Aborted, "ETAG_MISMATCH") as info:
+        await client.delete_session(session_id=sid, etag=long_etag)
+    assert info.value.metadata["resource"] == "session"
+    agent_id = f"long-{unique}"
+    await client.create_agent(agent=Agent(agent_id=agent_id, echo=EchoBackend()))
+    with raises(errors.Aborted, "ETAG_MISMATCH"):
+        await client.update_agent(agent=Agent(agent_id=agent_id, etag="é" * 5000, display_name="x"))
+    long_url = OpenAIChatBackend(base_url="ftp://" + "é" * 2000, model="m")
+    with raises(errors.InvalidArgument, "INVALID_ARGUMENT") as invalid:
+        await client.create_agent(agent=Agent(agent_id=f"{agent_id}-2", openai_chat=long_url))
+    assert [f for f, _ in invalid.value.field_violations] == ["agent.openai_chat.base_url"]
+    long_key = OpenAIChatBackend(base_url="http://127.0.0.1:1", model="m", api_key_env="K" * 10_000)
+    with raises(errors.PermissionDenied, "API_KEY_VARIABLE_NOT_ALLOWED"):
+        await client.create_agent(agent=Agent(agent_id=f"{agent_id}-3", openai_chat=long_key))
 
 
 async def test_the_client_retries_only_calls_whose_repeat_changes_nothing() -> None:

@@ -35,14 +35,36 @@ def _pack(message: Any) -> any_pb2.Any:
     return packed
 
 
+# A status leaves in the trailers, and a gRPC client takes 8 KiB of them by default: past that it fails the
+# call RESOURCE_EXHAUSTED without the status (at random up to 16 KiB, always beyond). The message goes
+# twice, in `grpc-message` (percent-encoded: up to 3 bytes per byte of UTF-8) and in the details. Texts that
+# quote what the caller sent (an etag, a URL, a variable name) are cut to these many bytes of UTF-8, which
+# keeps every status under 7 KiB; before, a 10,000-character etag came back as RESOURCE_EXHAUSTED.
+MAX_MESSAGE_BYTES = 1024
+MAX_DESCRIPTION_BYTES = 512
+MAX_VALUE_BYTES = 256  # a field path, an ErrorInfo metadata value
+
+
+def clip(text: str, limit: int) -> str:
+    """`text`, cut to at most `limit` bytes of UTF-8 (with "..." at the cut)."""
+    encoded = text.encode("utf-8", "replace")
+    if len(encoded) <= limit:
+        return text
+    return encoded[: limit - 3].decode("utf-8", "ignore") + "..."
+
+
 def to_status(exc: DomainError) -> grpc.Status:
-    details = [_pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata))]
+    metadata = {key: clip(value, MAX_VALUE_BYTES) for key, value in exc.metadata.items()}
+    details = [_pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=metadata))]
     if exc.violations:
         details.append(
             _pack(
                 error_details_pb2.BadRequest(
                     field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field=clip(v.field, MAX_VALUE_BYTES),
+                            description=clip(v.description, MAX_DESCRIPTION_BYTES),
+                        )
                         for v in exc.violations
                     ]
                 )
@@ -52,7 +74,8 @@ def to_status(exc: DomainError) -> grpc.Status:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(exc.retry_after_seconds * 1e9))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-    status = status_pb2.Status(code=code_pb2.Code.Value(exc.code), message=exc.message, details=details)
+    message = clip(exc.message, MAX_MESSAGE_BYTES)
+    status = status_pb2.Status(code=code_pb2.Code.Value(exc.code), message=message, details=details)
     converted: grpc.Status = rpc_status.to_status(status)
     return converted
 
