@@ -6,6 +6,14 @@ every step, every session of the example reads back exactly as the model says: i
 sequences, ids, texts), its counters, its status and expiry to the microsecond, its etag. Every error must
 be the one the contract names for that state, never INTERNAL or UNKNOWN.
 
+Its event log too (docs/design.md, Session events): every change stores the events its operation names,
+numbered from 1 per session (a session created again under a deleted one's name starts again at 1) with
+no gap and no repeat; reads, no-op writes and refused writes store none; each event carries the session as
+of it. After every step the events stored since the last step are read (one WatchSession from the last id
+seen, for the sessions that have some) and checked against those the model expects; a rule replays a
+whole log and finds the events seen so far, in order. The sweeper is off (conftest), so expiry pushes
+(`expiring_soon`, `expired`) never happen here.
+
 Hypothesis state machines are synchronous: the machine runs in a worker thread with the sync client, while
 the server runs on the test's event loop; the worker moves the server's ManualClock between requests (no
 request is in flight then). Each example works on sessions of its own (a fresh prefix), since the database
@@ -15,6 +23,7 @@ outlives the examples. Runs are repeatable (`derandomize`), with no example data
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +48,7 @@ from agentsessions import (
     Part,
     Role,
     Session,
+    SessionEvent,
     SessionsClient,
     SessionStatus,
     TextPart,
@@ -68,6 +78,7 @@ DOCUMENTED: dict[type[errors.AgentSessionsError], set[str]] = {
     errors.AlreadyExists: {"SESSION_ALREADY_EXISTS"},
     errors.FailedPrecondition: {"SESSION_EXPIRED", "SESSION_ENDED", "MAX_DURATION_REACHED", "SESSION_ACTIVE"},
     errors.Aborted: {"ETAG_MISMATCH"},
+    errors.OutOfRange: {"EVENT_ID_AHEAD"},
 }
 
 texts = st.text(st.characters(codec="utf-8", exclude_categories=("Cc", "Cs")), min_size=1, max_size=12)
@@ -109,6 +120,64 @@ class Stored:
     text: str
 
 
+def kind(event: SessionEvent) -> str:
+    return event.WhichOneof("kind") or ""
+
+
+def detail_of(event: SessionEvent, tz: Any) -> dict[str, Any]:
+    """What an event of its kind carries besides the session (message bodies apart), comparable to the
+    model's. The order of deleted ids is not part of the contract."""
+    body = getattr(event, kind(event))
+    if kind(event) == "messages_appended":
+        return {"first_sequence": body.first_sequence, "last_sequence": body.last_sequence}
+    if kind(event) == "messages_deleted":
+        return {"message_ids": sorted(body.message_ids), "after_sequence": body.after_sequence}
+    if kind(event) == "renewed":
+        return {"expire_time": body.expire_time.ToDatetime(tzinfo=tz), "manual": body.manual}
+    if kind(event) == "updated":
+        return {"paths": list(body.paths)}
+    if kind(event) == "restored":
+        return {"message_count": body.message_count}
+    assert not body.ListFields(), event  # ended, cleared: nothing more
+    return {}
+
+
+def snapshot_of(session: Session, tz: Any) -> tuple[Any, ...]:
+    """The parts of an event's session the model knows."""
+    return (
+        session.session_id,
+        session.status,
+        session.message_count,
+        session.last_sequence,
+        session.expire_time.ToDatetime(tzinfo=tz),
+        session.HasField("end_time"),
+        session.renewal_count,
+        dict(session.metadata),
+        session.etag,
+        session.last_event_id,
+    )
+
+
+def without_messages(event: SessionEvent) -> SessionEvent:
+    """An event as stored: a replay fills in the appended messages still held, which change over time."""
+    copy = SessionEvent()
+    copy.CopyFrom(event)
+    copy.messages_appended.ClearField("messages")
+    return copy
+
+
+@dataclass
+class Expected:
+    """A stored event the model expects: its id, kind and detail (`detail_of`), when it happened, and the
+    session as of it (`snapshot_of`)."""
+
+    event_id: int
+    kind: str
+    detail: dict[str, Any]
+    time: datetime
+    session: tuple[Any, ...]
+
+
 @dataclass
 class Model:
     """One session as the contract says it must be."""
@@ -129,6 +198,9 @@ class Model:
     etags: set[str] = field(default_factory=set)  # every etag this session has shown
     issued: set[int] = field(default_factory=set)  # every sequence number ever handed out
     acknowledged: list[list[tuple[str | None, str]]] = field(default_factory=list)  # appends that landed
+    last_event_id: int = 0  # the id of the last event the session must have stored
+    pending: list[Expected] = field(default_factory=list)  # expected, not read back yet
+    log: list[SessionEvent] = field(default_factory=list)  # read back and checked: ids 1, 2, ...
 
     def status(self, now: datetime) -> SessionStatus.ValueType:
         if self.ended:
@@ -230,6 +302,7 @@ class SessionsMachine(RuleBasedStateMachine):
         assert session.time_remaining.ToTimedelta() == remaining
         assert session.near_expiration == (status == ACTIVE and remaining < model.warning)
         assert dict(session.metadata) == model.metadata
+        assert session.last_event_id == model.last_event_id, (session.last_event_id, model.last_event_id)
         if changed:
             assert session.etag != model.etag, "a write that changed the session kept its etag"
             assert session.etag not in model.etags, "an etag came back for another version"
@@ -238,6 +311,75 @@ class SessionsMachine(RuleBasedStateMachine):
             model.etags.add(session.etag)
         else:
             assert session.etag == model.etag, "the etag moved with no change to the session"
+
+    def expect(self, model: Model, answer: Session, event_kind: str, **detail: Any) -> None:
+        """The write just answered `answer` stored one event: `event_kind` with `detail` (`detail_of`),
+        carrying the session as the model now has it, with the answer's etag. Called before
+        `check_session`, which then finds the new id in the answer."""
+        model.last_event_id += 1
+        now = self.now
+        session = (
+            model.session_id,
+            model.status(now),
+            len(model.messages),
+            model.last_sequence,
+            model.expire_time,
+            model.ended,
+            model.renewal_count,
+            dict(model.metadata),
+            answer.etag,
+            model.last_event_id,
+        )
+        model.pending.append(Expected(model.last_event_id, event_kind, detail, now, session))
+
+    def read_events(self, model: Model, after: int, count: int) -> list[SessionEvent]:
+        """The `count` stored events after `after`: a watch without resumption, read until it caught up
+        and then cancelled. A watch that never delivers them is cancelled after a while, so a missing
+        event fails the check instead of hanging the test."""
+        stream = self.client.watch_session(session_id=model.session_id, after_event_id=after, resume=False)
+        timer = threading.Timer(5, stream.cancel)
+        timer.start()
+        events: list[SessionEvent] = []
+        try:
+            if count:
+                for event in stream:
+                    events.append(event)
+                    if len(events) == count:
+                        break
+        finally:
+            timer.cancel()
+            stream.cancel()
+        assert len(events) == count, f"{len(events)} events after {after}, expected {count}: {events}"
+        return events
+
+    def check_appended(self, model: Model, event: SessionEvent) -> None:
+        """A messages_appended event carries the messages of its range that the session still holds."""
+        if kind(event) != "messages_appended":
+            return
+        appended = event.messages_appended
+        held = [m for m in model.messages if appended.first_sequence <= m.sequence <= appended.last_sequence]
+        assert [(m.sequence, m.message_id, m.text) for m in held] == [
+            (m.sequence, m.message_id, m.parts[0].text.text) for m in appended.messages
+        ], (held, appended.messages)
+
+    def check_events(self, model: Model) -> None:
+        """Reads the events stored since the last check and compares them with those the model expects."""
+        if not model.pending:
+            return
+        tz = self.now.tzinfo
+        got = self.read_events(model, len(model.log), len(model.pending))
+        for want, event in zip(model.pending, got, strict=True):
+            assert (event.session_id, event.event_id, kind(event), detail_of(event, tz)) == (
+                model.session_id,
+                want.event_id,
+                want.kind,
+                want.detail,
+            ), (event, want)
+            assert event.time.ToDatetime(tzinfo=tz) == want.time, (event, want)
+            assert snapshot_of(event.session, tz) == want.session, (event.session, want)
+            self.check_appended(model, event)
+        model.log += got
+        model.pending.clear()
 
     def name_of(self, model: Model) -> str:
         return model.session_id.rsplit("/", 1)[1]
@@ -351,9 +493,13 @@ class SessionsMachine(RuleBasedStateMachine):
         elif reason := model.closed_reason(self.now):
             self.fails(result, errors.FailedPrecondition, reason)
         else:
+            before = model.expire_time
             if model.auto_renew:
                 model.extend(self.now)
-            self.check_session(model, self.succeeds(result), changed=True)
+            session = self.succeeds(result)
+            if model.expire_time != before:  # a heartbeat that did not move the expiry is no event
+                self.expect(model, session, "renewed", expire_time=model.expire_time, manual=False)
+            self.check_session(model, session, changed=True)
 
     @rule(name=st.sampled_from(NAMES))
     def renew(self, name: str) -> None:
@@ -366,8 +512,12 @@ class SessionsMachine(RuleBasedStateMachine):
         elif model.expire_time >= model.max_expire_time:
             self.fails(result, errors.FailedPrecondition, "MAX_DURATION_REACHED")
         else:
+            before = model.expire_time
             model.extend(self.now)
-            self.check_session(model, self.succeeds(result), changed=True)
+            session = self.succeeds(result)
+            if model.expire_time != before:
+                self.expect(model, session, "renewed", expire_time=model.expire_time, manual=True)
+            self.check_session(model, session, changed=True)
 
     @rule(name=st.sampled_from(NAMES))
     def end(self, name: str) -> None:
@@ -378,7 +528,10 @@ class SessionsMachine(RuleBasedStateMachine):
             return
         changed = not model.ended  # idempotent; an expired session ends too
         model.ended = True
-        self.check_session(model, self.succeeds(result), changed=changed)
+        session = self.succeeds(result)
+        if changed:
+            self.expect(model, session, "ended")
+        self.check_session(model, session, changed=changed)
 
     @rule(name=st.sampled_from(NAMES))
     def clear(self, name: str) -> None:
@@ -393,7 +546,10 @@ class SessionsMachine(RuleBasedStateMachine):
             changed = bool(model.messages) or model.expire_time > now  # clearing twice changes nothing
             model.messages = []
             model.expire_time = min(model.expire_time, now)
-            self.check_session(model, self.succeeds(result), changed=changed)
+            session = self.succeeds(result)
+            if changed:
+                self.expect(model, session, "cleared")
+            self.check_session(model, session, changed=changed)
 
     @rule(name=st.sampled_from(NAMES), history=histories)
     def restore(self, name: str, history: list[tuple[str | None, str]]) -> None:
@@ -419,6 +575,7 @@ class SessionsMachine(RuleBasedStateMachine):
         model.messages = model.number(history)  # a new life: the cap counts from now
         model.max_expire_time = now + model.max_duration
         model.expire_time = min(now + model.timeout, model.max_expire_time)
+        self.expect(model, response.session, "restored", message_count=len(history))
         self.check_session(model, response.session, changed=True)
 
     @rule(
@@ -448,7 +605,9 @@ class SessionsMachine(RuleBasedStateMachine):
             self.fails(result, errors.FailedPrecondition, reason)
         else:
             model.metadata = {"k": value}
-            self.check_session(model, self.succeeds(result), changed=True)
+            session = self.succeeds(result)
+            self.expect(model, session, "updated", paths=["metadata"])
+            self.check_session(model, session, changed=True)
 
     # --- messages -----------------------------------------------------------------------------------------
 
@@ -492,6 +651,8 @@ class SessionsMachine(RuleBasedStateMachine):
                 assert message.message_id == want.message_id
             else:
                 want.message_id = message.message_id
+        appended = {"first_sequence": stored[0].sequence, "last_sequence": stored[-1].sequence}
+        self.expect(model, response.session, "messages_appended", **appended)
         self.check_session(model, response.session, changed=True)
         if all(i is not None for i, _ in batch):
             model.acknowledged.append(batch)
@@ -553,6 +714,9 @@ class SessionsMachine(RuleBasedStateMachine):
             response = self.succeeds(result)
             assert response.deleted_count == 1
             model.messages = [m for m in model.messages if m.message_id != message_id]
+            self.expect(
+                model, response.session, "messages_deleted", message_ids=[message_id], after_sequence=0
+            )
             self.check_session(model, response.session, changed=True)
 
     @rule(name=st.sampled_from(NAMES), data=st.data())
@@ -571,7 +735,12 @@ class SessionsMachine(RuleBasedStateMachine):
             kept = [m for m in model.messages if m.sequence <= after]
             assert response.deleted_count == len(model.messages) - len(kept)
             changed = len(kept) != len(model.messages)
+            deleted = sorted(m.message_id for m in model.messages if m.sequence > after)
             model.messages = kept
+            if changed:
+                self.expect(
+                    model, response.session, "messages_deleted", message_ids=deleted, after_sequence=after
+                )
             self.check_session(model, response.session, changed=changed)
 
     @rule(
@@ -601,6 +770,30 @@ class SessionsMachine(RuleBasedStateMachine):
             if include_session:
                 self.check_session(model, page.session, changed=False)
         self.check_messages(model, got[::-1] if descending else got)
+
+    # --- events -------------------------------------------------------------------------------------------
+
+    @rule(name=st.sampled_from(NAMES), ahead=st.booleans())
+    def replay_log(self, name: str, ahead: bool) -> None:
+        """WatchSession from 0 replays the whole log: the events seen so far, in order, as stored (the
+        appended messages as the session now holds them). A watch from an id the session never issued is
+        refused, whatever it issued before under its name."""
+        model = self.sessions[name]
+        if model is None:
+            self.missing(
+                name, lambda: next(self.client.watch_session(session_id=self.sid(name), resume=False))
+            )
+            return
+        assert not model.pending  # the invariant read them after the last step
+        if ahead:
+            after = model.last_event_id + 1
+            watch = self.client.watch_session(session_id=self.sid(name), after_event_id=after, resume=False)
+            self.fails(self.attempt(lambda: next(watch)), errors.OutOfRange, "EVENT_ID_AHEAD")
+            return
+        replayed = self.read_events(model, 0, model.last_event_id)
+        assert [without_messages(e) for e in replayed] == [without_messages(e) for e in model.log]
+        for event in replayed:
+            self.check_appended(model, event)
 
     # --- time ---------------------------------------------------------------------------------------------
 
@@ -632,6 +825,7 @@ class SessionsMachine(RuleBasedStateMachine):
             self.check_session(model, page.session, changed=False)
             self.check_messages(model, list(page.messages))
             assert page.session.message_count == len(page.messages)
+            self.check_events(model)
 
 
 SETTINGS = settings(
