@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
+import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
@@ -31,6 +32,29 @@ def add_parser(sub: Any) -> None:
         help=f"the server (SESSIOND_TARGET, default {DEFAULT_TARGET})",
     )
     admin.add_argument("--timeout", type=float, default=10.0, help="deadline per call in seconds (10)")
+    admin.add_argument(
+        "--tls-ca",
+        default=os.environ.get("SESSIOND_ADMIN_TLS_CA_FILE"),
+        metavar="FILE",
+        help="connect over TLS, trusting the CA certificates in FILE (SESSIOND_ADMIN_TLS_CA_FILE)",
+    )
+    admin.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect over TLS, trusting the system's CA certificates (implied by --tls-ca)",
+    )
+    admin.add_argument(
+        "--tls-cert",
+        default=os.environ.get("SESSIOND_ADMIN_TLS_CERT_FILE"),
+        metavar="FILE",
+        help="client certificate chain for mutual TLS (SESSIOND_ADMIN_TLS_CERT_FILE), with --tls-key",
+    )
+    admin.add_argument(
+        "--tls-key",
+        default=os.environ.get("SESSIOND_ADMIN_TLS_KEY_FILE"),
+        metavar="FILE",
+        help="the client certificate's private key (SESSIOND_ADMIN_TLS_KEY_FILE)",
+    )
     commands = admin.add_subparsers(dest="admin_command", required=True)
     commands.add_parser("stats", help="session counts, running turns, version, uptime")
 
@@ -66,16 +90,40 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Runs one admin command; the exit status."""
     try:
-        with SessionsClient(args.target, timeout=args.timeout) as client:
+        credentials = _credentials(args)
+        with SessionsClient(args.target, timeout=args.timeout, credentials=credentials) as client:
             for item in _COMMANDS[args.admin_command](client, args):
                 out.write(_json(item) + "\n")
     except errors.AgentSessionsError as exc:
         err.write(f"{exc.code.name} {exc.reason}: {exc.message}\n")
         return 1
-    except ValueError as exc:  # a malformed --label
+    except ValueError as exc:  # a malformed --label, a TLS file that cannot be read
         err.write(f"{exc}\n")
         return 2
     return 0
+
+
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """TLS credentials from the --tls* flags; None for plaintext."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if not (args.tls or args.tls_ca or args.tls_cert):
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(args.tls_ca),
+        private_key=_read(args.tls_key),
+        certificate_chain=_read(args.tls_cert),
+    )
+
+
+def _read(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from exc
 
 
 def _json(message: Message) -> str:

@@ -9,9 +9,11 @@ import sys
 from typing import Any
 
 from . import admin
+from .agents_file import ConfigError
 from .config import Settings
 from .store import migrate
 from .store.database import Database
+from .tls import TlsConfigError
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -26,6 +28,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["config_file"] = args.config
     if getattr(args, "metrics_listen", None):
         overrides["metrics_listen"] = args.metrics_listen
+    for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+        if getattr(args, name, None):
+            overrides[name] = getattr(args, name)
     return Settings(**overrides)
 
 
@@ -51,6 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-listen",
         help="serve Prometheus metrics on host:port (SESSIOND_METRICS_LISTEN; default off)",
     )
+    serve.add_argument(
+        "--tls-cert",
+        dest="tls_cert_file",
+        metavar="FILE",
+        help="PEM certificate chain (SESSIOND_TLS_CERT_FILE)",
+    )
+    serve.add_argument(
+        "--tls-key", dest="tls_key_file", metavar="FILE", help="its PEM private key (SESSIOND_TLS_KEY_FILE)"
+    )
+    serve.add_argument(
+        "--tls-client-ca",
+        dest="tls_client_ca_file",
+        metavar="FILE",
+        help="require client certificates signed by these CAs: mutual TLS (SESSIOND_TLS_CLIENT_CA_FILE)",
+    )
     mig = sub.add_parser("migrate", help="apply schema migrations and exit")
     mig.add_argument("--database-url", help="SQLAlchemy URL (SESSIOND_DATABASE_URL)")
     mig.add_argument("--revision", default="head")
@@ -74,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .server import serve as run
 
-    asyncio.run(run(settings))
+    try:
+        asyncio.run(run(settings))
+    except (ConfigError, TlsConfigError) as exc:  # the operator's files: the message says what to fix
+        print(f"sessiond: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

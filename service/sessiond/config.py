@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .domain.policy import TimeoutLimits
 from .domain.validation import Limits
+from .tls import TlsFiles
 
 
 def _env(name: str) -> AliasChoices:
@@ -37,6 +38,12 @@ class Settings(BaseSettings):
     migrate_on_start: bool = Field(True, validation_alias=_env("SESSIOND_MIGRATE_ON_START"))
     grace_seconds: float = Field(10.0, ge=0, validation_alias=_env("SESSIOND_GRACE_SECONDS"))
     log_level: str = Field("INFO", validation_alias=_env("SESSIOND_LOG_LEVEL"))
+    # TLS on the gRPC port (sessiond.tls): PEM files of the certificate chain and its key, both or
+    # neither; with a client CA, clients must present a certificate it signed (mutual TLS). Changed
+    # files are served to new connections without a restart.
+    tls_cert_file: str | None = Field(None, validation_alias=_env("SESSIOND_TLS_CERT_FILE"))
+    tls_key_file: str | None = Field(None, validation_alias=_env("SESSIOND_TLS_KEY_FILE"))
+    tls_client_ca_file: str | None = Field(None, validation_alias=_env("SESSIOND_TLS_CLIENT_CA_FILE"))
     # Prometheus metrics over HTTP (GET /metrics) on this host:port; empty: no metrics endpoint.
     metrics_listen: str = Field("", validation_alias=_env("SESSIOND_METRICS_LISTEN"))
 
@@ -83,6 +90,9 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(1024 * 1024, ge=1024, validation_alias=_env("SESSIOND_MAX_MESSAGE_BYTES"))
     max_metadata_entries: int = Field(64, ge=0, validation_alias=_env("SESSIOND_MAX_METADATA_ENTRIES"))
     max_variables_bytes: int = Field(64 * 1024, ge=2, validation_alias=_env("SESSIOND_MAX_VARIABLES_BYTES"))
+
+    def tls_files(self) -> TlsFiles | None:
+        return TlsFiles.from_settings(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
 
     def allowed_key_vars(self) -> frozenset[str]:
         return frozenset(name.strip() for name in self.agent_key_vars.split(",") if name.strip())
