@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     tls_cert_file: str | None = Field(None, validation_alias=_env("SESSIOND_TLS_CERT_FILE"))
     tls_key_file: str | None = Field(None, validation_alias=_env("SESSIOND_TLS_KEY_FILE"))
     tls_client_ca_file: str | None = Field(None, validation_alias=_env("SESSIOND_TLS_CLIENT_CA_FILE"))
+    # Traces (sessiond.tracing): "off", "otlp" (OTLP/gRPC, the OTEL_EXPORTER_OTLP_* variables) or "console".
+    tracing: Literal["off", "otlp", "console"] = Field("off", validation_alias=_env("SESSIOND_TRACING"))
     # Prometheus metrics over HTTP (GET /metrics) on this host:port; empty: no metrics endpoint.
     metrics_listen: str = Field("", validation_alias=_env("SESSIOND_METRICS_LISTEN"))
 

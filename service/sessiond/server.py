@@ -53,6 +53,7 @@ from .store import migrate
 from .store.database import Database
 from .store.repository import Store
 from .store.turns import TurnStore
+from .tracing import NO_TRACER, Tracing, from_settings
 from .turns.backends import Backends
 from .turns.runner import TurnRunner
 
@@ -88,6 +89,7 @@ class RunningServer:
     # The Prometheus endpoint, when SESSIOND_METRICS_LISTEN is set.
     metrics_port: int | None = None
     _metrics_http: Any = None
+    _tracing: Tracing | None = None  # built from the settings: flushed and shut down at the end
 
     async def stop(self, grace: float | None = None) -> None:
         """Drains: health turns NOT_SERVING and no new call is taken. Streams that would otherwise run
@@ -114,6 +116,8 @@ class RunningServer:
         if self._metrics_http is not None:
             await asyncio.to_thread(self._metrics_http.shutdown)
             self._metrics_http.server_close()
+        if self._tracing is not None:
+            await asyncio.to_thread(self._tracing.shutdown)
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
@@ -156,10 +160,18 @@ async def _watch_database(db: Database, servicer: health.aio.HealthServicer) -> 
 
 
 async def start_server(
-    settings: Settings, *, clock: Clock | None = None, listen: str | None = None
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    listen: str | None = None,
+    tracing: Tracing | None = None,
 ) -> RunningServer:
-    """Opens the database (migrating it unless told not to), then starts serving on `listen`."""
+    """Opens the database (migrating it unless told not to), then starts serving on `listen`. `tracing`:
+    where spans go, instead of what SESSIOND_TRACING says (the caller then shuts it down)."""
     clock = clock or SystemClock()
+    own_tracing = tracing is None
+    if tracing is None:
+        tracing = from_settings(settings.tracing)
     tls_files = settings.tls_files()
     credentials = tls.server_credentials(tls_files) if tls_files is not None else None
     # The SQLite writer thread and the event loop share the GIL. At the default 5 ms switch interval a
@@ -208,8 +220,13 @@ async def start_server(
         )
 
         metrics = Metrics() if settings.metrics_listen else None
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if tracing is not None:
+            interceptors.append(tracing.server_interceptor())
+        if metrics is not None:
+            interceptors.append(metrics.interceptor())
         server = grpc.aio.server(
-            interceptors=[metrics.interceptor()] if metrics is not None else None,
+            interceptors=interceptors or None,
             options=[
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),
@@ -227,8 +244,10 @@ async def start_server(
             Backends(
                 http_timeout_seconds=settings.agent_http_timeout_seconds,
                 allowed_key_vars=settings.allowed_key_vars(),
+                tracing=tracing,
             ),
             lease_seconds=settings.turn_lease_seconds,
+            tracer=tracing.tracer if tracing is not None else NO_TRACER,
         )
         turn_api = TurnServicer(service, runner)
         turn_service_pb2_grpc.add_TurnServiceServicer_to_server(turn_api, guarded)
@@ -268,12 +287,15 @@ async def start_server(
         if bus is not None:
             await bus.close()
         await db.close()
+        if own_tracing and tracing is not None:
+            tracing.shutdown()
         raise
     running = RunningServer(
         server=server, port=port, db=db, service=service, health=health_servicer, sweeper=sweeper, bus=bus
     )
     running.turns, running.turn_api = runner, turn_api
     running.metrics_port, running._metrics_http = metrics_port, metrics_http
+    running._tracing = tracing if own_tracing else None
     running._tasks.append(asyncio.create_task(_watch_database(db, health_servicer), name="health-probe"))
     if settings.sweeper_enabled:
         running._tasks.append(asyncio.create_task(sweeper.run(), name="sweeper"))

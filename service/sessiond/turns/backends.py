@@ -21,9 +21,12 @@ from agentsessions.v1 import agent_service_pb2
 
 from ..domain.agents import Agent, AgentOrigin, key_variable_refused
 from ..domain.errors import FailedPrecondition
+from ..tracing import NO_TRACER
 
 if TYPE_CHECKING:
     import httpx
+
+    from ..tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,8 @@ class AgentFailure(Exception):
         self.message = message
         self.reason = reason
         self.retryable = retryable
+        # A remote agent's status code, for the call's span; UNKNOWN for what the agent sent that was wrong.
+        self.code = grpc.StatusCode.UNKNOWN
 
 
 class AgentBackend(Protocol):
@@ -58,10 +63,15 @@ class Backends:
     chat-completions endpoint. Nothing connects until the first turn that needs it."""
 
     def __init__(
-        self, *, http_timeout_seconds: float = 300.0, allowed_key_vars: frozenset[str] = frozenset()
+        self,
+        *,
+        http_timeout_seconds: float = 300.0,
+        allowed_key_vars: frozenset[str] = frozenset(),
+        tracing: Tracing | None = None,
     ) -> None:
         self.http_timeout_seconds = http_timeout_seconds
         self.allowed_key_vars = allowed_key_vars
+        self.tracing = tracing
         self._channels: dict[tuple[str, bool], grpc.aio.Channel] = {}
         self._http: httpx.AsyncClient | None = None
 
@@ -81,6 +91,7 @@ class Backends:
                 agent_id=agent.agent_id,
                 target=target,
                 timeout_seconds=int(settings.get("timeout_seconds", 0)),
+                tracer=self.tracing.tracer if self.tracing is not None else NO_TRACER,
             )
         if kind == "openai_chat":
             from .openai_chat import OpenAIChatBackend
@@ -117,6 +128,8 @@ class Backends:
                 timeout=httpx.Timeout(self.http_timeout_seconds, connect=10.0),
                 limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
             )
+            if self.tracing is not None:
+                self.tracing.instrument_http(self._http)
         return self._http
 
     async def close(self) -> None:

@@ -35,6 +35,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from google.protobuf import timestamp_pb2
+from opentelemetry.trace import INVALID_SPAN, Span, Status, StatusCode, Tracer
 
 from agentsessions.v1 import agent_service_pb2, events_pb2, message_pb2
 
@@ -60,6 +61,7 @@ from ..events.bus import Subscription
 from ..service_layer import SessionsService
 from ..store.repository import TurnLease, session_gone
 from ..store.turns import Acquired, Acquisition, Busy, Existing, TurnStore
+from ..tracing import NO_TRACER
 from .backends import AgentBackend, AgentFailure, Backends
 
 log = logging.getLogger(__name__)
@@ -199,6 +201,7 @@ class Turn:
         self._call_ids: set[str] = set()
         # An upper bound of the stored message's size, kept under the limit a caller's message has.
         self._answer_bytes = 0
+        self.span: Span = INVALID_SPAN  # the turn's span, once it runs
 
     @property
     def finished(self) -> bool:
@@ -317,6 +320,19 @@ class Turn:
     # --- the turn's life ---
 
     async def run(self) -> None:
+        # The turn's span: a child of the RPC that started it (this task copied that call's context), and
+        # the parent of the agent's call.
+        attributes = {
+            "sessiond.session_id": self.session_id,
+            "sessiond.turn_id": self.turn_id,
+            "sessiond.agent_id": self.agent.agent_id,
+            "sessiond.agent_backend": str(self.agent.backend.get("kind", "")),
+        }
+        with self.runner.tracer.start_as_current_span("turn", attributes=attributes) as span:
+            self.span = span
+            await self._run()
+
+    async def _run(self) -> None:
         try:
             try:
                 stored = await self._prepare()
@@ -642,6 +658,12 @@ class Turn:
                     self._emit(event)
         final = self._event()
         final.turn_finished.reason = int(reason)  # type: ignore[assignment]
+        self.span.set_attribute("sessiond.turn.finish_reason", reason.name)
+        if reason is FinishReason.ERROR:
+            last = next((e.error for e in reversed(self.emitted) if e.WhichOneof("kind") == "error"), None)
+            if last is not None:
+                self.span.set_attribute("sessiond.turn.error_reason", last.reason)
+            self.span.set_status(Status(StatusCode.ERROR, last.message if last is not None else None))
         try:
             released = await self.runner.turns.finish(
                 self.turn_id,
@@ -750,8 +772,10 @@ class TurnRunner:
         lease_seconds: float = 15.0,
         retry_after_seconds: float = 1.0,
         lease_clock: Clock | None = None,
+        tracer: Tracer = NO_TRACER,
     ) -> None:
         self.service = service
+        self.tracer = tracer
         self.turns = turns
         self.backends = backends
         self.clock = service.clock
