@@ -92,4 +92,4 @@ async def test_admin_against_no_server_fails_cleanly() -> None:
     args = build_parser().parse_args(["admin", "--target", "127.0.0.1:1", "--timeout", "2", "stats"])
     out, err = io.StringIO(), io.StringIO()
     assert await asyncio.to_thread(admin.run, args, out, err) == 1
-    assert out.getvalue() == "" and err.getvalue().startswith("UNAVAILABLE")
+    assert out.getvalue() == "" and err.getvalue().startswith("UNAVAILABLE: ")  # no reason: no "None"

@@ -4,6 +4,7 @@ every kind, read from a real server's HTTP endpoint."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
 
 import httpx
@@ -148,3 +149,40 @@ async def test_metrics_are_off_unless_an_address_is_given(server: RunningServer)
     assert _settings(parse(["serve"])).metrics_listen == ""
     chosen = _settings(parse(["serve", "--metrics-listen", "127.0.0.1:9464"]))
     assert chosen.metrics_listen == "127.0.0.1:9464"
+
+
+# A client that reads the first event of a turn and dies (as `buf curl ... | head -1` does): its
+# connection closes under the stream, with no cancel of the call first.
+DYING_CLIENT = """
+import os, sys, grpc
+from agentsessions.v1 import message_pb2, turn_service_pb2, turn_service_pb2_grpc
+channel = grpc.insecure_channel(sys.argv[1])
+request = turn_service_pb2.ExecuteRequest(
+    session_id=sys.argv[2],
+    message=message_pb2.Message(parts=[message_pb2.Part(text=message_pb2.TextPart(text="/hang"))]),
+)
+next(iter(turn_service_pb2_grpc.TurnServiceStub(channel).Execute(request)))
+os._exit(0)
+"""
+
+
+async def test_a_stream_whose_client_dies_is_counted_cancelled(metered: RunningServer, unique: str) -> None:
+    """Before, the turn stream of a client whose connection closed mid-stream was counted UNKNOWN."""
+    target = f"127.0.0.1:{metered.port}"
+    async with AsyncSessionsClient(target) as client:
+        sid = (await client.create_session(agent_id="echo", session_id=f"{unique}/dies")).session_id
+    before = await scrape(metered)
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", DYING_CLIENT, target, sid)
+    assert await proc.wait() == 0
+    for _ in range(300):
+        after = await scrape(metered)
+        if handled(after, TURNS, "Execute", "CANCELLED", "server_stream") > handled(
+            before, TURNS, "Execute", "CANCELLED", "server_stream"
+        ):
+            break
+        assert handled(after, TURNS, "Execute", "UNKNOWN", "server_stream") == handled(
+            before, TURNS, "Execute", "UNKNOWN", "server_stream"
+        ), "counted UNKNOWN"
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("the dead client's turn stream was never counted")

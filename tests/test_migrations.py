@@ -165,3 +165,29 @@ async def test_migrate_cli_rejects_an_unsupported_database(tmp_path: Path) -> No
     code, _out, err = await _run_cli("migrate", "--database-url", f"mysql://u@localhost/{tmp_path.name}")
     assert code != 0
     assert "unsupported database" in err
+
+
+async def test_a_schema_named_in_the_settings_is_made_when_missing() -> None:
+    """SESSIOND_DATABASE_SCHEMA naming a schema nobody created: before, the start failed with "no schema
+    has been selected to create in"; now the migration makes it."""
+    schema = f"made_{os.urandom(5).hex()}"
+    db = Database(POSTGRES_URL, schema=schema)
+    await db.open()
+    try:
+        await migrate.upgrade(db)
+        assert await migrate.current_revision(db) == migrate.head_revision()
+        conn = await asyncpg.connect(POSTGRES_URL)
+        try:
+            tables = await conn.fetchval(
+                "SELECT count(*) FROM information_schema.tables WHERE table_schema = $1", schema
+            )
+        finally:
+            await conn.close()
+        assert tables >= len(metadata.tables)
+    finally:
+        await db.close()
+        conn = await asyncpg.connect(POSTGRES_URL)
+        try:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        finally:
+            await conn.close()

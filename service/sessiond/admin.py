@@ -95,7 +95,9 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
             for item in _COMMANDS[args.admin_command](client, args):
                 out.write(_json(item) + "\n")
     except errors.AgentSessionsError as exc:
-        err.write(f"{exc.code.name} {exc.reason}: {exc.message}\n")
+        # A status without ErrorInfo (the server unreachable) has no reason to print.
+        reason = f" {exc.reason}" if exc.reason else ""
+        err.write(f"{exc.code.name}{reason}: {exc.message}\n")
         return 1
     except ValueError as exc:  # a malformed --label, a TLS file that cannot be read
         err.write(f"{exc}\n")

@@ -44,12 +44,15 @@ async def _migrate(settings: Settings, revision: str) -> None:
         await db.close()
 
 
+DATABASE_URL_HELP = "sqlite:///PATH or postgresql://USER@HOST:PORT/DB (SESSIOND_DATABASE_URL)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sessiond", description="Agent Sessions gRPC server")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the server (SIGTERM drains and stops it)")
     serve.add_argument("--listen", help="address to listen on (SESSIOND_LISTEN, default 127.0.0.1:50051)")
-    serve.add_argument("--database-url", help="SQLAlchemy URL (SESSIOND_DATABASE_URL)")
+    serve.add_argument("--database-url", help=DATABASE_URL_HELP)
     serve.add_argument("--no-migrate", action="store_true", help="do not apply migrations at start")
     serve.add_argument("--config", help="TOML file declaring agents (SESSIOND_CONFIG); see README, Agents")
     serve.add_argument(
@@ -72,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="require client certificates signed by these CAs: mutual TLS (SESSIOND_TLS_CLIENT_CA_FILE)",
     )
     mig = sub.add_parser("migrate", help="apply schema migrations and exit")
-    mig.add_argument("--database-url", help="SQLAlchemy URL (SESSIOND_DATABASE_URL)")
+    mig.add_argument("--database-url", help=DATABASE_URL_HELP)
     mig.add_argument("--revision", default="head")
     admin.add_parser(sub)
     return parser

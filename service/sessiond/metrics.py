@@ -174,7 +174,10 @@ def _code(context: grpc.aio.ServicerContext[Any, Any], error: BaseException | No
         return code.name
     if error is None:
         return "OK"
-    if isinstance(error, asyncio.CancelledError):  # the client went away or the server is stopping
+    # The client went away or the server is stopping. GeneratorExit: grpc closed a stream's generator
+    # it no longer reads, as when the client's connection closed under it (a process that died,
+    # `buf curl ... | head -1`); that was counted UNKNOWN before.
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)) or context.cancelled():
         return "CANCELLED"
     return "UNKNOWN"  # what grpc answers for an exception a handler let through
 

@@ -24,12 +24,17 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return config
 
 
-def _upgrade(connection: Connection, revision: str) -> None:
+def _upgrade(connection: Connection, revision: str, schema: str | None) -> None:
     if connection.dialect.name == "postgresql":
         # A migration may wait for another replica's, and rewrite large tables: no time limits here.
         connection.execute(text("SET LOCAL lock_timeout = 0"))
         connection.execute(text("SET LOCAL statement_timeout = 0"))
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_LOCK})
+        if schema:
+            # SESSIOND_DATABASE_SCHEMA names where the tables go: made here if it is not there yet (before,
+            # the start failed with "no schema has been selected to create in").
+            quoted = connection.dialect.identifier_preparer.quote_identifier(schema)
+            connection.execute(text(f"CREATE SCHEMA IF NOT EXISTS {quoted}"))
     command.upgrade(alembic_config(connection), revision)
 
 
@@ -40,7 +45,7 @@ def _current(connection: Connection) -> str | None:
 async def upgrade(db: Database, revision: str = "head") -> None:
     """Brings the schema to `revision` (default: the newest)."""
     async with db.engine.begin() as conn:
-        await conn.run_sync(_upgrade, revision)
+        await conn.run_sync(_upgrade, revision, db.schema)
 
 
 async def current_revision(db: Database) -> str | None:
