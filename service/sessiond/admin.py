@@ -19,6 +19,8 @@ from google.protobuf.message import Message
 
 from agentsessions import SessionsClient, errors
 
+from .tls import read_file
+
 DEFAULT_TARGET = "127.0.0.1:50051"
 STATUSES = ("active", "expired", "ended")
 
@@ -119,13 +121,7 @@ def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
 
 
 def _read(path: str | None) -> bytes | None:
-    if not path:
-        return None
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror}") from exc
+    return read_file(path) if path else None
 
 
 def _json(message: Message) -> str:

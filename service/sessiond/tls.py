@@ -68,7 +68,8 @@ def _signature(files: TlsFiles) -> Signature:
     return tuple(out)
 
 
-def _read(path: str) -> bytes:
+def read_file(path: str) -> bytes:
+    """A PEM file's bytes; TlsConfigError (a ValueError) naming it when it cannot be read."""
     try:
         with open(path, "rb") as f:
             return f.read()
@@ -102,8 +103,8 @@ def _load(files: TlsFiles) -> tuple[grpc.ServerCertificateConfiguration, Signatu
             raise TlsConfigError(f"{files.client_ca} holds no PEM CA certificate") from exc
         if not context.get_ca_certs():
             raise TlsConfigError(f"{files.client_ca} holds no CA certificate (client certificates check)")
-    cert, key = _read(files.cert), _read(files.key)
-    client_ca = _read(files.client_ca) if files.client_ca is not None else None
+    cert, key = read_file(files.cert), read_file(files.key)
+    client_ca = read_file(files.client_ca) if files.client_ca is not None else None
     if _signature(files) != before:
         raise TlsConfigError("the TLS files changed while they were read")
     config = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca)
