@@ -563,6 +563,324 @@ async def test_openai_chat_failures(
     assert (await client.get_session(session_id=sid)).status == SessionStatus.SESSION_STATUS_ACTIVE
 
 
+def sse(*events: dict[str, Any] | str, end: bytes = b"\n\n", prefix: bytes = b"data: ") -> list[bytes]:
+    return [prefix + (e if isinstance(e, str) else json.dumps(e)).encode() + end for e in events]
+
+
+async def test_openai_chat_reads_every_framing_of_server_sent_events(
+    client: AsyncSessionsClient, endpoint: ChatCompletionsServer, unique: str
+) -> None:
+    """What the servers send between and around events: comments to keep the connection alive (OpenRouter's
+    `: OPENROUTER PROCESSING`), `event:` lines, `data:` without a space, CRLF line ends, events and UTF-8
+    characters split across writes, an event with no data (which the SSE spec says is not dispatched), and
+    bytes after `[DONE]`."""
+    sid = await session_of(client, openai_agent(endpoint), unique, "oaisse")
+    text = "h\u00e9llo \U0001f600 \u4e16\u754c"
+    stream = b"".join(
+        [
+            b": ping\r\n\r\n",
+            *sse(chunk(role="assistant", content=""), end=b"\r\n\r\n", prefix=b"data:"),
+            b"event: message\n",
+            *sse(chunk(content=text)),
+            b"data:\n\n",
+            b"data: \r\n\r\n",
+            *sse(chunk(content="!"), chunk(finish="stop"), "[DONE]"),
+            b"data: {not json\n\n",
+        ]
+    )
+    endpoint.replies.append(Reply(raw=[stream[i : i + 5] for i in range(0, len(stream), 5)]))
+    events = await run(client, sid, text="hi")
+    assert kinds(events) == ["turn_started", "text_delta", "text_delta", "message_completed", "turn_finished"]
+    assert text_of(events) == text + "!"
+    assert reason(events) == STOP
+
+
+def call_piece(
+    index: int | None = None, call_id: str = "", name: str = "", arguments: str = ""
+) -> dict[str, Any]:
+    piece: dict[str, Any] = {"function": {"arguments": arguments}}
+    if index is not None:
+        piece["index"] = index
+    if call_id:
+        piece.update(id=call_id, type="function")
+    if name:
+        piece["function"]["name"] = name
+    return piece
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        # Ollama and some vLLM tool parsers: each call whole, in a chunk of its own, all under index 0.
+        [[call_piece(0, "c1", "f", '{"a": 1}')], [call_piece(0, "c2", "g", '{"b": 2}')]],
+        # Gemini: no index; a call's arguments may still come in fragments after its id and name.
+        [
+            [call_piece(None, "c1", "f")],
+            [call_piece(arguments='{"a":')],
+            [call_piece(arguments=" 1}")],
+            [call_piece(None, "c2", "g", '{"b": 2}')],
+        ],
+        # OpenAI: two calls interleaved by index, the id and name only in the first fragment.
+        [
+            [call_piece(0, "c1", "f")],
+            [call_piece(1, "c2", "g", '{"b"')],
+            [call_piece(0, arguments='{"a": 1}')],
+            [call_piece(1, arguments=": 2}")],
+        ],
+    ],
+    ids=["whole-calls-under-index-0", "no-index", "interleaved-by-index"],
+)
+async def test_openai_chat_parallel_tool_calls_as_each_server_streams_them(
+    client: AsyncSessionsClient,
+    endpoint: ChatCompletionsServer,
+    unique: str,
+    pieces: list[list[dict[str, Any]]],
+) -> None:
+    sid = await session_of(client, openai_agent(endpoint), unique, "oaipar")
+    chunks = [chunk(tool_calls=p) for p in pieces]
+    endpoint.replies.append(Reply(chunks=[*chunks, chunk(finish="tool_calls")]))
+    events = await run(client, sid, text="both")
+    assert reason(events) == CLIENT_TOOL_CALLS
+    calls = only(events, "client_tool_request").calls
+    assert [(c.call_id, c.name, json.loads(c.arguments)) for c in calls] == [
+        ("c1", "f", {"a": 1}),
+        ("c2", "g", {"b": 2}),
+    ]
+
+
+async def test_openai_chat_cut_off_inside_a_tool_call_finishes_length(
+    client: AsyncSessionsClient, endpoint: ChatCompletionsServer, unique: str
+) -> None:
+    """At `max_tokens` in the middle of a call's arguments the call is cut too: the turn ends LENGTH with
+    the text before it, and asks the caller to run nothing."""
+    sid = await session_of(client, openai_agent(endpoint, max_tokens=16), unique, "oaicut")
+    endpoint.replies.append(
+        Reply(
+            chunks=[
+                chunk(content="Let me look. "),
+                chunk(tool_calls=[call_piece(0, "c1", "search", '{"query": "the wea')]),
+                chunk(finish="length"),
+            ]
+        )
+    )
+    events = await run(client, sid, text="weather?")
+    assert "client_tool_request" not in kinds(events)
+    assert reason(events) == LENGTH
+    answer = only(events, "message_completed").message
+    assert (message_text(answer), answer.status) == ("Let me look. ", MessageStatus.MESSAGE_STATUS_COMPLETE)
+    assert [p.WhichOneof("kind") for p in answer.parts] == ["text"]
+
+
+@pytest.mark.parametrize("finish", ["abort", "error"])
+async def test_openai_chat_answer_the_endpoint_gave_up_on_is_an_error(
+    client: AsyncSessionsClient, endpoint: ChatCompletionsServer, unique: str, finish: str
+) -> None:
+    """vLLM finishes an answer its engine aborted with `abort`, OpenRouter one its provider failed with
+    `error`: not a complete answer."""
+    sid = await session_of(client, openai_agent(endpoint), unique, "oaiabort")
+    endpoint.replies.append(Reply(chunks=[chunk(content="Hel"), chunk(finish=finish)]))
+    events = await run(client, sid, text="hello?")
+    error = only(events, "error")
+    assert (error.reason, error.retryable) == ("AGENT_UNAVAILABLE", True)
+    assert finish in error.message
+    assert reason(events) == ERROR
+    answer = only(events, "message_completed").message
+    assert (message_text(answer), answer.status) == ("Hel", MessageStatus.MESSAGE_STATUS_ERROR)
+
+
+@pytest.mark.parametrize(
+    ("reply", "retryable", "said"),
+    [
+        # llama.cpp and OpenRouter report a failure mid-stream with the HTTP status it stands for.
+        (
+            Reply(
+                chunks=[
+                    chunk(content="Hel"),
+                    {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}},
+                ]
+            ),
+            True,
+            "Loading model",
+        ),
+        # OpenAI's mid-stream failure: no code, type server_error.
+        (
+            Reply(
+                chunks=[
+                    chunk(content="Hel"),
+                    {
+                        "error": {
+                            "message": "The server had an error",
+                            "type": "server_error",
+                            "param": None,
+                            "code": None,
+                        }
+                    },
+                ],
+                done=False,
+            ),
+            True,
+            "The server had an error",
+        ),
+        # vLLM's mid-stream errors are 400 (a bad request), as the design has them: not retryable.
+        (
+            Reply(
+                chunks=[
+                    chunk(content="Hel"),
+                    {
+                        "error": {
+                            "object": "error",
+                            "message": "bad grammar",
+                            "type": "BadRequestError",
+                            "code": 400,
+                        }
+                    },
+                ]
+            ),
+            False,
+            "bad grammar",
+        ),
+        # An OpenAI account out of credit: a 429 no retry gets past.
+        (
+            Reply(
+                status=429,
+                body={
+                    "error": {
+                        "message": "You exceeded your current quota",
+                        "type": "insufficient_quota",
+                        "code": "insufficient_quota",
+                    }
+                },
+            ),
+            False,
+            "exceeded your current quota",
+        ),
+        # Older vLLM: a flat error body; FastAPI's own 404 (a base_url without /v1).
+        (
+            Reply(
+                status=404,
+                body={
+                    "object": "error",
+                    "message": "The model `test-model` does not exist.",
+                    "type": "NotFoundError",
+                    "param": None,
+                    "code": 404,
+                },
+            ),
+            False,
+            "The model `test-model` does not exist.",
+        ),
+        (Reply(status=404, body={"detail": "Not Found"}), False, "HTTP 404: Not Found"),
+    ],
+    ids=[
+        "stream-error-503",
+        "stream-server-error",
+        "stream-error-400",
+        "out-of-quota",
+        "vllm-404",
+        "fastapi-404",
+    ],
+)
+async def test_openai_chat_errors_say_what_the_endpoint_said_and_whether_a_retry_helps(
+    client: AsyncSessionsClient,
+    endpoint: ChatCompletionsServer,
+    unique: str,
+    reply: Reply,
+    retryable: bool,
+    said: str,
+) -> None:
+    sid = await session_of(client, openai_agent(endpoint), unique, "oaierrs")
+    endpoint.replies.append(reply)
+    events = await run(client, sid, text="hello?")
+    error = only(events, "error")
+    assert (error.reason, error.retryable) == ("AGENT_UNAVAILABLE", retryable)
+    assert said in error.message, error.message
+    assert reason(events) == ERROR
+    stored = await history(client, sid)
+    assert (stored[0].role, message_text(stored[0])) == (Role.ROLE_USER, "hello?")
+
+
+async def test_openai_chat_usage_repeated_in_chunks_is_one_usage_event(
+    client: AsyncSessionsClient, endpoint: ChatCompletionsServer, unique: str
+) -> None:
+    """Together, Groq, DeepSeek and LiteLLM send the usage so far in more than one chunk: the turn reports
+    the last, once."""
+    sid = await session_of(client, openai_agent(endpoint), unique, "oaiusage")
+    so_far = [{"prompt_tokens": 5, "completion_tokens": n, "total_tokens": 5 + n} for n in (1, 2)]
+    endpoint.replies.append(
+        Reply(
+            chunks=[
+                {**chunk(content="A"), "usage": so_far[0]},
+                {**chunk(content="B", finish="stop"), "usage": so_far[1]},
+            ]
+        )
+    )
+    events = await run(client, sid, text="hi")
+    usage = only(events, "usage")
+    assert (usage.input_tokens, usage.output_tokens, usage.total_tokens) == (5, 2, 7)
+    assert text_of(events) == "AB"
+
+
+async def test_openai_chat_endpoint_that_ignores_stream_true(
+    client: AsyncSessionsClient, endpoint: ChatCompletionsServer, unique: str
+) -> None:
+    """A server (or a proxy before it) that answers `stream: true` with one JSON completion: its answer is
+    the turn's, not a stream "cut short" that every retry would hit again."""
+    sid = await session_of(client, openai_agent(endpoint), unique, "oainostream")
+    completion = {
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "model": "test-model",
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": "Let me check.",
+                    "tool_calls": [
+                        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+                    ],
+                },
+                "finish_reason": "tool_calls",
+            }
+        ],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12},
+    }
+    endpoint.replies.append(Reply(body=completion))
+    events = await run(client, sid, text="hi")
+    assert text_of(events) == "Let me check."
+    (call,) = only(events, "client_tool_request").calls
+    assert (call.call_id, call.name, call.arguments) == ("c1", "f", '{"a": 1}')
+    assert only(events, "usage").total_tokens == 12
+    assert reason(events) == CLIENT_TOOL_CALLS
+
+
+async def test_openai_chat_call_arguments_that_are_not_json_go_back_as_an_object(
+    client: AsyncSessionsClient, endpoint: ChatCompletionsServer, unique: str
+) -> None:
+    """A model can write arguments that do not decode. The caller gets them verbatim and answers the call;
+    the next request must still be one vLLM and Ollama accept, and they decode every call's arguments in
+    the history into an object (refusing the request, and so every later turn, when they do not)."""
+    sid = await session_of(client, openai_agent(endpoint), unique, "oaibadargs")
+    endpoint.replies.append(
+        Reply(
+            chunks=[
+                chunk(tool_calls=[call_piece(0, "c1", "f", '{"city": Paris}')]),
+                chunk(finish="tool_calls"),
+            ]
+        )
+    )
+    first = await run(client, sid, text="weather?")
+    (call,) = only(first, "client_tool_request").calls
+    assert call.arguments == '{"city": Paris}'
+    endpoint.replies.append(Reply(chunks=[chunk(content="Sorry."), chunk(finish="stop")]))
+    result = {"call_id": "c1", "name": "f", "output": "error: arguments are not JSON"}
+    second = await run(client, sid, continue_turn={"turn_id": first[0].turn_id, "tool_results": [result]})
+    assert reason(second) == STOP
+    sent = endpoint.received[1].body["messages"]
+    assert [c["function"]["arguments"] for m in sent for c in m.get("tool_calls", ())] == ["{}"]
+    assert sent[-1] == {"role": "tool", "tool_call_id": "c1", "content": "error: arguments are not JSON"}
+
+
 async def test_openai_chat_tool_call_id_the_store_would_refuse(
     client: AsyncSessionsClient, endpoint: ChatCompletionsServer, unique: str
 ) -> None:

@@ -121,8 +121,11 @@ class Reply:
 
     chunks: list[dict[str, Any]] = field(default_factory=list)
     status: int = 200
+    # A JSON body: an error's, or a whole completion from a server that ignores `stream: true`.
     body: dict[str, Any] | None = None
     done: bool = True  # end with `data: [DONE]`
+    # The stream's bytes as they are, each one TCP write (framing, comments, split events), for `chunks`.
+    raw: list[bytes] | None = None
 
 
 @dataclass
@@ -179,7 +182,7 @@ class ChatCompletionsServer:
             writer.close()
 
     async def _answer(self, writer: asyncio.StreamWriter, reply: Reply) -> None:
-        if reply.status != 200:
+        if reply.status != 200 or reply.body is not None:
             payload = json.dumps(reply.body or {}).encode()
             writer.write(
                 f"HTTP/1.1 {reply.status} Error\r\nContent-Type: application/json\r\n"
@@ -193,7 +196,9 @@ class ChatCompletionsServer:
             b"Transfer-Encoding: chunked\r\n\r\n"
         )
         events = [f"data: {json.dumps(c)}\n\n".encode() for c in reply.chunks]
-        if reply.done:
+        if reply.raw is not None:
+            events = list(reply.raw)
+        elif reply.done:
             events.append(b"data: [DONE]\n\n")
         for event in events:
             writer.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")

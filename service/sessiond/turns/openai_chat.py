@@ -8,8 +8,11 @@ are run by the caller of Execute, who continues the turn with their results), th
 usage event, and `finish_reason` the turn's finish reason.
 
 Failures become AgentFailure (AGENT_UNAVAILABLE): retryable for connection failures, timeouts, HTTP 408,
-409, 425, 429 and 5xx and a stream cut short; not for the other 4xx, a missing API key or an error the
-endpoint reports inside the stream.
+409, 425, 429 (but OpenAI's `insufficient_quota`) and 5xx, a stream cut short, an answer the endpoint gave
+up on (`finish_reason` `abort` or `error`) and an error inside the stream whose `code` is one of those
+statuses or whose type is `server_error`; not for the other 4xx, a missing API key or the other errors
+inside the stream. A server that ignores `stream: true` and answers one JSON completion is read as the
+one chunk that would have carried it.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ FINISH_REASONS = {
     "tool_calls": events_pb2.FINISH_REASON_CLIENT_TOOL_CALLS,
     "function_call": events_pb2.FINISH_REASON_CLIENT_TOOL_CALLS,
 }
+# Finish reasons of an answer the endpoint gave up on: vLLM's `abort`, OpenRouter's `error`.
+ABORTED = frozenset({"abort", "error"})
 
 
 class OpenAIChatBackend:
@@ -103,11 +108,16 @@ class OpenAIChatBackend:
                 "POST", self.url, json=self.body(request), headers=headers, timeout=timeout
             ) as response:
                 if response.status_code != 200:
+                    body = await response.aread()
                     raise self._fail(
-                        f"HTTP {response.status_code}: {_error_text(await response.aread())}",
-                        retryable=response.status_code in RETRYABLE_STATUS or response.status_code >= 500,
+                        f"HTTP {response.status_code}: {_error_text(body)}",
+                        retryable=_retryable_status(response.status_code) and not _out_of_quota(body),
                     )
-                async for event in self._relay(response):
+                if response.headers.get("content-type", "").startswith("application/json"):
+                    chunks = self._completion(await response.aread())  # it ignored `stream: true`
+                else:
+                    chunks = self._chunks(response)
+                async for event in self._relay(chunks):
                     yield event
         except httpx.TimeoutException as err:
             raise self._fail(f"timed out ({type(err).__name__})", retryable=True) from err
@@ -116,34 +126,59 @@ class OpenAIChatBackend:
         except httpx.HTTPError as err:
             raise self._fail(f"{type(err).__name__}: {err}", retryable=True) from err
 
-    async def _relay(self, response: httpx.Response) -> AsyncGenerator[Response, None]:
-        calls: dict[int, dict[str, str]] = {}
-        finish: str | None = None
-        done = False
+    async def _chunks(self, response: httpx.Response) -> AsyncGenerator[dict[str, Any] | None, None]:
+        """The stream's chunks; None for `data: [DONE]`."""
         async for line in response.aiter_lines():
             if not line.startswith("data:"):
                 continue  # blank separators, comments, event: / id: / retry: fields
             data = line[5:].strip()
+            if not data:
+                continue  # an event without data is not dispatched (the SSE spec); some send it to keep alive
             if data == "[DONE]":
-                done = True
-                break
+                yield None
+                return
             try:
                 chunk = json.loads(data)
             except ValueError as err:
                 raise self._fail(f"malformed stream chunk {data[:200]!r}", retryable=False) from err
-            if chunk.get("error"):
-                raise self._fail(f"error in the stream: {_error_message(chunk['error'])}", retryable=False)
-            usage = chunk.get("usage")
-            if usage:
-                details = usage.get("completion_tokens_details") or {}
-                yield Response(
-                    usage=events_pb2.Usage(
-                        input_tokens=usage.get("prompt_tokens") or 0,
-                        output_tokens=usage.get("completion_tokens") or 0,
-                        reasoning_tokens=details.get("reasoning_tokens") or 0,
-                        total_tokens=usage.get("total_tokens") or 0,
-                    )
+            if not isinstance(chunk, dict):
+                raise self._fail(f"malformed stream chunk {data[:200]!r}", retryable=False)
+            yield chunk
+
+    async def _completion(self, body: bytes) -> AsyncGenerator[dict[str, Any] | None, None]:
+        """A whole completion as the one chunk that would have carried it."""
+        try:
+            completion = json.loads(body)
+        except ValueError as err:
+            raise self._fail(f"malformed response {body[:200]!r}", retryable=False) from err
+        if not isinstance(completion, dict):
+            raise self._fail(f"malformed response {body[:200]!r}", retryable=False)
+        for choice in completion.get("choices") or ():
+            if isinstance(choice, dict) and "message" in choice:
+                choice["delta"] = choice.pop("message")
+        yield completion
+        yield None
+
+    async def _relay(
+        self, chunks: AsyncGenerator[dict[str, Any] | None, None]
+    ) -> AsyncGenerator[Response, None]:
+        calls: list[dict[str, str]] = []
+        by_index: dict[Any, dict[str, str]] = {}
+        usage: dict[str, Any] | None = None
+        finish: str | None = None
+        done = False
+        async for chunk in chunks:
+            if chunk is None:
+                done = True
+                break
+            error = chunk.get("error") or (chunk if chunk.get("object") == "error" else None)
+            if error:
+                raise self._fail(
+                    f"error in the stream: {_error_message(error)}", retryable=_retryable_error(error)
                 )
+            # Together, Groq, DeepSeek and LiteLLM repeat the (cumulative) usage in several chunks: the
+            # last one counts.
+            usage = chunk.get("usage") or usage
             for choice in chunk.get("choices") or ():
                 if choice.get("index", 0) != 0:
                     continue
@@ -154,12 +189,19 @@ class OpenAIChatBackend:
                 if delta.get("content"):
                     yield Response(text_delta=events_pb2.TextDelta(text=delta["content"]))
                 for call in delta.get("tool_calls") or ():
-                    # A call arrives in pieces: its id and name first, then its arguments in fragments.
-                    entry = calls.setdefault(
-                        call.get("index", len(calls)), {"id": "", "name": "", "arguments": ""}
-                    )
+                    # A call arrives in pieces: its id and name first, then its arguments in fragments,
+                    # under its `index`. Ollama and some vLLM parsers send each of several calls whole
+                    # under index 0, and Gemini sends no index: a piece naming another id is another call,
+                    # and one without an index continues the call before it.
+                    key = call.get("index")
+                    entry = by_index.get(key) if key is not None else (calls[-1] if calls else None)
+                    call_id = call.get("id") or ""
+                    if entry is None or (call_id and entry["id"] and call_id != entry["id"]):
+                        entry = {"id": "", "name": "", "arguments": ""}
+                        calls.append(entry)
+                        by_index[key] = entry
                     function = call.get("function") or {}
-                    entry["id"] = call.get("id") or entry["id"]
+                    entry["id"] = call_id or entry["id"]
                     entry["name"] += function.get("name") or ""
                     entry["arguments"] += function.get("arguments") or ""
                 finish = choice.get("finish_reason") or finish
@@ -171,7 +213,21 @@ class OpenAIChatBackend:
                 retryable=False,
                 reason="CONTENT_FILTERED",
             )
-        if calls:
+        if finish in ABORTED:
+            raise self._fail(f"the endpoint stopped the answer (finish_reason {finish!r})", retryable=True)
+        if usage:
+            details = usage.get("completion_tokens_details") or {}
+            yield Response(
+                usage=events_pb2.Usage(
+                    input_tokens=usage.get("prompt_tokens") or 0,
+                    output_tokens=usage.get("completion_tokens") or 0,
+                    reasoning_tokens=details.get("reasoning_tokens") or 0,
+                    total_tokens=usage.get("total_tokens") or 0,
+                )
+            )
+        # Cut off at the token limit, a call's arguments are cut too: the answer ends LENGTH, asking for
+        # no call the caller could not run.
+        if calls and finish != "length":
             yield Response(
                 client_tool_request=events_pb2.ClientToolRequest(
                     calls=[
@@ -181,7 +237,7 @@ class OpenAIChatBackend:
                             arguments=c["arguments"] or "{}",
                             client_side=True,
                         )
-                        for _, c in sorted(calls.items())
+                        for c in calls
                     ]
                 )
             )
@@ -214,7 +270,7 @@ def chat_messages(history: Any) -> list[dict[str, Any]]:
                     {
                         "id": c.call_id,
                         "type": "function",
-                        "function": {"name": c.name, "arguments": c.arguments},
+                        "function": {"name": c.name, "arguments": _json_object(c.arguments)},
                     }
                 )
             elif kind == "tool_result":
@@ -245,6 +301,44 @@ def chat_messages(history: Any) -> list[dict[str, Any]]:
     return kept
 
 
+def _json_object(arguments: str) -> str:
+    """A call's arguments as the history sends them. vLLM and Ollama decode the arguments of the calls in
+    the history into an object and refuse the whole request when they do not decode (a model that wrote
+    bad JSON, or was cut off): such arguments go as `{}`, and the call's result says what became of it."""
+    try:
+        if isinstance(json.loads(arguments), dict):
+            return arguments
+    except ValueError:
+        pass
+    return "{}"
+
+
+def _retryable_status(status: int) -> bool:
+    return status in RETRYABLE_STATUS or status >= 500
+
+
+def _retryable_error(error: Any) -> bool:
+    """Whether an error the endpoint sent inside the stream may pass on a retry: vLLM, llama.cpp and
+    OpenRouter give the HTTP status it stands for as `code`, OpenAI leaves `code` null and says
+    `server_error`."""
+    if not isinstance(error, Mapping):
+        return False
+    try:
+        status = int(error.get("code") or 0)
+    except (TypeError, ValueError):
+        status = 0
+    return _retryable_status(status) or error.get("type") == "server_error"
+
+
+def _out_of_quota(body: bytes) -> bool:
+    """OpenAI's 429 for an account out of credit, which no retry gets past (its other 429s do pass)."""
+    try:
+        error = json.loads(body).get("error")
+        return "insufficient_quota" in (error.get("code"), error.get("type"))
+    except (ValueError, AttributeError):
+        return False
+
+
 def _error_message(error: Any) -> str:
     if isinstance(error, Mapping):
         return str(error.get("message") or error)
@@ -252,7 +346,13 @@ def _error_message(error: Any) -> str:
 
 
 def _error_text(body: bytes) -> str:
+    """The message of an error body: `{"error": {"message"}}` (OpenAI, newer vLLM, Ollama), a flat
+    `{"message"}` (older vLLM) or `{"detail"}` (FastAPI's own 404 and 422), else the body itself."""
     try:
-        return _error_message(json.loads(body).get("error")) or body[:300].decode(errors="replace")
+        error = json.loads(body)
+        found = error.get("error") or error.get("message") or error.get("detail")
     except (ValueError, AttributeError):
-        return body[:300].decode(errors="replace") or "(no body)"
+        found = None
+    if found:
+        return _error_message(found)[:300]
+    return body[:300].decode(errors="replace") or "(no body)"
