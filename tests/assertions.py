@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -13,6 +14,16 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from agentsessions import errors
 
 DOMAIN = "agentsessions.v1"
+# What an ErrorInfo reason looks like (UPPER_SNAKE_CASE), and the services sessiond serves (AgentService
+# is the one a remote agent implements).
+REASON = re.compile(r"[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*")
+SERVED = {
+    "agentsessions.v1.SessionService",
+    "agentsessions.v1.MessageService",
+    "agentsessions.v1.TurnService",
+    "agentsessions.v1.AgentRegistryService",
+    "agentsessions.v1.AdminService",
+}
 
 
 def ts(value: Timestamp) -> datetime:

@@ -7,7 +7,6 @@ import asyncio
 import base64
 import json
 import random
-import re
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
-from assertions import nested_json, raises
+from assertions import DOMAIN, REASON, SERVED, nested_json, raises
 from conftest import POSTGRES_URL, DatabaseTarget, make_settings
 from google.protobuf import descriptor_pb2, field_mask_pb2, struct_pb2
 from google.protobuf.descriptor import MethodDescriptor
@@ -65,16 +64,6 @@ from agentsessions.v1 import (
 from sessiond.domain import paging
 from sessiond.domain.clock import ManualClock
 from sessiond.server import start_server
-
-DOMAIN = "agentsessions.v1"
-REASON = re.compile(r"[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*")
-SERVED = {
-    "agentsessions.v1.SessionService",
-    "agentsessions.v1.MessageService",
-    "agentsessions.v1.TurnService",
-    "agentsessions.v1.AgentRegistryService",
-    "agentsessions.v1.AdminService",
-}
 
 
 def text_message(text: str = "x") -> Message:

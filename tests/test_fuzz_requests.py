@@ -34,7 +34,6 @@ import base64
 import json
 import logging
 import random
-import re
 from collections import Counter
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
+from assertions import DOMAIN, REASON, SERVED
 from google.protobuf import field_mask_pb2, json_format, struct_pb2, text_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message as ProtoMessage
@@ -66,15 +66,6 @@ from agentsessions.v1 import (
 
 T = TypeVar("T")
 
-DOMAIN = "agentsessions.v1"
-REASON = re.compile(r"[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*")
-SERVED = {
-    "agentsessions.v1.SessionService",
-    "agentsessions.v1.MessageService",
-    "agentsessions.v1.TurnService",
-    "agentsessions.v1.AgentRegistryService",
-    "agentsessions.v1.AdminService",
-}
 METHODS: list[MethodDescriptor] = [
     method
     for module in (

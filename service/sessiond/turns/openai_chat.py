@@ -137,22 +137,21 @@ class OpenAIChatBackend:
             if data == "[DONE]":
                 yield None
                 return
-            try:
-                chunk = json.loads(data)
-            except ValueError as err:
-                raise self._fail(f"malformed stream chunk {data[:200]!r}", retryable=False) from err
-            if not isinstance(chunk, dict):
-                raise self._fail(f"malformed stream chunk {data[:200]!r}", retryable=False)
-            yield chunk
+            yield self._object(data, "stream chunk")
+
+    def _object(self, raw: str | bytes, what: str) -> dict[str, Any]:
+        """A JSON object the endpoint sent; anything else ends the turn as a malformed answer."""
+        try:
+            decoded = json.loads(raw)
+        except ValueError as err:
+            raise self._fail(f"malformed {what} {raw[:200]!r}", retryable=False) from err
+        if not isinstance(decoded, dict):
+            raise self._fail(f"malformed {what} {raw[:200]!r}", retryable=False)
+        return decoded
 
     async def _completion(self, body: bytes) -> AsyncGenerator[dict[str, Any] | None, None]:
         """A whole completion as the one chunk that would have carried it."""
-        try:
-            completion = json.loads(body)
-        except ValueError as err:
-            raise self._fail(f"malformed response {body[:200]!r}", retryable=False) from err
-        if not isinstance(completion, dict):
-            raise self._fail(f"malformed response {body[:200]!r}", retryable=False)
+        completion = self._object(body, "response")
         for choice in completion.get("choices") or ():
             if isinstance(choice, dict) and "message" in choice:
                 choice["delta"] = choice.pop("message")
