@@ -27,6 +27,12 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 
 
+def sqlite_time(value: datetime) -> int:
+    """How SQLite stores an aware datetime: integer microseconds since the Unix epoch."""
+    delta = value - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """Aware UTC datetimes, stored per dialect: timestamptz on PostgreSQL; on SQLite, integer microseconds
     since the Unix epoch (exact, ordered, indexable, and far cheaper to read and write than SQLite's text
@@ -46,8 +52,7 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value.tzinfo is None:
             raise ValueError("naive datetime given to the store")
         if dialect.name == "sqlite":
-            delta = value - _EPOCH
-            return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+            return sqlite_time(value)
         return value
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
