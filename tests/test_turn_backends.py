@@ -542,6 +542,7 @@ async def test_openai_chat_length_and_unanswered_calls(
         (Reply(status=429, body={"error": {"message": "rate limited"}}), True),
         (Reply(status=400, body={"error": {"message": "bad request: context too long"}}), False),
         (Reply(chunks=[chunk(content="Hel")], done=False), True),  # cut short
+        (Reply(chunks=[chunk(content="Hel")], done=False, drop=True), True),  # the connection dropped
         (Reply(chunks=[chunk(content="Hel"), {"error": {"message": "backend died"}}]), False),
     ],
 )
@@ -561,6 +562,27 @@ async def test_openai_chat_failures(
     if reply.chunks:
         assert (message_text(stored[1]), stored[1].status) == ("Hel", MessageStatus.MESSAGE_STATUS_ERROR)
     assert (await client.get_session(session_id=sid)).status == SessionStatus.SESSION_STATUS_ACTIVE
+
+
+async def test_openai_chat_connection_dropped_after_the_finish_reason_keeps_the_answer(
+    client: AsyncSessionsClient, endpoint: ChatCompletionsServer, unique: str
+) -> None:
+    """A proxy or server that closes the connection once the answer's finish_reason is out, before
+    `[DONE]` (and before a trailing usage chunk): the answer is whole, so the turn finishes as it says,
+    not as a retryable error that would pay for the same answer again."""
+    sid = await session_of(client, openai_agent(endpoint), unique, "oaidrop")
+    endpoint.replies.append(
+        Reply(
+            chunks=[chunk(content="Hello"), chunk(content=" there"), chunk(finish="stop")],
+            done=False,
+            drop=True,
+        )
+    )
+    events = await run(client, sid, text="hi")
+    assert kinds(events) == ["turn_started", "text_delta", "text_delta", "message_completed", "turn_finished"]
+    assert reason(events) == STOP
+    answer = (await history(client, sid))[1]
+    assert (message_text(answer), answer.status) == ("Hello there", MessageStatus.MESSAGE_STATUS_COMPLETE)
 
 
 def sse(*events: dict[str, Any] | str, end: bytes = b"\n\n", prefix: bytes = b"data: ") -> list[bytes]:

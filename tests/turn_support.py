@@ -126,6 +126,7 @@ class Reply:
     done: bool = True  # end with `data: [DONE]`
     # The stream's bytes as they are, each one TCP write (framing, comments, split events), for `chunks`.
     raw: list[bytes] | None = None
+    drop: bool = False  # close the connection after the events, without the end of the chunked body
 
 
 @dataclass
@@ -203,5 +204,8 @@ class ChatCompletionsServer:
         for event in events:
             writer.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
             await writer.drain()
+        if reply.drop:
+            writer.transport.abort()
+            return
         writer.write(b"0\r\n\r\n")
         await writer.drain()

@@ -11,13 +11,16 @@ Failures become AgentFailure (AGENT_UNAVAILABLE): retryable for connection failu
 409, 425, 429 (but OpenAI's `insufficient_quota`) and 5xx, a stream cut short, an answer the endpoint gave
 up on (`finish_reason` `abort` or `error`) and an error inside the stream whose `code` is one of those
 statuses or whose type is `server_error`; not for the other 4xx, a missing API key or the other errors
-inside the stream. A server that ignores `stream: true` and answers one JSON completion is read as the
-one chunk that would have carried it.
+inside the stream. A connection that drops after the answer's `finish_reason` but before `[DONE]` ends
+the turn as that finish reason says (the answer is whole; only a trailing usage chunk may be lost). A
+server that ignores `stream: true` and answers one JSON completion is read as the one chunk that would
+have carried it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
@@ -29,6 +32,8 @@ from agentsessions.v1 import agent_service_pb2, events_pb2, message_pb2
 
 from ..domain.agents import key_variable_denied
 from .backends import AgentFailure
+
+log = logging.getLogger(__name__)
 
 Response = agent_service_pb2.RespondResponse
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
@@ -166,7 +171,19 @@ class OpenAIChatBackend:
         usage: dict[str, Any] | None = None
         finish: str | None = None
         done = False
-        async for chunk in chunks:
+        pieces = aiter(chunks)
+        while True:
+            try:
+                chunk = await anext(pieces)
+            except StopAsyncIteration:
+                break
+            except httpx.HTTPError as err:
+                if finish is None:
+                    raise
+                # The answer had ended (its finish_reason came) when the connection dropped before
+                # `[DONE]`: it is whole, and a retry would pay for it again. Only a usage chunk may be lost.
+                log.info("agent %r: stream dropped after finish_reason %r: %s", self.agent_id, finish, err)
+                break
             if chunk is None:
                 done = True
                 break
