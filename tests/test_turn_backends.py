@@ -585,6 +585,53 @@ async def test_openai_chat_connection_dropped_after_the_finish_reason_keeps_the_
     assert (message_text(answer), answer.status) == ("Hello there", MessageStatus.MESSAGE_STATUS_COMPLETE)
 
 
+_NO_MAX_TOKENS = {  # OpenAI's answer to max_tokens for o1, o3 and gpt-5
+    "error": {
+        "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+        "Use 'max_completion_tokens' instead.",
+        "type": "invalid_request_error",
+        "param": "max_tokens",
+        "code": "unsupported_parameter",
+    }
+}
+
+
+async def test_openai_chat_asks_again_with_max_completion_tokens_when_max_tokens_is_refused(
+    client: AsyncSessionsClient, endpoint: ChatCompletionsServer, unique: str
+) -> None:
+    """vLLM, Ollama and llama.cpp servers take `max_tokens`; OpenAI's reasoning models refuse it and take
+    `max_completion_tokens`. The turn asks once more that way, with the same limit."""
+    sid = await session_of(client, openai_agent(endpoint, max_tokens=64), unique, "oaimct")
+    endpoint.replies += [
+        Reply(status=400, body=_NO_MAX_TOKENS),
+        Reply(chunks=[chunk(content="ok"), chunk(finish="stop")]),
+    ]
+    events = await run(client, sid, text="hi")
+    assert reason(events) == STOP and text_of(events) == "ok"
+    first, second = (r.body for r in endpoint.received[-2:])
+    assert (first.get("max_tokens"), "max_completion_tokens" in first) == (64, False)
+    assert (second.get("max_completion_tokens"), "max_tokens" in second) == (64, False)
+    assert first["messages"] == second["messages"]
+
+
+async def test_openai_chat_other_bad_requests_are_not_sent_again(
+    client: AsyncSessionsClient, endpoint: ChatCompletionsServer, unique: str
+) -> None:
+    sid = await session_of(client, openai_agent(endpoint, max_tokens=64), unique, "oai400")
+    other = {"error": {"message": "max_tokens is too large: 64 > 8", "param": "max_tokens", "code": None}}
+    endpoint.replies += [
+        Reply(status=400, body=other),
+        Reply(chunks=[chunk(content="no"), chunk(finish="stop")]),
+    ]
+    before = len(endpoint.received)
+    events = await run(client, sid, text="hi")
+    error = only(events, "error")
+    assert (error.reason, error.retryable, reason(events)) == ("AGENT_UNAVAILABLE", False, ERROR)
+    assert "too large" in error.message
+    assert len(endpoint.received) == before + 1
+    endpoint.replies.clear()
+
+
 def sse(*events: dict[str, Any] | str, end: bytes = b"\n\n", prefix: bytes = b"data: ") -> list[bytes]:
     return [prefix + (e if isinstance(e, str) else json.dumps(e)).encode() + end for e in events]
 

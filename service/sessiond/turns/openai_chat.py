@@ -12,7 +12,9 @@ Failures become AgentFailure (AGENT_UNAVAILABLE): retryable for connection failu
 up on (`finish_reason` `abort` or `error`) and an error inside the stream whose `code` is one of those
 statuses or whose type is `server_error`; not for the other 4xx, a missing API key or the other errors
 inside the stream. A connection that drops after the answer's `finish_reason` but before `[DONE]` ends
-the turn as that finish reason says (the answer is whole; only a trailing usage chunk may be lost). A
+the turn as that finish reason says (the answer is whole; only a trailing usage chunk may be lost). An
+endpoint that refuses `max_tokens` for `max_completion_tokens` (OpenAI's reasoning models) is asked once
+more with that field. A
 server that ignores `stream: true` and answers one JSON completion is read as the one chunk that would
 have carried it.
 """
@@ -108,22 +110,30 @@ class OpenAIChatBackend:
                 raise self._fail(f"the API key variable {self.api_key_env} is not set", retryable=False)
             headers["Authorization"] = f"Bearer {key}"
         timeout = httpx.Timeout(self.timeout, connect=10.0) if self.timeout else httpx.USE_CLIENT_DEFAULT
+        request_body = self.body(request)
         try:
-            async with self.client.stream(
-                "POST", self.url, json=self.body(request), headers=headers, timeout=timeout
-            ) as response:
-                if response.status_code != 200:
-                    body = await response.aread()
-                    raise self._fail(
-                        f"HTTP {response.status_code}: {_error_text(body)}",
-                        retryable=_retryable_status(response.status_code) and not _out_of_quota(body),
-                    )
-                if response.headers.get("content-type", "").startswith("application/json"):
-                    chunks = self._completion(await response.aread())  # it ignored `stream: true`
-                else:
-                    chunks = self._chunks(response)
-                async for event in self._relay(chunks):
-                    yield event
+            for attempt in range(2):
+                async with self.client.stream(
+                    "POST", self.url, json=request_body, headers=headers, timeout=timeout
+                ) as response:
+                    if response.status_code != 200:
+                        body = await response.aread()
+                        if attempt == 0 and "max_tokens" in request_body and _wants_completion_tokens(body):
+                            # OpenAI's reasoning models take the limit only as max_completion_tokens, which
+                            # vLLM, Ollama and llama.cpp servers may not know: asked again, once, that way.
+                            request_body["max_completion_tokens"] = request_body.pop("max_tokens")
+                            continue
+                        raise self._fail(
+                            f"HTTP {response.status_code}: {_error_text(body)}",
+                            retryable=_retryable_status(response.status_code) and not _out_of_quota(body),
+                        )
+                    if response.headers.get("content-type", "").startswith("application/json"):
+                        chunks = self._completion(await response.aread())  # it ignored `stream: true`
+                    else:
+                        chunks = self._chunks(response)
+                    async for event in self._relay(chunks):
+                        yield event
+                    return
         except httpx.TimeoutException as err:
             raise self._fail(f"timed out ({type(err).__name__})", retryable=True) from err
         except httpx.InvalidURL as err:  # an agent stored before base URLs were checked
@@ -344,6 +354,20 @@ def _retryable_error(error: Any) -> bool:
     except (TypeError, ValueError):
         status = 0
     return _retryable_status(status) or error.get("type") == "server_error"
+
+
+def _wants_completion_tokens(body: bytes) -> bool:
+    """OpenAI's refusal of `max_tokens` for a model that takes `max_completion_tokens` (o1, o3, gpt-5):
+    `param` names `max_tokens`, and the message says which parameter to use instead."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return False
+    return (
+        isinstance(error, dict)
+        and error.get("param") == "max_tokens"
+        and "max_completion_tokens" in str(error.get("message", ""))
+    )
 
 
 def _out_of_quota(body: bytes) -> bool:
