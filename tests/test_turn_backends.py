@@ -524,15 +524,13 @@ async def test_openai_chat_length_and_unanswered_calls(
         )
     )
     assert reason(await run(client, sid, text="first")) == CLIENT_TOOL_CALLS
-    # Not continued: the next request leaves the unanswered call out (endpoints refuse it).
+    # Not continued: the next request leaves the unanswered call out (endpoints refuse it), and the two
+    # user messages then in a row go as one (templates that want the roles to alternate refuse them).
     endpoint.replies.append(Reply(chunks=[chunk(content="and so"), chunk(finish="length")]))
     events = await run(client, sid, text="second")
     assert reason(events) == LENGTH
     assert only(events, "message_completed").message.status == MessageStatus.MESSAGE_STATUS_COMPLETE
-    assert endpoint.received[1].body["messages"] == [
-        {"role": "user", "content": "first"},
-        {"role": "user", "content": "second"},
-    ]
+    assert endpoint.received[1].body["messages"] == [{"role": "user", "content": "first\n\nsecond"}]
 
 
 @pytest.mark.parametrize(
@@ -583,6 +581,34 @@ async def test_openai_chat_connection_dropped_after_the_finish_reason_keeps_the_
     assert reason(events) == STOP
     answer = (await history(client, sid))[1]
     assert (message_text(answer), answer.status) == ("Hello there", MessageStatus.MESSAGE_STATUS_COMPLETE)
+
+
+async def test_openai_chat_sends_user_messages_in_a_row_as_one(
+    client: AsyncSessionsClient, endpoint: ChatCompletionsServer, unique: str
+) -> None:
+    """Mistral's and Gemma's chat templates (as vLLM and llama.cpp run them) refuse a request whose roles do
+    not alternate; a history with user messages in a row (appended by the caller, or left by a turn that
+    failed before it answered) goes with them joined."""
+    sid = await session_of(client, openai_agent(endpoint, system_prompt="Be brief."), unique, "oaialt")
+
+    def said(role: str, text: str) -> dict[str, Any]:
+        return {"role": role, "parts": [{"text": {"text": text}}]}
+
+    await client.append_messages(
+        session_id=sid,
+        messages=[said("ROLE_USER", "a"), said("ROLE_ASSISTANT", "x"), said("ROLE_USER", "b")],
+    )
+    endpoint.replies.append(Reply(status=503, body={"error": {"message": "loading"}}))
+    assert only(await run(client, sid, text="c"), "error").retryable
+    endpoint.replies.append(Reply(chunks=[chunk(content="ok"), chunk(finish="stop")]))
+    assert reason(await run(client, sid, text="d")) == STOP
+    assert endpoint.received[-1].body["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "x"},
+        {"role": "user", "content": "b\n\nc\n\nd"},
+    ]
+    assert [message_text(m) for m in await history(client, sid)] == ["a", "x", "b", "c", "d", "ok"]
 
 
 _NO_MAX_TOKENS = {  # OpenAI's answer to max_tokens for o1, o3 and gpt-5

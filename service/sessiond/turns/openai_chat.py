@@ -274,7 +274,8 @@ class OpenAIChatBackend:
 
 def chat_messages(history: Any) -> list[dict[str, Any]]:
     """The history window in the chat format. Reasoning is left out; tool calls left unanswered (a turn
-    paused for client tools and never continued) are dropped, because the endpoints refuse them."""
+    paused for client tools and never continued) are dropped, because the endpoints refuse them; user
+    messages in a row go as one, their texts separated by a blank line."""
     out: list[dict[str, Any]] = []
     for m in history:
         texts: list[str] = []
@@ -313,7 +314,7 @@ def chat_messages(history: Any) -> list[dict[str, Any]]:
         out += results
     answered = {m["tool_call_id"] for m in out if m["role"] == "tool"}
     asked = {c["id"] for m in out for c in m.get("tool_calls", ())}
-    kept = []
+    kept: list[dict[str, Any]] = []
     for m in out:
         if m["role"] == "tool" and m["tool_call_id"] not in asked:
             continue
@@ -322,6 +323,12 @@ def chat_messages(history: Any) -> list[dict[str, Any]]:
             if not m["tool_calls"]:
                 del m["tool_calls"]
         if m["role"] == "assistant" and not m.get("content") and "tool_calls" not in m:
+            continue
+        if m["role"] == "user" and kept and kept[-1]["role"] == "user":
+            # Two user messages in a row (a turn that failed before answering, a call left unanswered,
+            # messages appended by the caller): chat templates that want the roles to alternate (Mistral's
+            # and Gemma's, as vLLM and llama.cpp run them) refuse the whole request otherwise.
+            kept[-1]["content"] += "\n\n" + m["content"]
             continue
         kept.append(m)
     return kept
