@@ -611,6 +611,23 @@ async def test_openai_chat_sends_user_messages_in_a_row_as_one(
     assert [message_text(m) for m in await history(client, sid)] == ["a", "x", "b", "c", "d", "ok"]
 
 
+async def test_openai_chat_timeout_bounds_the_whole_request_not_each_read(
+    client: AsyncSessionsClient, endpoint: ChatCompletionsServer, unique: str
+) -> None:
+    """A server that keeps the stream alive with comments and never finishes: each read is quick, but the
+    turn ends once timeout_seconds have passed since the request, as a retryable failure that keeps what
+    came. (One second of real time: the limit is on the event loop's clock, not the service's.)"""
+    sid = await session_of(client, openai_agent(endpoint, timeout_seconds=1), unique, "oaislow")
+    alive = [b": keep-alive\n\n"] * 40  # 4 s of them, then the end of the stream without an answer
+    endpoint.replies.append(Reply(raw=[*sse(chunk(content="Hel")), *alive], interval=0.1))
+    events = await run(client, sid, text="hello?")
+    error = only(events, "error")
+    assert (error.reason, error.retryable, reason(events)) == ("AGENT_UNAVAILABLE", True, ERROR)
+    assert "within 1 s" in error.message
+    answer = only(events, "message_completed").message
+    assert (message_text(answer), answer.status) == ("Hel", MessageStatus.MESSAGE_STATUS_ERROR)
+
+
 _NO_MAX_TOKENS = {  # OpenAI's answer to max_tokens for o1, o3 and gpt-5
     "error": {
         "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "

@@ -127,6 +127,7 @@ class Reply:
     # The stream's bytes as they are, each one TCP write (framing, comments, split events), for `chunks`.
     raw: list[bytes] | None = None
     drop: bool = False  # close the connection after the events, without the end of the chunked body
+    interval: float = 0  # seconds between two writes
 
 
 @dataclass
@@ -204,6 +205,8 @@ class ChatCompletionsServer:
         for event in events:
             writer.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
             await writer.drain()
+            if reply.interval:
+                await asyncio.sleep(reply.interval)
         if reply.drop:
             writer.transport.abort()
             return

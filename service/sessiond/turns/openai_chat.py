@@ -21,6 +21,7 @@ have carried it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -111,6 +112,10 @@ class OpenAIChatBackend:
             headers["Authorization"] = f"Bearer {key}"
         timeout = httpx.Timeout(self.timeout, connect=10.0) if self.timeout else httpx.USE_CLIENT_DEFAULT
         request_body = self.body(request)
+        # timeout_seconds bounds the whole request, as the contract says, not only each read: a server
+        # that keeps the stream alive with comments (OpenRouter's ": OPENROUTER PROCESSING") and never
+        # answers would otherwise hold the turn open for as long as it likes.
+        deadline = asyncio.get_running_loop().time() + self.timeout if self.timeout else None
         try:
             for attempt in range(2):
                 async with self.client.stream(
@@ -131,7 +136,7 @@ class OpenAIChatBackend:
                         chunks = self._completion(await response.aread())  # it ignored `stream: true`
                     else:
                         chunks = self._chunks(response)
-                    async for event in self._relay(chunks):
+                    async for event in self._relay(chunks, deadline):
                         yield event
                     return
         except httpx.TimeoutException as err:
@@ -174,7 +179,7 @@ class OpenAIChatBackend:
         yield None
 
     async def _relay(
-        self, chunks: AsyncGenerator[dict[str, Any] | None, None]
+        self, chunks: AsyncGenerator[dict[str, Any] | None, None], deadline: float | None = None
     ) -> AsyncGenerator[Response, None]:
         calls: list[dict[str, str]] = []
         by_index: dict[Any, dict[str, str]] = {}
@@ -184,15 +189,19 @@ class OpenAIChatBackend:
         pieces = aiter(chunks)
         while True:
             try:
-                chunk = await anext(pieces)
+                async with asyncio.timeout_at(deadline):  # around the read alone: never across a yield
+                    chunk = await anext(pieces)
             except StopAsyncIteration:
                 break
-            except httpx.HTTPError as err:
+            except (TimeoutError, httpx.HTTPError) as err:
+                if finish is None and isinstance(err, TimeoutError):
+                    raise self._fail(f"no whole answer within {self.timeout} s", retryable=True) from None
                 if finish is None:
                     raise
-                # The answer had ended (its finish_reason came) when the connection dropped before
-                # `[DONE]`: it is whole, and a retry would pay for it again. Only a usage chunk may be lost.
-                log.info("agent %r: stream dropped after finish_reason %r: %s", self.agent_id, finish, err)
+                # The answer had ended (its finish_reason came) when the connection dropped or the time ran
+                # out before `[DONE]`: it is whole, and a retry would pay for it again. Only a usage chunk
+                # may be lost.
+                log.info("agent %r: no [DONE] after finish_reason %r: %r", self.agent_id, finish, err)
                 break
             if chunk is None:
                 done = True
