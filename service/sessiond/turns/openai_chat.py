@@ -11,11 +11,11 @@ Failures become AgentFailure (AGENT_UNAVAILABLE): retryable for connection failu
 409, 425, 429 (but OpenAI's `insufficient_quota`) and 5xx, a stream cut short, an answer the endpoint gave
 up on (`finish_reason` `abort` or `error`) and an error inside the stream whose `code` is one of those
 statuses or whose type is `server_error`; not for the other 4xx, a missing API key or the other errors
-inside the stream. A connection that drops after the answer's `finish_reason` but before `[DONE]` ends
-the turn as that finish reason says (the answer is whole; only a trailing usage chunk may be lost). An
-endpoint that refuses `max_tokens` for `max_completion_tokens` (OpenAI's reasoning models) is asked once
-more with that field. A
-server that ignores `stream: true` and answers one JSON completion is read as the one chunk that would
+inside the stream. `timeout_seconds` bounds the whole request, stream included. A connection that drops
+(or a deadline that passes) after the answer's `finish_reason` but before `[DONE]` ends the turn as that
+finish reason says: the answer is whole, only a trailing usage chunk may be lost. An endpoint that refuses
+`max_tokens` for `max_completion_tokens` (OpenAI's reasoning models) is asked once more with that field.
+A server that ignores `stream: true` and answers one JSON completion is read as the one chunk that would
 have carried it.
 """
 
