@@ -609,6 +609,14 @@ async def test_openai_chat_sends_user_messages_in_a_row_as_one(
         {"role": "user", "content": "b\n\nc\n\nd"},
     ]
     assert [message_text(m) for m in await history(client, sid)] == ["a", "x", "b", "c", "d", "ok"]
+    # A trigger after a user message joins it too.
+    await client.append_messages(session_id=sid, messages=[said("ROLE_USER", "e")])
+    endpoint.replies.append(Reply(chunks=[chunk(content="done"), chunk(finish="stop")]))
+    assert reason(await run(client, sid, trigger={"name": "t", "input": {"x": 1}})) == STOP
+    assert endpoint.received[-1].body["messages"][-2:] == [
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": 'e\n\nTrigger t: {"x": 1.0}'},
+    ]
 
 
 async def test_openai_chat_timeout_bounds_the_whole_request_not_each_read(
@@ -655,6 +663,11 @@ async def test_openai_chat_asks_again_with_max_completion_tokens_when_max_tokens
     assert (first.get("max_tokens"), "max_completion_tokens" in first) == (64, False)
     assert (second.get("max_completion_tokens"), "max_tokens" in second) == (64, False)
     assert first["messages"] == second["messages"]
+    # The next turn of the agent sends max_completion_tokens at once.
+    endpoint.replies.append(Reply(chunks=[chunk(content="again"), chunk(finish="stop")]))
+    assert reason(await run(client, sid, text="more")) == STOP
+    third = endpoint.received[-1].body
+    assert (third.get("max_completion_tokens"), "max_tokens" in third) == (64, False)
 
 
 async def test_openai_chat_other_bad_requests_are_not_sent_again(

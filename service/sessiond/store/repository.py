@@ -15,6 +15,7 @@ from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     Connection,
     Row,
     and_,
@@ -413,6 +414,11 @@ def _sqlite_converter(column_type: Any) -> Callable[[Any], Any] | None:
         return _sqlite_time_or_none
     if isinstance(column_type, JSON):
         return json.dumps  # SQLAlchemy's JSON type on SQLite, when the engine names no serializer
+    if isinstance(column_type, Boolean):
+        return None  # the driver stores a bool as 1 or 0, as SQLAlchemy's processor does
+    if column_type.bind_processor(sqlite.dialect()) is not None:
+        # A type this class does not know how to convert: its values would reach the table unconverted.
+        raise TypeError(f"_SQLiteBatch cannot convert values of {column_type!r}")
     return None
 
 
@@ -919,8 +925,9 @@ class Store:
 
     def _create_many(self, conn: Connection, ops: Sequence[_CreateOp]) -> list[Outcome]:
         """Concurrent creates in a few statements for all of them: one SELECT each of their agents, of
-        their request ids seen before and of their ids already taken, one INSERT ... RETURNING, one INSERT
-        of labels, one SELECT of shared variables. The outcome of each is what running them one after the
+        their request ids seen before and of their ids already taken, one INSERT (on PostgreSQL with
+        RETURNING for the pks; on SQLite after one SELECT of the largest pk), one INSERT of labels, one
+        SELECT of shared variables. The outcome of each is what running them one after the
         other would give. Creates that write shared variables run one by one first (in the same
         transaction), as the others' reads depend on them."""
         outcomes: list[Outcome | None] = [None] * len(ops)

@@ -74,6 +74,7 @@ class Backends:
         self.tracing = tracing
         self._channels: dict[tuple[str, bool], grpc.aio.Channel] = {}
         self._http: httpx.AsyncClient | None = None
+        self._completion_tokens: set[tuple[str, str]] = set()  # see OpenAIChatBackend.completion_tokens
 
     def for_agent(self, agent: Agent) -> AgentBackend:
         settings: dict[str, Any] = agent.backend
@@ -102,7 +103,11 @@ class Backends:
             if agent.origin == AgentOrigin.API:
                 refused = key_variable_refused(settings, self.allowed_key_vars)
             return OpenAIChatBackend(
-                self._http_client(), agent_id=agent.agent_id, settings=settings, key_refused=refused
+                self._http_client(),
+                agent_id=agent.agent_id,
+                settings=settings,
+                key_refused=refused,
+                completion_tokens=self._completion_tokens,
             )
         raise FailedPrecondition(
             f"agent {agent.agent_id!r} has an unknown backend {kind!r}",

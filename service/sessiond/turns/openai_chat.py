@@ -14,7 +14,8 @@ statuses or whose type is `server_error`; not for the other 4xx, a missing API k
 inside the stream. `timeout_seconds` bounds the whole request, stream included. A connection that drops
 (or a deadline that passes) after the answer's `finish_reason` but before `[DONE]` ends the turn as that
 finish reason says: the answer is whole, only a trailing usage chunk may be lost. An endpoint that refuses
-`max_tokens` for `max_completion_tokens` (OpenAI's reasoning models) is asked once more with that field.
+`max_tokens` for `max_completion_tokens` (OpenAI's reasoning models) is asked once more with that field,
+and gets that field from then on.
 A server that ignores `stream: true` and answers one JSON completion is read as the one chunk that would
 have carried it.
 """
@@ -60,8 +61,12 @@ class OpenAIChatBackend:
         agent_id: str,
         settings: Mapping[str, Any],
         key_refused: str | None = None,
+        completion_tokens: set[tuple[str, str]] | None = None,
     ) -> None:
         self.client = client
+        # (url, model) pairs that refused max_tokens for max_completion_tokens, shared by the turns of the
+        # process: one refusal, not one per turn.
+        self.completion_tokens = completion_tokens if completion_tokens is not None else set()
         self.key_refused = key_refused  # api_key_env names a variable this agent may not read
         self.agent_id = agent_id
         self.url = str(settings["base_url"]).rstrip("/") + "/chat/completions"
@@ -80,12 +85,7 @@ class OpenAIChatBackend:
         messages += chat_messages(request.history)
         if request.WhichOneof("input") == "trigger":
             payload = json_format.MessageToDict(request.trigger.input)
-            messages.append(
-                {
-                    "role": "user",
-                    "content": f"Trigger {request.trigger.name}: {json.dumps(payload, sort_keys=True)}",
-                }
-            )
+            _add_user(messages, f"Trigger {request.trigger.name}: {json.dumps(payload, sort_keys=True)}")
         body: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
@@ -93,7 +93,10 @@ class OpenAIChatBackend:
             "stream_options": {"include_usage": True},
         }
         if self.max_tokens:
-            body["max_tokens"] = self.max_tokens
+            limit = (
+                "max_completion_tokens" if (self.url, self.model) in self.completion_tokens else "max_tokens"
+            )
+            body[limit] = self.max_tokens
         if self.tools:
             body["tools"] = self.tools
         return body
@@ -127,6 +130,7 @@ class OpenAIChatBackend:
                             # OpenAI's reasoning models take the limit only as max_completion_tokens, which
                             # vLLM, Ollama and llama.cpp servers may not know: asked again, once, that way.
                             request_body["max_completion_tokens"] = request_body.pop("max_tokens")
+                            self.completion_tokens.add((self.url, self.model))
                             continue
                         raise self._fail(
                             f"HTTP {response.status_code}: {_error_text(body)}",
@@ -333,14 +337,22 @@ def chat_messages(history: Any) -> list[dict[str, Any]]:
                 del m["tool_calls"]
         if m["role"] == "assistant" and not m.get("content") and "tool_calls" not in m:
             continue
-        if m["role"] == "user" and kept and kept[-1]["role"] == "user":
-            # Two user messages in a row (a turn that failed before answering, a call left unanswered,
-            # messages appended by the caller): chat templates that want the roles to alternate (Mistral's
-            # and Gemma's, as vLLM and llama.cpp run them) refuse the whole request otherwise.
-            kept[-1]["content"] += "\n\n" + m["content"]
+        if m["role"] == "user":
+            _add_user(kept, m["content"])
             continue
         kept.append(m)
     return kept
+
+
+def _add_user(messages: list[dict[str, Any]], text: str) -> None:
+    """Adds a user message, joined to the one before when that is a user message too (a turn that failed
+    before answering, a call left unanswered, messages appended by the caller, a trigger after them):
+    chat templates that want the roles to alternate (Mistral's and Gemma's, as vLLM and llama.cpp run
+    them) refuse the whole request otherwise."""
+    if messages and messages[-1]["role"] == "user":
+        messages[-1]["content"] += "\n\n" + text
+    else:
+        messages.append({"role": "user", "content": text})
 
 
 def _json_object(arguments: str) -> str:
