@@ -29,6 +29,8 @@ from sqlalchemy.types import TypeDecorator
 
 def sqlite_time(value: datetime) -> int:
     """How SQLite stores an aware datetime: integer microseconds since the Unix epoch."""
+    if value.tzinfo is None:
+        raise ValueError("naive datetime given to the store")
     delta = value - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
@@ -49,10 +51,10 @@ class UTCDateTime(TypeDecorator[datetime]):
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | int | None:
         if value is None:
             return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime given to the store")
         if dialect.name == "sqlite":
             return sqlite_time(value)
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store")
         return value
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
