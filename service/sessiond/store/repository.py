@@ -1201,11 +1201,12 @@ class Store:
             if pending_calls:
                 conn.execute(self._record_calls, pending_calls)
                 pending_calls.clear()
-            if pending_events and sqlite_rows:
-                _SQLITE_INSERT_EVENTS.run(conn, pending_events)
-            elif pending_events:
-                conn.execute(_INSERT_EVENT, pending_events)
-            pending_events.clear()
+            if pending_events:
+                if sqlite_rows:
+                    _SQLITE_INSERT_EVENTS.run(conn, pending_events)
+                else:
+                    conn.execute(_INSERT_EVENT, pending_events)
+                pending_events.clear()
 
         for op in ops:
             op.events.clear()  # a group that failed may run this operation again

@@ -126,7 +126,8 @@ class OpenAIChatBackend:
                 ) as response:
                     if response.status_code != 200:
                         body = await response.aread()
-                        if attempt == 0 and "max_tokens" in request_body and _wants_completion_tokens(body):
+                        error = _body_error(body)
+                        if attempt == 0 and "max_tokens" in request_body and _wants_completion_tokens(error):
                             # OpenAI's reasoning models take the limit only as max_completion_tokens, which
                             # vLLM, Ollama and llama.cpp servers may not know: asked again, once, that way.
                             request_body["max_completion_tokens"] = request_body.pop("max_tokens")
@@ -134,7 +135,7 @@ class OpenAIChatBackend:
                             continue
                         raise self._fail(
                             f"HTTP {response.status_code}: {_error_text(body)}",
-                            retryable=_retryable_status(response.status_code) and not _out_of_quota(body),
+                            retryable=_retryable_status(response.status_code) and not _out_of_quota(error),
                         )
                     if response.headers.get("content-type", "").startswith("application/json"):
                         chunks = self._completion(await response.aread())  # it ignored `stream: true`
@@ -384,27 +385,28 @@ def _retryable_error(error: Any) -> bool:
     return _retryable_status(status) or error.get("type") == "server_error"
 
 
-def _wants_completion_tokens(body: bytes) -> bool:
-    """OpenAI's refusal of `max_tokens` for a model that takes `max_completion_tokens` (o1, o3, gpt-5):
-    `param` names `max_tokens`, and the message says which parameter to use instead."""
+def _body_error(body: bytes) -> Mapping[str, Any] | None:
+    """The `error` object of an error body, as OpenAI and the servers that copy it send one."""
     try:
         error = json.loads(body).get("error")
     except (ValueError, AttributeError):
-        return False
+        return None
+    return error if isinstance(error, Mapping) else None
+
+
+def _wants_completion_tokens(error: Mapping[str, Any] | None) -> bool:
+    """OpenAI's refusal of `max_tokens` for a model that takes `max_completion_tokens` (o1, o3, gpt-5):
+    `param` names `max_tokens`, and the message says which parameter to use instead."""
     return (
-        isinstance(error, dict)
+        error is not None
         and error.get("param") == "max_tokens"
         and "max_completion_tokens" in str(error.get("message", ""))
     )
 
 
-def _out_of_quota(body: bytes) -> bool:
+def _out_of_quota(error: Mapping[str, Any] | None) -> bool:
     """OpenAI's 429 for an account out of credit, which no retry gets past (its other 429s do pass)."""
-    try:
-        error = json.loads(body).get("error")
-        return "insufficient_quota" in (error.get("code"), error.get("type"))
-    except (ValueError, AttributeError):
-        return False
+    return error is not None and "insufficient_quota" in (error.get("code"), error.get("type"))
 
 
 def _error_message(error: Any) -> str:
