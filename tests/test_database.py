@@ -115,3 +115,64 @@ async def test_closing_does_not_wait_for_a_database_that_does_not_answer(
     finally:
         if not closed:
             await db.close()
+
+
+class _Grouped:
+    """A grouped operation (as appends and creates are) that records the size of each group it ran in."""
+
+    def __init__(self, groups: list[int], value: int) -> None:
+        self.groups = groups
+        self.value = value
+
+    def __call__(self, conn: Connection) -> int:
+        ((result, _),) = self.run_many(conn, [self])
+        return result  # type: ignore[no-any-return]
+
+    @staticmethod
+    def run_many(conn: Connection, ops: list[_Grouped]) -> list[tuple[int, None]]:
+        ops[0].groups.append(len(ops))
+        conn.exec_driver_sql("SELECT 1")
+        return [(op.value, None) for op in ops]
+
+
+async def test_the_sqlite_writer_lingers_for_concurrent_writers_only(fresh_database: DatabaseTarget) -> None:
+    """A lone writer's groups start at once, however long the writer may linger. Writers under way
+    together are gathered into one group each round, and once they stop coming together the writer goes
+    back to starting each group at once. (Group sizes are asserted, never times.)"""
+    if fresh_database.backend != "sqlite":
+        pytest.skip("the linger is the SQLite writer thread's")
+    groups: list[int] = []
+    db = Database(fresh_database.url, write_linger=600)  # a wait would be seen as a hung test
+    await db.open()
+    try:
+        for n in range(20):  # one caller at a time: never a wait, each alone in its group
+            assert await asyncio.wait_for(db.write(_Grouped(groups, n)), 30) == n
+        assert groups == [1] * 20
+    finally:
+        await db.close()
+
+    groups.clear()
+    db = Database(fresh_database.url, write_linger=0.5)
+    await db.open()
+    try:
+
+        async def caller(k: int) -> list[int]:
+            answers = []
+            for r in range(30):
+                for _ in range(3 * k):  # the callers come back at different times, as over a network
+                    await asyncio.sleep(0)
+                answers.append(await db.write(_Grouped(groups, 100 * k + r)))
+            return answers
+
+        results = await asyncio.gather(*(caller(k) for k in range(8)))
+        assert results == [[100 * k + r for r in range(30)] for k in range(8)]  # each got its own answer
+        assert sum(groups) == 8 * 30
+        # Once the eight came together they stay together: every caller in each group of a round.
+        assert groups.count(8) >= 20, groups
+
+        groups.clear()
+        for n in range(20):  # alone again: after a few groups the estimate has decayed and none waits
+            assert await db.write(_Grouped(groups, n)) == n
+        assert groups == [1] * 20
+    finally:
+        await db.close()

@@ -188,6 +188,7 @@ async def start_server(
         settings.database_url,
         schema=settings.database_schema,
         pool_size=settings.database_pool_size,
+        write_linger=settings.database_write_linger_ms / 1000,
         lock_timeout=settings.database_lock_timeout_seconds,
         statement_timeout=settings.database_statement_timeout_seconds,
     )

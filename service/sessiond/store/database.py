@@ -89,18 +89,23 @@ class Database:
         schema: str | None = None,
         pool_size: int = 10,
         max_batch: int = 256,
+        write_linger: float = 0.005,
         lock_timeout: float = 0,
         statement_timeout: float = 0,
     ) -> None:
         """`lock_timeout`, `statement_timeout` (PostgreSQL, seconds, 0 for none): how long a statement
         waits for a lock, and runs, before it fails (`database_unavailable`). Without them a row lock
-        held by another client stalled every grouped write behind it, and a shutdown with them."""
+        held by another client stalled every grouped write behind it, and a shutdown with them.
+
+        `write_linger` (SQLite, seconds, 0 for never): how long the writer may wait for more operations
+        before it starts a group, which it does only under concurrent load (`_SQLiteWriter._gather`)."""
         self.url = normalize_url(url)
         self.dialect = "sqlite" if self.url.get_backend_name() == "sqlite" else "postgresql"
         self.schema = schema
         self._timeouts = {"lock_timeout": lock_timeout, "statement_timeout": statement_timeout}
         self._pool_size = pool_size
         self._max_batch = max_batch
+        self._write_linger = write_linger
         self._engine: AsyncEngine | None = None
         self._read_engine: AsyncEngine | None = None  # PostgreSQL reads: the same pool, in autocommit
         self._writer: _SQLiteWriter | None = None
@@ -157,7 +162,9 @@ class Database:
                 connect_args={"timeout": 30, "check_same_thread": False},
             )
             _sqlite_setup(writer_engine, begin="BEGIN IMMEDIATE")
-            self._writer = _SQLiteWriter(writer_engine, asyncio.get_running_loop(), self._max_batch)
+            self._writer = _SQLiteWriter(
+                writer_engine, asyncio.get_running_loop(), self._max_batch, self._write_linger
+            )
         else:
             settings = {name: f"{round(seconds * 1000)}ms" for name, seconds in self._timeouts.items()}
             if self.schema:
@@ -345,27 +352,60 @@ class WriteCache:
 
 
 class _SQLiteWriter:
-    """One thread, one connection, group commit. Results go back to the event loop in one hop per group."""
+    """One thread, one connection, group commit. Results go back to the event loop in one hop per group.
+
+    Under concurrent load the writer lingers before a group (`_gather`). The loop and the writer share one
+    GIL: a group taken as soon as one operation arrives is small, and each group costs a transaction and
+    hand-overs of the GIL between the threads, so at 64 appends in flight the process spent on those what
+    it could have spent on the calls. A caller alone, or a few, never waits: see `_gather`."""
 
     _STOP = object()
+    LINGER_FROM = 4  # concurrent writers below which a group starts at once
+    DECAY = 0.9  # per group, of the concurrency estimate
 
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, max_batch: int) -> None:
+    def __init__(
+        self, engine: Engine, loop: asyncio.AbstractEventLoop, max_batch: int, linger: float = 0.0
+    ) -> None:
         self._engine = engine
         self._loop = loop
         self._max_batch = max_batch
+        self._linger = linger
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._wanted = 0  # while lingering: the queue length that ends the wait (0: not lingering)
+        self._more = threading.Event()
+        self._writers = 1.0  # how many operations tend to be under way at once: a decaying peak of groups
         self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
         self._thread.start()
 
     def submit(self, op: Op[T]) -> asyncio.Future[T]:
         future: asyncio.Future[T] = self._loop.create_future()
         self._queue.put((op, future))
+        if self._wanted and self._queue.qsize() >= self._wanted:
+            self._more.set()
         return future
 
     def close(self) -> None:
         self._queue.put(self._STOP)
+        self._more.set()
         self._thread.join()
         self._engine.dispose()
+
+    def _gather(self) -> None:
+        """Before a group: when recent groups held `LINGER_FROM` operations or more, waits (up to
+        `linger`) until as many as the largest of them lately are queued, so that the group holds every
+        writer under way. Callers that wait for their answers come back together, so the wait usually
+        ends as soon as they all did. The estimate decays group by group, so after a burst the writer
+        soon goes back to starting each group at once."""
+        want = min(self._max_batch, int(self._writers)) - 1  # besides the one taken
+        if self._linger <= 0 or want < self.LINGER_FROM - 1 or self._queue.qsize() >= want:
+            return
+        self._more.clear()
+        self._wanted = want
+        try:
+            if self._queue.qsize() < want:  # an operation queued before `_wanted` was set is seen here
+                self._more.wait(self._linger)
+        finally:
+            self._wanted = 0
 
     def _run(self) -> None:
         with self._engine.connect() as conn:
@@ -376,6 +416,7 @@ class _SQLiteWriter:
                 first = self._queue.get()
                 if first is self._STOP:
                     return
+                self._gather()
                 batch = [first]
                 while len(batch) < self._max_batch:
                     try:
@@ -386,6 +427,7 @@ class _SQLiteWriter:
                         self._queue.put(item)
                         break
                     batch.append(item)
+                self._writers = max(float(len(batch)), self._writers * self.DECAY)
                 outcomes, data_version = self._run_batch(conn, [op for op, _ in batch], cache, data_version)
                 self._loop.call_soon_threadsafe(_settle_all, batch, outcomes)
 
