@@ -35,8 +35,8 @@ class Settings(BaseSettings):
     database_statement_timeout_seconds: float = Field(
         60.0, ge=0, validation_alias=_env("SESSIOND_DATABASE_STATEMENT_TIMEOUT_SECONDS")
     )
-    # SQLite only: how long the writer may wait for more writes before a group commit, which it does only
-    # while several writers are under way (0: never wait). Larger groups cost less CPU per write.
+    # How long a group commit (appends, creates) may wait for more writes before it starts, which it does
+    # only while several writers are under way (0: never wait). Larger groups cost less per write.
     database_write_linger_ms: float = Field(
         5.0, ge=0, le=100, validation_alias=_env("SESSIOND_DATABASE_WRITE_LINGER_MS")
     )
