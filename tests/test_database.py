@@ -15,7 +15,7 @@ from sqlalchemy import Connection, func, insert, select
 from sqlalchemy.exc import DBAPIError
 
 from sessiond.store import migrate
-from sessiond.store.database import Database
+from sessiond.store.database import Database, GroupSizer
 from sessiond.store.tables import scoped_variables
 
 
@@ -135,15 +135,37 @@ class _Grouped:
         return [(op.value, None) for op in ops]
 
 
-async def test_a_group_commit_waits_for_concurrent_writers_only(fresh_database: DatabaseTarget) -> None:
-    """A lone writer's groups start at once, however long the writer may linger. Writers under way
-    together are gathered into one group each round, and once they stop coming together the writer goes
-    back to starting each group at once. (Group sizes are asserted, never times.)"""
+async def _staggered_writers(db: Database, groups: list[int]) -> None:
+    """Eight callers, thirty writes each, coming back at different times (as over a network)."""
+
+    async def caller(k: int) -> list[int]:
+        answers = []
+        for r in range(30):
+            for _ in range(3 * k):
+                await asyncio.sleep(0)
+            answers.append(await db.write(_Grouped(groups, 100 * k + r)))
+        return answers
+
+    results = await asyncio.gather(*(caller(k) for k in range(8)))
+    assert results == [[100 * k + r for r in range(30)] for k in range(8)]  # each got its own answer
+    assert sum(groups) == 8 * 30
+
+
+async def test_a_group_commit_waits_for_concurrent_writers_only(
+    fresh_database: DatabaseTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a CPU-bound process (forced here: `BUSY` 0, judged on every group), a lone writer's groups start at once however long
+    the writer may linger; writers under way together are gathered into one group each round; once they
+    stop coming together the writer goes back to starting each group at once. Group sizes are
+    asserted, never times."""
+    monkeypatch.setattr(GroupSizer, "BUSY", 0.0)
+    monkeypatch.setattr(GroupSizer, "WINDOW", 0.0)  # judged on every group, not after the first 50 ms
     groups: list[int] = []
-    db = Database(fresh_database.url, schema=fresh_database.schema, write_linger=600)  # a wait would be seen as a hung test
+    # A linger of ten minutes: a lone write that waited would be seen as a hung test.
+    db = Database(fresh_database.url, schema=fresh_database.schema, write_linger=600)
     await db.open()
     try:
-        for n in range(20):  # one caller at a time: never a wait, each alone in its group
+        for n in range(20):
             assert await asyncio.wait_for(db.write(_Grouped(groups, n)), 30) == n
         assert groups == [1] * 20
     finally:
@@ -153,18 +175,7 @@ async def test_a_group_commit_waits_for_concurrent_writers_only(fresh_database: 
     db = Database(fresh_database.url, schema=fresh_database.schema, write_linger=0.5)
     await db.open()
     try:
-
-        async def caller(k: int) -> list[int]:
-            answers = []
-            for r in range(30):
-                for _ in range(3 * k):  # the callers come back at different times, as over a network
-                    await asyncio.sleep(0)
-                answers.append(await db.write(_Grouped(groups, 100 * k + r)))
-            return answers
-
-        results = await asyncio.gather(*(caller(k) for k in range(8)))
-        assert results == [[100 * k + r for r in range(30)] for k in range(8)]  # each got its own answer
-        assert sum(groups) == 8 * 30
+        await _staggered_writers(db, groups)
         # Once the eight came together they stay together: every caller in each group of a round.
         assert groups.count(8) >= 20, groups
 
@@ -172,5 +183,22 @@ async def test_a_group_commit_waits_for_concurrent_writers_only(fresh_database: 
         for n in range(20):  # alone again: after a few groups the estimate has decayed and none waits
             assert await db.write(_Grouped(groups, n)) == n
         assert groups == [1] * 20
+    finally:
+        await db.close()
+
+
+async def test_a_group_commit_waits_only_on_a_cpu_bound_process(
+    fresh_database: DatabaseTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same writers on a process that is never CPU-bound (`BUSY` above any process): no group waits
+    for them, so they do not come together (a wait would have made nearly every group hold all eight)."""
+    monkeypatch.setattr(GroupSizer, "BUSY", 1000.0)
+    monkeypatch.setattr(GroupSizer, "WINDOW", 0.0)
+    groups: list[int] = []
+    db = Database(fresh_database.url, schema=fresh_database.schema, write_linger=600)
+    await db.open()
+    try:
+        await asyncio.wait_for(_staggered_writers(db, groups), 60)
+        assert groups.count(8) < 20, groups
     finally:
         await db.close()

@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     # How long a group commit (appends, creates) may wait for more writes before it starts, which it does
     # only while several writers are under way (0: never wait). Larger groups cost less per write.
     database_write_linger_ms: float = Field(
-        5.0, ge=0, le=100, validation_alias=_env("SESSIOND_DATABASE_WRITE_LINGER_MS")
+        10.0, ge=0, le=100, validation_alias=_env("SESSIOND_DATABASE_WRITE_LINGER_MS")
     )
     migrate_on_start: bool = Field(True, validation_alias=_env("SESSIOND_MIGRATE_ON_START"))
     grace_seconds: float = Field(10.0, ge=0, validation_alias=_env("SESSIOND_GRACE_SECONDS"))

@@ -29,10 +29,12 @@ they run depends on the database:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -91,7 +93,7 @@ class Database:
         schema: str | None = None,
         pool_size: int = 10,
         max_batch: int = 256,
-        write_linger: float = 0.005,
+        write_linger: float = 0.01,
         lock_timeout: float = 0,
         statement_timeout: float = 0,
     ) -> None:
@@ -119,7 +121,7 @@ class Database:
         # PostgreSQL group commit: operations waiting for the next group, and the task running groups.
         self._pending: list[tuple[Op[Any], asyncio.Future[Any]]] = []
         self._grouper: asyncio.Task[None] | None = None
-        self._sizer = GroupSizer(max_batch)
+        self._sizer = GroupSizer(max_batch, write_linger)
         self._more = asyncio.Event()  # set when as many operations wait as the next group waits for
 
     def asyncpg_dsn(self) -> str:
@@ -292,17 +294,17 @@ class Database:
 
     async def _gather(self) -> None:
         """Before a group: waits as `GroupSizer` says."""
-        want = self._sizer.target(len(self._pending)) if self._write_linger > 0 else 0
+        sizer = self._sizer
+        want = sizer.target(len(self._pending))
         if not want:
             return
         self._more.clear()
-        self._sizer.wanted = want
+        sizer.wanted = want
         try:
-            await asyncio.wait_for(self._more.wait(), self._write_linger)
-        except TimeoutError:
-            pass
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._more.wait(), sizer.linger)
         finally:
-            self._sizer.wanted = 0
+            sizer.wanted = 0
 
     async def _outcome(self, op: Op[Any]) -> tuple[Any, BaseException | None]:
         try:
@@ -344,31 +346,51 @@ class GroupSizer:
 
     Under concurrent load a group taken as soon as one operation arrives is small, and each group has a
     fixed cost: a transaction, and on SQLite hand-overs of the one GIL between the event loop and the
-    writer thread (on PostgreSQL, its round trips). So while recent groups held `LINGER_FROM` operations
-    or more, the next one waits, up to the linger, until as many as the largest of them lately are
-    queued. Callers waiting for their answers come back together, so the wait usually ends as soon as
-    they all did. A caller alone, or a few, never waits. The estimate decays group by group, so after a
-    burst the writer soon goes back to starting each group at once (a few groups wait out the linger).
+    writer thread (on PostgreSQL, its round trips). So while the process is CPU-bound (it used `BUSY` of
+    a core or more over the last `WINDOW` seconds) and recent groups held `LINGER_FROM` operations or
+    more, the next group waits until as many as the largest of them lately are queued, for up to the
+    linger. Callers waiting for their answers come back together, so the wait often ends before the
+    linger does. A caller alone, or a few, never waits. The estimate decays group by group, so after a
+    burst the writer soon goes back to starting each group at once.
 
-    Measured at 64 appends in flight on SQLite: 0.46x to 0.62x of the bare server, creates 0.41x to
-    0.51x; on PostgreSQL appends 0.31x to 0.34-0.39x (docs/benchmarks.md)."""
+    Both conditions are needed. Without the first, writes trickling in from independent callers at a
+    moderate rate (one a millisecond) kept waiting for each other: a group of four formed once made the
+    next wait for four, and so on, which tripled their latency for no gain in throughput. Without the
+    second, a lone caller on a busy process waited out the linger on every write."""
 
     LINGER_FROM = 4
     DECAY = 0.9
+    BUSY = 0.9
+    WINDOW = 0.05
 
-    def __init__(self, max_batch: int) -> None:
+    def __init__(self, max_batch: int, linger: float) -> None:
+        self.linger = linger
         self._max_batch = max_batch
         self._writers = 1.0  # how many operations tend to be under way at once: a decaying peak of groups
         self.wanted = 0  # while a group waits: how many queued operations end the wait (0: none waits)
+        self._window = (time.monotonic(), time.process_time())
+        self._busy = False
 
     def target(self, queued: int) -> int:
         """How many queued operations (`queued` now, the group's first included) the next group should
         wait for; 0 to start at once."""
+        if self.linger <= 0:
+            return 0
         want = min(self._max_batch, int(self._writers))
-        return want if want >= self.LINGER_FROM and queued < want else 0
+        return want if want >= self.LINGER_FROM and queued < want and self._cpu_bound() else 0
 
     def ran(self, size: int) -> None:
         self._writers = max(float(size), self._writers * self.DECAY)
+
+    def _cpu_bound(self) -> bool:
+        """Whether the process used `BUSY` of a core over the last window (the previous window's answer
+        until this one is `WINDOW` long)."""
+        wall, cpu = time.monotonic(), time.process_time()
+        start_wall, start_cpu = self._window
+        if wall > start_wall and wall - start_wall >= self.WINDOW:
+            self._busy = cpu - start_cpu >= self.BUSY * (wall - start_wall)
+            self._window = (wall, cpu)
+        return self._busy
 
 
 class WriteCache:
@@ -418,9 +440,8 @@ class _SQLiteWriter:
         self._engine = engine
         self._loop = loop
         self._max_batch = max_batch
-        self._linger = linger
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._sizer = GroupSizer(max_batch)
+        self._sizer = GroupSizer(max_batch, linger)
         self._more = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
         self._thread.start()
@@ -441,16 +462,17 @@ class _SQLiteWriter:
 
     def _gather(self) -> None:
         """Before a group, whose first operation the writer holds: waits as `GroupSizer` says."""
-        want = self._sizer.target(self._queue.qsize() + 1) if self._linger > 0 else 0
+        sizer = self._sizer
+        want = sizer.target(self._queue.qsize() + 1)
         if not want:
             return
         self._more.clear()
-        self._sizer.wanted = want
+        sizer.wanted = want
         try:
             if self._queue.qsize() + 1 < want:  # one queued before `wanted` was set is seen here
-                self._more.wait(self._linger)
+                self._more.wait(sizer.linger)
         finally:
-            self._sizer.wanted = 0
+            sizer.wanted = 0
 
     def _run(self) -> None:
         with self._engine.connect() as conn:
