@@ -154,10 +154,10 @@ async def _staggered_writers(db: Database, groups: list[int]) -> None:
 async def test_a_group_commit_waits_for_concurrent_writers_only(
     fresh_database: DatabaseTarget, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On a CPU-bound process (forced here: `BUSY` 0, judged on every group), a lone writer's groups start at once however long
-    the writer may linger; writers under way together are gathered into one group each round; once they
-    stop coming together the writer goes back to starting each group at once. Group sizes are
-    asserted, never times."""
+    """On a CPU-bound process (forced here: `BUSY` 0, judged on every group), a lone writer's groups
+    start at once however long the writer may linger; writers under way together are gathered into one
+    group each round; once they stop coming together the writer goes back to starting each group at
+    once. Group sizes are asserted, never times."""
     monkeypatch.setattr(GroupSizer, "BUSY", 0.0)
     monkeypatch.setattr(GroupSizer, "WINDOW", 0.0)  # judged on every group, not after the first 50 ms
     groups: list[int] = []

@@ -36,7 +36,8 @@ class Settings(BaseSettings):
         60.0, ge=0, validation_alias=_env("SESSIOND_DATABASE_STATEMENT_TIMEOUT_SECONDS")
     )
     # How long a group commit (appends, creates) may wait for more writes before it starts, which it does
-    # only while several writers are under way (0: never wait). Larger groups cost less per write.
+    # only while the process is CPU-bound and several writers are under way (0: never wait). Larger
+    # groups cost less per write (store.database.GroupSizer).
     database_write_linger_ms: float = Field(
         10.0, ge=0, le=100, validation_alias=_env("SESSIOND_DATABASE_WRITE_LINGER_MS")
     )
