@@ -109,7 +109,6 @@ class Database:
         self._timeouts = {"lock_timeout": lock_timeout, "statement_timeout": statement_timeout}
         self._pool_size = pool_size
         self._max_batch = max_batch
-        self._write_linger = write_linger
         self._engine: AsyncEngine | None = None
         self._read_engine: AsyncEngine | None = None  # PostgreSQL reads: the same pool, in autocommit
         self._writer: _SQLiteWriter | None = None
@@ -121,8 +120,9 @@ class Database:
         # PostgreSQL group commit: operations waiting for the next group, and the task running groups.
         self._pending: list[tuple[Op[Any], asyncio.Future[Any]]] = []
         self._grouper: asyncio.Task[None] | None = None
+        # When a group waits for more (both backends; the SQLite writer thread is given it).
         self._sizer = GroupSizer(max_batch, write_linger)
-        self._more = asyncio.Event()  # set when as many operations wait as the next group waits for
+        self._more = asyncio.Event()  # PostgreSQL: set when as many operations wait as the group waits for
 
     def asyncpg_dsn(self) -> str:
         """The PostgreSQL URL as asyncpg itself takes it (for connections outside the pool)."""
@@ -169,7 +169,7 @@ class Database:
             )
             _sqlite_setup(writer_engine, begin="BEGIN IMMEDIATE")
             self._writer = _SQLiteWriter(
-                writer_engine, asyncio.get_running_loop(), self._max_batch, self._write_linger
+                writer_engine, asyncio.get_running_loop(), self._max_batch, self._sizer
             )
         else:
             settings = {name: f"{round(seconds * 1000)}ms" for name, seconds in self._timeouts.items()}
@@ -240,7 +240,7 @@ class Database:
         if hasattr(op, "run_many"):
             future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
             self._pending.append((op, future))
-            if self._sizer.wanted and len(self._pending) >= self._sizer.wanted:
+            if self._sizer.filled(len(self._pending)):
                 self._more.set()
             if self._grouper is None or self._grouper.done():
                 self._grouper = asyncio.create_task(self._run_groups())
@@ -379,6 +379,10 @@ class GroupSizer:
         want = min(self._max_batch, int(self._writers))
         return want if want >= self.LINGER_FROM and queued < want and self._cpu_bound() else 0
 
+    def filled(self, queued: int) -> bool:
+        """Whether a group waits and `queued` operations (its first included) end the wait."""
+        return bool(self.wanted) and queued >= self.wanted
+
     def ran(self, size: int) -> None:
         self._writers = max(float(size), self._writers * self.DECAY)
 
@@ -435,13 +439,13 @@ class _SQLiteWriter:
     _STOP = object()
 
     def __init__(
-        self, engine: Engine, loop: asyncio.AbstractEventLoop, max_batch: int, linger: float = 0.0
+        self, engine: Engine, loop: asyncio.AbstractEventLoop, max_batch: int, sizer: GroupSizer
     ) -> None:
         self._engine = engine
         self._loop = loop
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._sizer = GroupSizer(max_batch, linger)
+        self._sizer = sizer
         self._more = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
         self._thread.start()
@@ -449,8 +453,7 @@ class _SQLiteWriter:
     def submit(self, op: Op[T]) -> asyncio.Future[T]:
         future: asyncio.Future[T] = self._loop.create_future()
         self._queue.put((op, future))
-        wanted = self._sizer.wanted
-        if wanted and self._queue.qsize() + 1 >= wanted:  # + the group's first, which the writer holds
+        if self._sizer.filled(self._queue.qsize() + 1):  # + the group's first, which the writer holds
             self._more.set()
         return future
 
@@ -469,7 +472,7 @@ class _SQLiteWriter:
         self._more.clear()
         sizer.wanted = want
         try:
-            if self._queue.qsize() + 1 < want:  # one queued before `wanted` was set is seen here
+            if not sizer.filled(self._queue.qsize() + 1):  # one queued before `wanted` was set is seen
                 self._more.wait(sizer.linger)
         finally:
             sizer.wanted = 0
