@@ -141,6 +141,36 @@ async def test_bad_masks_and_oversized_scopes_are_rejected(
     assert _vars(await client.get_session(session_id=sid)) == {"user:a": big}  # nothing half-written
 
 
+async def test_a_create_whose_shared_keys_break_a_limit_creates_nothing(
+    client: AsyncSessionsClient, agent: str, unique: str
+) -> None:
+    """The scope's limit applies to what it holds once merged, which only the store can check: a create
+    refused by it leaves no session behind, so that a retry (fixed or not) is not told ALREADY_EXISTS."""
+    await client.create_session(
+        agent_id=agent, session_id=f"{unique}/first", user_id="u", variables={"user:a": "x" * 40_000}
+    )
+    sid = f"{unique}/refused"
+    for request_id in ("", f"{unique}-req"):  # with a request id too: the retry must not find a session
+        with pytest.raises(errors.InvalidArgument) as caught:
+            await client.create_session(
+                agent_id=agent,
+                session_id=sid,
+                user_id="u",
+                request_id=request_id,
+                variables={"own": 1, "user:b": "y" * 40_000},
+            )
+        assert "user:" in caught.value.field_violations[0][0]
+        with pytest.raises(errors.NotFound):
+            await client.get_session(session_id=sid)
+    listed = [s.session_id async for s in await client.list_sessions(agent_id=agent)]
+    assert listed == [f"{unique}/first"]
+    # The same create within the limit succeeds, with the id the refused one asked for.
+    created = await client.create_session(
+        agent_id=agent, session_id=sid, user_id="u", request_id=f"{unique}-req", variables={"user:b": "y"}
+    )
+    assert _vars(created) == {"user:a": "x" * 40_000, "user:b": "y"}
+
+
 async def test_an_ended_session_cannot_write_shared_state(
     client: AsyncSessionsClient, agent: str, unique: str
 ) -> None:

@@ -915,12 +915,15 @@ class Store:
                 return (self._with_shared(conn, first) if op.shared is not None else first), False
         if conn.execute(_SESSION_PK_BY_ID, {"p_session_id": new.session_id}).first() is not None:
             raise session_exists(new.session_id)
+        # The shared scopes first: a change that breaks their limit fails before anything is written (the
+        # grouped caller commits the others' creates with this one's error, so nothing may be left of it).
+        applied = self._apply_shared(conn, new, op.shared) if op.shared is not None else None
         pk = conn.execute(_INSERT_SESSION, _new_session_values(new)).scalar_one()
         self._insert_labels(conn, pk, new.metadata)
         created = new.evolve(pk=pk)
-        if op.shared is None:
+        if applied is None:
             return created, True
-        self._write_shared(conn, created, op.shared, new.create_time)
+        self._store_shared(conn, applied, new.create_time)
         return self._with_shared(conn, created), True
 
     def _create_many(self, conn: Connection, ops: Sequence[_CreateOp]) -> list[Outcome]:
