@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import random
+import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from grpc_status import rpc_status
+from sqlalchemy.engine import make_url
 from turn_support import Reader
 
 from agentsessions import (
@@ -1758,6 +1760,46 @@ async def test_a_row_locked_by_another_client_fails_only_its_own_writes(
             assert [m.parts[0].text.text for m in stored] == ["after"]
             assert (await client.get_session(session_id=free)).message_count == 1
             assert (await client.get_session(session_id=f"{unique}/new")).session_id == f"{unique}/new"
+    finally:
+        await running.stop(0)
+
+
+async def test_sqlite_locked_by_another_process_is_unavailable_and_loses_nothing(
+    database: DatabaseTarget, clock: ManualClock, unique: str
+) -> None:
+    """SQLite: while another process holds the database's write lock (a backup, a stuck job) past the lock
+    timeout, the writes waiting for it fail UNAVAILABLE / DATABASE_UNAVAILABLE with a retry delay, all of
+    them, a group of concurrent ones included. Before, the lock's error left the writer unwrapped and
+    they failed INTERNAL, and a failed group waited for the lock again once per write. Once the lock is
+    let go, writes land, and the failed ones left nothing behind."""
+    if database.backend != "sqlite":
+        pytest.skip("holds SQLite's write lock")
+    running = await start_server(make_settings(database, database_lock_timeout_seconds=0.2), clock=clock)
+    try:
+        async with AsyncSessionsClient(f"127.0.0.1:{running.port}", retry=None) as client:
+            sid = f"{unique}/locked"
+            await client.create_session(agent_id="echo", session_id=sid)
+            holder = sqlite3.connect(make_url(database.url).database or "", isolation_level=None)
+            try:
+                holder.execute("BEGIN IMMEDIATE")  # the write lock, until ROLLBACK
+                writes = [client.append_text(session_id=sid, role="user", text=f"x{i}") for i in range(8)]
+                outcomes = await asyncio.gather(
+                    *writes,
+                    client.create_session(agent_id="echo", session_id=f"{unique}/new"),
+                    return_exceptions=True,
+                )
+            finally:
+                holder.execute("ROLLBACK")
+                holder.close()
+            for outcome in outcomes:
+                assert isinstance(outcome, errors.Unavailable), outcome
+                assert outcome.reason == "DATABASE_UNAVAILABLE"
+            # Released: the session takes writes again, and the failed ones left nothing behind.
+            await client.append_text(session_id=sid, role="user", text="after")
+            stored = [m async for m in await client.list_messages(session_id=sid)]
+            assert [m.parts[0].text.text for m in stored] == ["after"]
+            with pytest.raises(errors.NotFound):
+                await client.get_session(session_id=f"{unique}/new")
     finally:
         await running.stop(0)
 

@@ -27,8 +27,9 @@ class Settings(BaseSettings):
     # PostgreSQL only: the schema (search_path) the tables live in.
     database_schema: str | None = Field(None, validation_alias=_env("SESSIOND_DATABASE_SCHEMA"))
     database_pool_size: int = Field(10, ge=1, validation_alias=_env("SESSIOND_DATABASE_POOL_SIZE"))
-    # PostgreSQL only: how long a statement waits for a row lock another client holds, and how long any
-    # statement may run, before it fails UNAVAILABLE (0: no limit). Migrations run without either.
+    # How long a write waits for a lock another client holds (PostgreSQL: a row lock; SQLite: the
+    # database's write lock, as another process's transaction holds it), and (PostgreSQL only) how long
+    # any statement may run, before it fails UNAVAILABLE (0: no limit). Migrations run without either.
     database_lock_timeout_seconds: float = Field(
         5.0, ge=0, validation_alias=_env("SESSIOND_DATABASE_LOCK_TIMEOUT_SECONDS")
     )

@@ -141,9 +141,9 @@ class guard_decoding:
 
 def database_unavailable(exc: Exception) -> Unavailable | None:
     """The status of a failure of the database rather than of the request: unreachable, its connection
-    lost (a restart), locked past the busy timeout (SQLite) or the lock or statement timeout (PostgreSQL),
-    out of disk. The caller may try again shortly, so it is UNAVAILABLE (retried by the clients for
-    idempotent calls), not INTERNAL."""
+    lost (a restart), its write lock held by another process past the lock timeout (SQLite) or past the
+    lock or statement timeout (PostgreSQL), out of disk. The caller may try again shortly, so it is
+    UNAVAILABLE (retried by the clients for idempotent calls), not INTERNAL."""
     connection_lost = isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
     timed_out = sqlstate(exc) in TIMEOUT_SQLSTATES  # a lock held elsewhere, or a statement too slow
     if not (

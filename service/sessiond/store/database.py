@@ -33,6 +33,7 @@ import contextlib
 import functools
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -60,8 +61,9 @@ _SQLITE_PRAGMAS = (
     "PRAGMA journal_mode=WAL",
     "PRAGMA synchronous=NORMAL",
     "PRAGMA foreign_keys=ON",
-    "PRAGMA busy_timeout=30000",
 )
+# SQLite with no lock timeout: how long a write waits for the database's write lock (the driver's longest).
+_SQLITE_NO_LOCK_TIMEOUT = (2**31 - 1) / 1000
 
 
 def sqlstate(exc: BaseException) -> str | None:
@@ -97,9 +99,10 @@ class Database:
         lock_timeout: float = 0,
         statement_timeout: float = 0,
     ) -> None:
-        """`lock_timeout`, `statement_timeout` (PostgreSQL, seconds, 0 for none): how long a statement
-        waits for a lock, and runs, before it fails (`database_unavailable`). Without them a row lock
-        held by another client stalled every grouped write behind it, and a shutdown with them.
+        """`lock_timeout`, `statement_timeout` (seconds, 0 for none): how long a statement waits for a lock
+        another client holds, and (PostgreSQL) runs, before it fails (`database_unavailable`). Without
+        them a row lock held by another client stalled every grouped write behind it, and a shutdown with
+        them. On SQLite the lock is the database's write lock (its busy timeout).
 
         `write_linger` (seconds, 0 for never): how long a group commit may wait for more operations
         before it starts, which it does only under concurrent load (`GroupSizer`)."""
@@ -124,6 +127,9 @@ class Database:
         self._sizer = GroupSizer(max_batch, write_linger)
         self._more = asyncio.Event()  # PostgreSQL: set when as many operations wait as the group waits for
 
+    def _sqlite_lock_timeout(self) -> float:
+        return self._timeouts["lock_timeout"] or _SQLITE_NO_LOCK_TIMEOUT
+
     def asyncpg_dsn(self) -> str:
         """The PostgreSQL URL as asyncpg itself takes it (for connections outside the pool)."""
         return self.url.set(drivername="postgresql").render_as_string(hide_password=False)
@@ -147,7 +153,7 @@ class Database:
                 max_overflow=0,
                 pool_reset_on_return=None,
                 isolation_level="AUTOCOMMIT",
-                connect_args={"timeout": 30},
+                connect_args={"timeout": self._sqlite_lock_timeout()},
             )
             _sqlite_setup(self._engine.sync_engine, begin=None)
             sync_url = self.url.set(drivername="sqlite+pysqlite")
@@ -157,7 +163,7 @@ class Database:
                 max_overflow=0,
                 pool_reset_on_return=None,
                 isolation_level="AUTOCOMMIT",
-                connect_args={"timeout": 30, "check_same_thread": False},
+                connect_args={"timeout": self._sqlite_lock_timeout(), "check_same_thread": False},
             )
             _sqlite_setup(self._inline, begin=None)
             self._inline_conn = self._inline.connect()
@@ -165,7 +171,7 @@ class Database:
                 sync_url,
                 pool_size=1,
                 max_overflow=0,
-                connect_args={"timeout": 30, "check_same_thread": False},
+                connect_args={"timeout": self._sqlite_lock_timeout(), "check_same_thread": False},
             )
             _sqlite_setup(writer_engine, begin="BEGIN IMMEDIATE")
             self._writer = _SQLiteWriter(
@@ -328,7 +334,10 @@ def _sqlite_setup(engine: Engine, *, begin: str | None) -> None:
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Any) -> None:
-            _driver_sql(conn, begin)
+            try:
+                _driver_sql(conn, begin)
+            except sqlite3.Error as exc:  # SQLAlchemy does not wrap what a begin listener raises
+                raise DBAPIError.instance(begin, None, exc, sqlite3.Error) from exc
 
 
 def _driver_sql(conn: Connection, sql: str) -> Any:
@@ -506,7 +515,14 @@ class _SQLiteWriter:
         conn: Connection, ops: list[Op[Any]], cache: WriteCache, data_version: Any
     ) -> tuple[list[tuple[Any, BaseException | None]], Any]:
         try:
-            with conn.begin():
+            transaction = conn.begin()
+        except Exception as exc:
+            # The write lock not had (another process held it past the lock timeout) or the database
+            # gone: the same for every operation, which would only wait that long again one by one.
+            cache.reset()
+            return [(None, exc)] * len(ops), None
+        try:
+            with transaction:
                 seen = _driver_sql(conn, "PRAGMA data_version")
                 if seen != data_version or not all(hasattr(op, "run_many") for op in ops):
                     cache.reset()
