@@ -36,6 +36,26 @@ async def test_a_read_that_fails_in_the_driver_leaves_reads_working(fresh_databa
                 await db.read(broken)
             assert await db.read(count) == 0
             assert await db.read(count, scan=True) == 0
+
+        if db.dialect == "sqlite":  # point reads on the loop's own connection: it cannot reconnect once
+            inline = db._inline
+            assert inline is not None
+            connect = inline.connect
+            attempts = []
+
+            def refused() -> Connection:
+                attempts.append(1)
+                raise OSError("too many open files")
+
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(inline, "connect", refused)
+                with pytest.raises(DBAPIError):  # its own error, not the reconnection's
+                    await db.read(broken)
+                with pytest.raises(OSError):
+                    await db.read(count)
+            # Before, the closed connection stayed in place and every later point read failed.
+            assert await db.read(count) == 0 and attempts == [1]
+            assert inline.connect == connect
     finally:
         await db.close()
 
@@ -78,6 +98,58 @@ async def test_a_write_whose_caller_goes_away_still_completes_cleanly(
         assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
     finally:
         await db.close()
+
+
+class _Marked:
+    """A write on its own (no `run_many`), slow on PostgreSQL, that records its after-commit step."""
+
+    def __init__(self, slow: str) -> None:
+        self.slow = slow
+        self.committed = False
+
+    def __call__(self, conn: Connection) -> None:
+        conn.exec_driver_sql(self.slow)
+        conn.execute(
+            insert(scoped_variables).values(
+                scope=1, agent_id="marked", user_id="", variables={}, update_time=datetime.now(UTC)
+            )
+        )
+
+    def after_commit(self) -> None:
+        self.committed = True
+
+
+async def test_closing_waits_for_a_write_whose_caller_went_away(fresh_database: DatabaseTarget) -> None:
+    """A write whose caller went away (a cancelled RPC during a shutdown) still commits, and its
+    after-commit step (publishing its events) still runs, before `close` returns. On PostgreSQL `close`
+    waited for the grouped writes only, so such a write was cut off with the engine."""
+    db = Database(fresh_database.url, schema=fresh_database.schema)
+    await db.open()
+    closed = False
+    try:
+        await migrate.upgrade(db)
+        op = _Marked("SELECT pg_sleep(0.3)" if db.dialect == "postgresql" else "SELECT 1")
+        caller = asyncio.ensure_future(db.write(op))
+        await asyncio.sleep(0.05)  # the write is under way
+        caller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await caller
+        await db.close()
+        closed = True
+        assert op.committed
+    finally:
+        if not closed:
+            await db.close()
+    again = Database(fresh_database.url, schema=fresh_database.schema)
+    await again.open()
+    try:
+
+        def count(conn: Connection) -> int:
+            return int(conn.execute(select(func.count()).select_from(scoped_variables)).scalar_one())
+
+        assert await again.read(count) == 1
+    finally:
+        await again.close()
 
 
 class _Stuck:

@@ -123,6 +123,8 @@ class Database:
         # PostgreSQL group commit: operations waiting for the next group, and the task running groups.
         self._pending: list[tuple[Op[Any], asyncio.Future[Any]]] = []
         self._grouper: asyncio.Task[None] | None = None
+        # PostgreSQL writes run on their own, whose callers may have gone away: `close` waits for them too.
+        self._solo: set[asyncio.Task[Any]] = set()
         # When a group waits for more (both backends; the SQLite writer thread is given it).
         self._sizer = GroupSizer(max_batch, write_linger)
         self._more = asyncio.Event()  # PostgreSQL: set when as many operations wait as the group waits for
@@ -193,14 +195,17 @@ class Database:
             self._read_engine = self._engine.execution_options(isolation_level="AUTOCOMMIT")
 
     async def close(self, wait_seconds: float = 10.0) -> None:
-        """Closes the connections, after the grouped writes under way (for up to `wait_seconds`: a
-        database that does not answer must not keep the process from stopping)."""
-        if self._grouper is not None:
-            done, _ = await asyncio.wait([self._grouper], timeout=wait_seconds)
-            if not done:
-                log.warning("closing the database with grouped writes still waiting for it")
-                self._grouper.cancel()
-                await asyncio.gather(self._grouper, return_exceptions=True)
+        """Closes the connections, after the writes under way, grouped or not, whether or not their callers
+        still wait (for up to `wait_seconds`: a database that does not answer must not keep the process
+        from stopping)."""
+        running = [*([self._grouper] if self._grouper is not None else []), *self._solo]
+        if running:
+            _, pending = await asyncio.wait(running, timeout=wait_seconds)
+            if pending:
+                log.warning("closing the database with writes still waiting for it")
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
             self._grouper = None
         if self._writer is not None:
             await asyncio.to_thread(self._writer.close)
@@ -228,14 +233,19 @@ class Database:
     async def read(self, op: Op[T], *, scan: bool = False) -> T:
         """Runs `op` on a read connection. `scan`: it may read many rows, so on SQLite it must not run
         on the loop's thread."""
-        if self._inline is not None and self._inline_conn is not None and not scan:
+        if self._inline is not None and not scan:
+            conn = self._inline_conn
+            if conn is None:  # dropped after a failure: the read that comes next connects again
+                conn = self._inline_conn = self._inline.connect()
             try:
-                return op(self._inline_conn)
+                return op(conn)
             except DBAPIError:
-                # A statement that failed in the driver may leave the connection invalidated or in a failed
-                # state: the next read starts on a fresh one.
-                self._inline_conn.close()
-                self._inline_conn = self._inline.connect()
+                # A statement that failed in the driver may leave the connection in a failed state: the
+                # next read starts on a new one (`invalidate` keeps the pool from handing this one back).
+                self._inline_conn = None
+                with contextlib.suppress(Exception):
+                    conn.invalidate()
+                    conn.close()
                 raise
         async with (self._read_engine or self.engine).connect() as conn:
             return await conn.run_sync(op)
@@ -256,6 +266,8 @@ class Database:
         # "Future exception was never retrieved" error in the log. The outcome is then dropped.
         task = asyncio.ensure_future(self._transaction(op))
         task.add_done_callback(functools.partial(_committed, op))
+        self._solo.add(task)
+        task.add_done_callback(self._solo.discard)
         return await asyncio.shield(task)
 
     async def _transaction(self, op: Op[T]) -> T:
