@@ -234,18 +234,18 @@ class Database:
         """Runs `op` on a read connection. `scan`: it may read many rows, so on SQLite it must not run
         on the loop's thread."""
         if self._inline is not None and not scan:
-            conn = self._inline_conn
-            if conn is None:  # dropped after a failure: the read that comes next connects again
-                conn = self._inline_conn = self._inline.connect()
+            inline = self._inline_conn
+            if inline is None:  # dropped after a failure: the read that comes next connects again
+                inline = self._inline_conn = self._inline.connect()
             try:
-                return op(conn)
+                return op(inline)
             except DBAPIError:
                 # A statement that failed in the driver may leave the connection in a failed state: the
                 # next read starts on a new one (`invalidate` keeps the pool from handing this one back).
                 self._inline_conn = None
                 with contextlib.suppress(Exception):
-                    conn.invalidate()
-                    conn.close()
+                    inline.invalidate()
+                    inline.close()
                 raise
         async with (self._read_engine or self.engine).connect() as conn:
             return await conn.run_sync(op)
