@@ -55,6 +55,7 @@ from agentsessions.v1 import (
     agent_pb2,
     agent_service_pb2,
     agent_service_pb2_grpc,
+    events_pb2,
     message_service_pb2,
     message_service_pb2_grpc,
     session_pb2,
@@ -1800,6 +1801,56 @@ async def test_sqlite_locked_by_another_process_is_unavailable_and_loses_nothing
             assert [m.parts[0].text.text for m in stored] == ["after"]
             with pytest.raises(errors.NotFound):
                 await client.get_session(session_id=f"{unique}/new")
+    finally:
+        await running.stop(0)
+
+
+async def test_a_connect_frame_the_database_fails_is_an_unavailable_frame_and_the_stream_goes_on(
+    database: DatabaseTarget, clock: ManualClock, unique: str
+) -> None:
+    """A heartbeat frame whose write fails because the database is busy (here its lock is held elsewhere
+    past the lock timeout) gets an UNAVAILABLE / DATABASE_UNAVAILABLE error frame, and the stream and
+    the turn running on it go on. Before, the stream ended there with status OK after an INTERNAL
+    frame, and its running turn was stopped."""
+    running = await start_server(make_settings(database, database_lock_timeout_seconds=0.2), clock=clock)
+    try:
+        async with AsyncSessionsClient(f"127.0.0.1:{running.port}", retry=None) as client:
+            sid = f"{unique}/connect"
+            await client.create_session(agent_id="echo", session_id=sid)
+            conn = client.connect(session_id=sid)
+            reader = Reader(conn)
+            await conn.send_execute(text="/hang still here")
+            await reader.until(lambda r: r.HasField("turn_event") and r.turn_event.text_delta.text == "here")
+            if database.backend == "sqlite":
+                holder = sqlite3.connect(make_url(database.url).database or "", isolation_level=None)
+                holder.execute("BEGIN IMMEDIATE")
+                try:
+                    await conn.send_heartbeat()
+                    failed = await reader.until(lambda r: r.HasField("error"))
+                finally:
+                    holder.execute("ROLLBACK")
+                    holder.close()
+            else:
+                pg = await asyncpg.connect(POSTGRES_URL, server_settings={"search_path": database.schema})
+                try:
+                    async with pg.transaction():
+                        await pg.execute("SELECT 1 FROM sessions WHERE session_id = $1 FOR UPDATE", sid)
+                        await conn.send_heartbeat()
+                        failed = await reader.until(lambda r: r.HasField("error"))
+                finally:
+                    await pg.close()
+            err = errors.from_connect_error(failed[-1].error)
+            assert isinstance(err, errors.Unavailable) and err.reason == "DATABASE_UNAVAILABLE"
+            # The stream is still open and its turn still running: a heartbeat works, a stop ends the turn.
+            await conn.send_heartbeat()
+            await reader.until(lambda r: r.HasField("session"))
+            await conn.send_stop()
+            stopped = await reader.until(
+                lambda r: r.HasField("turn_event") and r.turn_event.HasField("turn_finished")
+            )
+            assert stopped[-1].turn_event.turn_finished.reason == events_pb2.FINISH_REASON_CANCELLED
+            await conn.done_writing()
+            await reader.rest()
     finally:
         await running.stop(0)
 

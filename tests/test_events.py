@@ -265,6 +265,40 @@ async def test_a_slow_watcher_is_cut_off_and_resumes_without_loss(
         auto.cancel()
 
 
+async def test_a_connect_stream_that_stops_reading_is_cut_off_from_session_events(
+    small_buffer_server: RunningServer, unique: str
+) -> None:
+    """Connect relays the session's events too; a caller that stops reading them is cut off with a
+    WATCH_LAGGING error frame, as a watcher is, and then gets live events again. Before, the stream
+    queued every event for as long as it stayed open (the server's memory grew with each append) and the
+    cut-off never came."""
+    sid = f"{unique}/slow-connect"
+    big = "x" * 60_000
+    window = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 65536)]
+    async with AsyncSessionsClient(f"127.0.0.1:{small_buffer_server.port}", channel_options=window) as client:
+        await client.create_session(agent_id="echo", session_id=sid)
+        conn = client.connect(session_id=sid)
+        frames = conn.__aiter__()
+        await conn.send_heartbeat()  # the stream follows the session from its first frame
+        assert (await frames.__anext__()).HasField("session")
+        for i in range(40):
+            await append(client, sid, f"{i}:{big}")
+        seen: list[int] = []
+        while not (frame := await asyncio.wait_for(frames.__anext__(), 30)).HasField("error"):
+            seen.append(frame.session_event.event_id)
+        lagging = errors.from_connect_error(frame.error)
+        assert isinstance(lagging, errors.ResourceExhausted) and lagging.reason == "WATCH_LAGGING"
+        assert seen == list(range(seen[0], seen[0] + len(seen))) and len(seen) < 40  # the rest was dropped
+        # The stream goes on, with live events and answers to its frames.
+        await append(client, sid, "later")
+        await conn.send_heartbeat()
+        two = [await asyncio.wait_for(frames.__anext__(), 30) for _ in range(2)]
+        rest = {f.WhichOneof("frame"): f for f in two}  # in either order
+        assert rest["session_event"].session_event.messages_appended.messages[0].parts[0].text.text == "later"
+        assert rest["session"].session.session_id == sid
+        await conn.done_writing()
+
+
 # --- the sweeper --------------------------------------------------------------------------------------
 
 

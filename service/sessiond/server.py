@@ -250,7 +250,7 @@ async def start_server(
             lease_seconds=settings.turn_lease_seconds,
             tracer=tracing.tracer if tracing is not None else NO_TRACER,
         )
-        turn_api = TurnServicer(service, runner)
+        turn_api = TurnServicer(service, runner, watch_buffer=settings.watch_buffer)
         turn_service_pb2_grpc.add_TurnServiceServicer_to_server(turn_api, guarded)
         agent_service_pb2_grpc.add_AgentRegistryServiceServicer_to_server(
             AgentRegistryServicer(service), guarded

@@ -30,7 +30,7 @@ from ..events.bus import Subscription
 from ..service_layer import SessionsService
 from ..turns.runner import TurnRunner, TurnStream
 from . import convert
-from .errors import Undecodable, streaming, unary
+from .errors import Undecodable, database_unavailable, streaming, unary
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +104,22 @@ def connect_error(exc: DomainError) -> turn_service_pb2.ConnectResponse:
     )
 
 
+def _frame_failure(exc: Exception, what: str) -> DomainError:
+    """The error frame of a failure that is not the caller's: UNAVAILABLE / DATABASE_UNAVAILABLE (with a
+    retry delay) when the database failed, else INTERNAL, logged."""
+    unavailable = database_unavailable(exc)
+    if unavailable is not None:
+        log.warning("database unavailable in %s", what, exc_info=True)
+        return unavailable
+    log.exception("%s failed", what)
+    return DomainError("internal error; the server logged the details")
+
+
 class TurnServicer(turn_service_pb2_grpc.TurnServiceServicer):
-    def __init__(self, service: SessionsService, runner: TurnRunner) -> None:
+    def __init__(self, service: SessionsService, runner: TurnRunner, *, watch_buffer: int = 1024) -> None:
         self.svc = service
         self.runner = runner
+        self.watch_buffer = watch_buffer
         self._connections: set[_Connection] = set()
 
     def shut_down(self) -> None:
@@ -147,7 +159,7 @@ class TurnServicer(turn_service_pb2_grpc.TurnServiceServicer):
     async def Connect(
         self, request_iterator: AsyncIterator[turn_service_pb2.ConnectRequest], context: Ctx
     ) -> AsyncIterator[turn_service_pb2.ConnectResponse]:
-        connection = _Connection(self.svc, self.runner)
+        connection = _Connection(self.svc, self.runner, self.watch_buffer)
 
         def call_ended(_: Any) -> None:
             connection.close()
@@ -219,11 +231,16 @@ class _Connection:
     """The state of one Connect stream. Frames are read in a task of their own so that a stop or a
     heartbeat is served while a turn streams; every response goes through one queue, in order."""
 
-    def __init__(self, service: SessionsService, runner: TurnRunner) -> None:
+    def __init__(self, service: SessionsService, runner: TurnRunner, watch_buffer: int = 1024) -> None:
         self.svc = service
         self.runner = runner
         # What the stream sends, in order; None ends it, an error ends it with that status.
         self.out: asyncio.Queue[turn_service_pb2.ConnectResponse | DomainError | None] = asyncio.Queue()
+        # Session events wait while `watch_buffer` responses are queued (`_pump_session_events`), so a
+        # caller that stops reading is cut off with WATCH_LAGGING as a watcher is, not buffered for ever.
+        self.watch_buffer = watch_buffer
+        self.room = asyncio.Event()
+        self.room.set()
         self.session_id = ""
         self.latest: _Execution | None = None
         self.executions: set[_Execution] = set()
@@ -239,6 +256,8 @@ class _Connection:
         if self.draining is None:
             self.reader = asyncio.create_task(self._read(requests))
         while (response := await self.out.get()) is not None:
+            if self.out.qsize() < self.watch_buffer:
+                self.room.set()
             if isinstance(response, DomainError):
                 raise response
             yield response
@@ -293,6 +312,8 @@ class _Connection:
                         raise InvalidArgument.field("frame", "set one of execute, stop and heartbeat")
                 except DomainError as exc:
                     self._send_error(exc)
+                except Exception as exc:  # the frame's failure (the database's, a bug), not the stream's
+                    self._send_error(_frame_failure(exc, "a Connect frame"))
             # The caller is done sending: finish relaying the turn that runs, then end the stream.
             if self.latest is not None and self.latest.task is not None:
                 await asyncio.wait([self.latest.task])
@@ -338,9 +359,8 @@ class _Connection:
         except DomainError as exc:
             self._send_error(exc)
             return
-        except Exception:
-            log.exception("execute on a Connect stream failed")
-            self._send_error(DomainError("internal error; the server logged the details"))
+        except Exception as exc:
+            self._send_error(_frame_failure(exc, "an execute frame"))
             return
         execution.relaying = True
         async for event in stream.events():
@@ -361,14 +381,18 @@ class _Connection:
     def _follow_session_events(self) -> None:
         """Relays the session's events other than turn events (the stream's own turns come in order
         through turn_event frames)."""
-        self.subscription = self.svc.bus.subscribe(self.session_id)
+        self.subscription = self.svc.bus.subscribe(self.session_id, max_buffer=self.watch_buffer)
         self.events = asyncio.create_task(self._pump_session_events())
 
     async def _pump_session_events(self) -> None:
         while self.subscription is not None:
             async for event in self.subscription:
-                if event.WhichOneof("kind") != "turn":
-                    self.out.put_nowait(turn_service_pb2.ConnectResponse(session_event=event))
+                if event.WhichOneof("kind") == "turn":
+                    continue
+                while self.out.qsize() >= self.watch_buffer:  # the caller reads slowly: the bus buffers
+                    self.room.clear()
+                    await self.room.wait()
+                self.out.put_nowait(turn_service_pb2.ConnectResponse(session_event=event))
             if self.subscription.ended:  # the server is shutting down (`shut_down` ends the stream)
                 return
             # Cut off for falling behind: say so, and go on with live events.
@@ -380,4 +404,4 @@ class _Connection:
                     reason="WATCH_LAGGING",
                 )
             )
-            self.subscription = self.svc.bus.subscribe(self.session_id)
+            self.subscription = self.svc.bus.subscribe(self.session_id, max_buffer=self.watch_buffer)

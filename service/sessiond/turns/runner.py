@@ -452,9 +452,13 @@ class Turn:
             return FinishReason.CANCELLED, None
         self._agent_task = asyncio.create_task(self._consume(backend, request), name=f"agent-{self.turn_id}")
         await asyncio.wait([self._agent_task])
-        if self._agent_task.cancelled() or self.stop_mode:
+        if self._agent_task.cancelled():
             return FinishReason.CANCELLED, None
+        # Retrieved before a stop is looked at: a stop that landed just after the agent failed still
+        # cancels the turn, and the failure must not reach asyncio's "never retrieved" log.
         failure = self._agent_task.exception()
+        if self.stop_mode:
+            return FinishReason.CANCELLED, None
         if failure is None:
             return self._finish_reason()
         if isinstance(failure, _AnswerFull):
