@@ -811,6 +811,47 @@ async def test_a_group_larger_than_the_page_comes_whole_never_outputs_without_th
     assert pages == [[5], [4, 3]]
 
 
+async def test_calls_in_messages_of_their_own_come_whole_with_their_outputs(
+    client: AsyncSessionsClient, unique: str
+) -> None:
+    """Parallel calls each in a message of its own (as the OpenAI Agents SDK stores them), answered after
+    all of them: the groups overlap, and a page that grows to hold one group grows on for the groups its
+    new messages belong to. Before, it grew once: a page of one held call A with call B and output A,
+    and output B came on the next page, without its call; "last 1" gave outputs without their calls."""
+    sid = await new_session(client, unique)
+    calls = [call_message("A"), call_message("B"), call_message("C")]  # 2, 3, 4
+    outputs = [result_message("A"), result_message("B"), result_message("C")]  # 5, 6, 7
+    await client.append_messages(session_id=sid, messages=[text_message("q"), *calls, *outputs])
+    await client.append_text(session_id=sid, role="assistant", text="done")  # 8
+    for view in (FULL, UI):
+        for size in (1, 2, 3):
+            ascending = await page_sequences(client, sid, page_size=size, order=ASC, view=view)
+            assert [2, 3, 4, 5, 6, 7] in ascending, ascending
+            descending = await page_sequences(client, sid, page_size=size, order=DESC, view=view)
+            assert [7, 6, 5, 4, 3, 2] in descending, descending
+    # "Last N" leaves out a group it would cut (fewer than N), or takes it whole when it is all there is.
+    for n in (1, 2, 5):
+        assert [m.sequence for m in await client.last_messages(session_id=sid, n=n)] == [8]
+    tail = await new_session(client, unique, "tail")
+    await client.append_messages(session_id=tail, messages=[text_message("q"), *calls, *outputs])  # 1 .. 7
+    for n in (1, 2, 3):
+        assert [m.sequence for m in await client.last_messages(session_id=tail, n=n)] == [2, 3, 4, 5, 6, 7]
+    # A chain: each output is followed by the next call, and the calls' outputs come last.
+    chain = await new_session(client, unique, "chain")
+    await client.append_messages(
+        session_id=chain,
+        messages=[
+            *[call_message("A"), call_message("B"), result_message("A"), call_message("C")],
+            *[result_message("B"), result_message("C")],  # groups 1..3, 2..5, 4..6
+        ],
+    )
+    await client.append_text(session_id=chain, role="user", text="next")  # 7
+    for size in (1, 2):
+        assert await page_sequences(client, chain, page_size=size, order=ASC) == [[1, 2, 3, 4, 5, 6], [7]]
+        assert await page_sequences(client, chain, page_size=size, order=DESC) == [[7], [6, 5, 4, 3, 2, 1]]
+    assert [m.sequence for m in await client.last_messages(session_id=chain, n=2)] == [7]
+
+
 # --- deletes ------------------------------------------------------------------------------------------
 
 

@@ -327,7 +327,11 @@ class SessionsService:
         if fit == len(rows):
             return Page(rows, ""), session
         page, reach = paging.keep_tool_groups(rows[:fit], rows[fit], descending=descending)
-        if reach is not None:  # one group larger than the page: the page grows to hold it whole
+        at_end = False
+        # A group larger than the page: the page grows to hold it whole, and on while the messages it took
+        # in belong to groups that reach further (calls in messages of their own, answered after all of
+        # them), up to the largest page.
+        while reach is not None:
             if descending:
                 low, high = max(reach - 1, after), page[-1].sequence
                 at_end = low == after
@@ -342,8 +346,11 @@ class SessionsService:
                 limit=self.limits.max_page_size,
             )
             page = [*page, *await self.store.list_messages(session_id, rest)]
-            if at_end:  # the group reached the end of what was asked for
-                return Page(page, ""), session
+            edge = min(m.group_start for m in page) if descending else max(m.group_end for m in page)
+            spills = edge <= low if descending else edge >= high
+            reach = edge if spills and not at_end and len(page) < self.limits.max_page_size else None
+        if at_end:  # the groups reached the end of what was asked for
+            return Page(page, ""), session
         return Page(page, paging.encode_token(page[-1].sequence, fp)), session
 
     async def delete_messages(
