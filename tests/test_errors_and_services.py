@@ -1629,7 +1629,8 @@ async def test_errors_quoting_long_input_reach_a_default_client_whole(
 async def test_the_client_retries_only_calls_whose_repeat_changes_nothing() -> None:
     """Against a server that answers UNAVAILABLE to everything: reads and safe writes are tried again;
     DeleteMessages never is (a repeat of "everything after N" whose first attempt landed would delete
-    what others appended in between), nor an append without message ids, nor an update with an etag."""
+    what others appended in between), nor an append without message ids, nor an update with an etag, nor
+    a renewal or a heartbeat (each renewal counts in renewal_count)."""
     calls: dict[str, int] = {}
 
     def unavailable(method: str) -> grpc.RpcMethodHandler:
@@ -1642,7 +1643,7 @@ async def test_the_client_retries_only_calls_whose_repeat_changes_nothing() -> N
 
     server = grpc.aio.server()
     for service, methods in (
-        ("agentsessions.v1.SessionService", ["GetSession"]),
+        ("agentsessions.v1.SessionService", ["GetSession", "RenewSession", "Heartbeat"]),
         ("agentsessions.v1.MessageService", ["DeleteMessages", "AppendMessages"]),
         ("agentsessions.v1.AgentRegistryService", ["UpdateAgent"]),
     ):
@@ -1668,9 +1669,20 @@ async def test_the_client_retries_only_calls_whose_repeat_changes_nothing() -> N
                 await client.update_agent(agent=Agent(agent_id="a", display_name="x"))
             with pytest.raises(errors.Unavailable):
                 await client.update_agent(agent=Agent(agent_id="a", display_name="x", etag="v1"))
+            with pytest.raises(errors.Unavailable):
+                await client.renew_session(session_id="s")
+            with pytest.raises(errors.Unavailable):
+                await client.heartbeat(session_id="s")
     finally:
         await server.stop(0)
-    assert calls == {"GetSession": 3, "DeleteMessages": 2, "AppendMessages": 1, "UpdateAgent": 4}
+    assert calls == {
+        "GetSession": 3,
+        "DeleteMessages": 2,
+        "AppendMessages": 1,
+        "UpdateAgent": 4,
+        "RenewSession": 1,
+        "Heartbeat": 1,
+    }
 
 
 async def test_a_lost_database_connection_is_unavailable_and_the_client_retries(

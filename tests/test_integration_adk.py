@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncGenerator
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,9 +22,11 @@ from google.adk.models.base_llm import BaseLlm
 from google.adk.models.llm_request import LlmRequest
 from google.adk.models.llm_response import LlmResponse
 from google.adk.runners import Runner
+from google.adk.sessions import DatabaseSessionService
 from google.adk.sessions.base_session_service import GetSessionConfig
 from google.adk.tools.tool_context import ToolContext
 from google.genai import types
+from pydantic import BaseModel
 
 from agentsessions import AsyncSessionsClient, errors
 from agentsessions.integrations.adk import EVENT_TYPE, AgentSessionsService
@@ -284,6 +288,35 @@ async def test_state_scopes(service: AgentSessionsService, app: str) -> None:
     assert (await service.get_session(app_name=app, user_id="u2", session_id=other_user.id)).state == {  # type: ignore[union-attr]
         "app:a": "y"
     }
+
+
+class _Forecast(BaseModel):
+    city: str
+    celsius: int
+
+
+async def test_state_values_are_stored_as_adks_own_service_stores_them(
+    service: AgentSessionsService, app: str, tmp_path: Path
+) -> None:
+    """A tool may put a datetime, a pydantic model, a set or bytes in the state: stored as the JSON
+    ADK's DatabaseSessionService makes of them. Before, the Struct refused them and Runner.run failed."""
+    when = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+    initial = {"created": when, "user:tags": {"a"}}
+    delta = {"forecast": _Forecast(city="Oslo", celsius=-3), "raw": b"ab", "app:updated": when}
+    reference = DatabaseSessionService(db_url=f"sqlite+aiosqlite:///{tmp_path / 'adk.db'}")
+    try:
+        got = {}
+        for name, svc in (("adk", reference), ("ours", service)):
+            session = await svc.create_session(app_name=app, user_id="u", state=initial)
+            await svc.append_event(session, _event("assistant", "hi", delta=delta))
+            read = await svc.get_session(app_name=app, user_id="u", session_id=session.id)
+            assert read is not None
+            got[name] = read.state
+    finally:
+        await reference.close()
+    assert got["ours"] == got["adk"]
+    assert got["ours"]["forecast"] == {"city": "Oslo", "celsius": -3}
+    assert got["ours"]["created"] == "2030-01-01T12:00:00Z"
 
 
 async def test_events_round_trip_losslessly(service: AgentSessionsService, app: str) -> None:

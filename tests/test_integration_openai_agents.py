@@ -352,6 +352,23 @@ async def test_messages_from_other_writers_read_as_items(
     ]
 
 
+async def test_pop_passes_over_messages_that_hold_no_item(
+    make_session: Callable[..., AgentSessionsSession], client: AsyncSessionsClient
+) -> None:
+    """Another writer's message with nothing the SDK reads (reasoning alone) is not an item: pop takes the
+    newest item before it and leaves it in place. Before, pop deleted it and returned None, which the SDK
+    reads as an empty history, with items still there."""
+    session = make_session()
+    await session.add_items([_user("first"), _user("second")])
+    thought = {"role": "ROLE_ASSISTANT", "parts": [{"reasoning": {"text": "thinking..."}}]}
+    await client.append_messages(session_id=session.session_id, messages=[thought, thought])
+    assert await session.pop_item() == _user("second")
+    assert await session.pop_item() == _user("first")
+    assert await session.pop_item() is None
+    left = await client.last_messages(session_id=session.session_id, n=10)
+    assert [m.parts[0].reasoning.text for m in left] == ["thinking...", "thinking..."]
+
+
 async def test_messages_from_other_writers_read_as_items_in_the_order_of_their_parts(
     make_session: Callable[..., AgentSessionsSession], client: AsyncSessionsClient
 ) -> None:

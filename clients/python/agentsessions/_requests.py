@@ -189,7 +189,8 @@ def renew_session(session_id: str) -> Prepared[session_service_pb2.RenewSessionR
 
 
 def heartbeat(session_id: str) -> Prepared[session_service_pb2.HeartbeatRequest]:
-    return Prepared(session_service_pb2.HeartbeatRequest(session_id=session_id), idempotent=True)
+    # With auto-renew on, a heartbeat renews the session and counts (renewal_count): not repeated either.
+    return Prepared(session_service_pb2.HeartbeatRequest(session_id=session_id), idempotent=False)
 
 
 def clear_session(session_id: str) -> Prepared[session_service_pb2.ClearSessionRequest]:

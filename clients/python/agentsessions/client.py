@@ -309,7 +309,8 @@ class AsyncSessionsClient:
         return await self._unary(self._sessions.RenewSession, _requests.renew_session(session_id))
 
     async def heartbeat(self, *, session_id: str) -> session_pb2.Session:
-        """Marks the caller as present (activity: renews the session when auto-renew is on). Retried."""
+        """Marks the caller as present (activity: renews the session when auto-renew is on). Not retried:
+        each renewal counts (``renewal_count``), as for :meth:`renew_session`."""
         return await self._unary(self._sessions.Heartbeat, _requests.heartbeat(session_id))
 
     async def clear_session(self, *, session_id: str) -> session_pb2.Session:

@@ -16,8 +16,11 @@ How ADK's model maps onto the service:
 - State is the session's variables, with ADK's scopes served by the service itself: ``user:`` keys are
   shared by the user's sessions of the app, ``app:`` keys by all the app's sessions, ``temp:`` keys are
   never stored. A state delta is written key by key, so concurrent sessions never overwrite each other's
-  keys. Numbers travel as JSON numbers (``google.protobuf.Value``): a whole number reads back as an
-  ``int``, whatever it was written as.
+  keys. Values are stored as JSON, made so as ADK's own services make them (a ``datetime`` becomes its
+  ISO string, a pydantic model its dict, a set a list; a value with no JSON form, a callable say, its
+  string, with a warning). Numbers travel as JSON numbers (``google.protobuf.Value``, a double): a
+  whole number reads back as an ``int``, whatever it was written as, and one beyond ±2**53 (a 64-bit
+  id) comes back rounded, so keep such ids as strings.
 - Each event is one message: readable parts (text, thoughts as reasoning, function calls and responses as
   tool calls and results linked by call id) for the UI view and other clients, and the event itself,
   verbatim JSON, in a hidden data part of type ``adk.event``, which is what comes back. Messages that
@@ -43,6 +46,7 @@ How ADK's model maps onto the service:
 from __future__ import annotations
 
 import json
+import logging
 import operator
 from typing import Any
 
@@ -58,6 +62,7 @@ from google.adk.sessions.session import Session
 from google.adk.sessions.state import State
 from google.genai import types
 from google.protobuf import json_format
+from pydantic_core import to_jsonable_python
 
 from agentsessions import errors
 from agentsessions._requests import TimeoutPolicyInput
@@ -72,6 +77,19 @@ EVENT_TYPE = "adk.event"
 
 # Whole numbers up to this size are exact in a double, so reading them back as int loses nothing.
 _EXACT_INT = 2**53
+
+log = logging.getLogger(__name__)
+
+
+def _json_state(state: dict[str, Any]) -> dict[str, Any]:
+    """State as the JSON the service stores, converted as ADK's database service converts it: a tool
+    may put a ``datetime`` or a pydantic model in ``tool_context.state``, which a ``Struct`` refuses."""
+    try:
+        converted: dict[str, Any] = to_jsonable_python(state)
+    except Exception:  # a value with no JSON form (a callable): its string, as ADK's services store it
+        log.warning("session state holds values with no JSON form; they are stored as strings", exc_info=True)
+        converted = to_jsonable_python(state, fallback=str)
+    return converted
 
 
 def message_from_event(event: Event) -> message_pb2.Message:
@@ -265,7 +283,7 @@ class AgentSessionsService(_frames.LazyClient, BaseSessionService):
                     agent_id=app_name,
                     session_id=(session_id or "").strip(),
                     user_id=user_id,
-                    variables=state or {},
+                    variables=_json_state(state or {}),
                     timeout_policy=self._timeout_policy,
                 )
                 return self._to_adk(stored)
@@ -386,7 +404,7 @@ class AgentSessionsService(_frames.LazyClient, BaseSessionService):
         message = message_from_event(event)
         try:
             stored = await self.client.append_messages(
-                session_id=session.id, messages=[message], set_variables=delta or None
+                session_id=session.id, messages=[message], set_variables=_json_state(delta) if delta else None
             )
         except errors.NotFound as err:
             if err.reason == "SESSION_NOT_FOUND":

@@ -16,7 +16,8 @@ Semantics, against the SDK's ``SQLiteSession``:
 
 - ``get_items(limit=N)`` returns the newest items oldest first, but never a tool call's output without the
   call: where the N-th newest item is an output whose call is older, the window starts after it, so it can
-  hold fewer than N items (and more than N only when a single call has more than N outputs).
+  hold fewer than N items (and more than N only when a single call has more than N outputs, or when
+  messages another writer appended hold several items each: the limit counts messages).
 - ``add_items`` appends in batches of 100 messages; each batch is atomic, and retried safely (every item
   gets a message id before it is sent). The service session is created on the first add.
 - ``clear_session`` deletes the history and leaves the session active and usable (the service's
@@ -24,6 +25,7 @@ Semantics, against the SDK's ``SQLiteSession``:
 - ``pop_item`` removes the newest message. Messages this adapter writes hold one item each; a message
   another writer appended may hold several (an agent turn's text and its tool calls), and popping it
   removes them all and returns the last. (Known limitation: the SDK's ``SQLiteSession`` would remove one.)
+  A newer message that holds no item (another writer's reasoning alone) is left in place.
 - The service's timeouts apply: a session expired by inactivity stays readable, and writes to it raise
   :class:`agentsessions.errors.FailedPrecondition` (reason ``SESSION_EXPIRED``).
 """
@@ -49,6 +51,8 @@ __all__ = ["ITEM_TYPE", "AgentSessionsSession", "item_from_message", "message_fr
 
 #: ``DataPart.type`` of the hidden part holding an item's JSON.
 ITEM_TYPE = "openai.agents.item"
+# Messages read at a time by `pop_item` looking for the newest that holds an item (usually the first).
+_POP_PAGE = 4
 
 _ROLES = {
     "user": message_pb2.ROLE_USER,
@@ -260,24 +264,31 @@ class AgentSessionsSession(_frames.LazyClient):
                 await _frames.ensure_agent(self.client, self._agent_id)
 
     async def pop_item(self) -> TResponseInputItem | None:
-        """Removes the newest item and returns it (None when the history is empty)."""
+        """Removes the newest item and returns it (None when the history is empty). A newer message that
+        holds no item (another writer's reasoning alone, which :meth:`get_items` leaves out too) stays."""
         while True:
-            try:
-                newest = await self.client.last_messages(session_id=self.session_id, n=1)
-            except errors.NotFound:
+            message = await self._newest_with_items()
+            if message is None:
                 return None
-            if not newest:
-                return None
-            # A page of one may hold a whole tool group: the newest message is its last.
-            message = max(newest, key=lambda m: m.sequence)
             try:
                 await self.client.delete_messages(session_id=self.session_id, message_id=message.message_id)
             except errors.NotFound as err:
                 if err.reason == "MESSAGE_NOT_FOUND":  # a concurrent pop took it: take the next one
                     continue
                 return None
-            items = item_from_message(message)
-            return items[-1] if items else None
+            return item_from_message(message)[-1]
+
+    async def _newest_with_items(self) -> message_pb2.Message | None:
+        try:
+            pager = await self.client.list_messages(
+                session_id=self.session_id, order=message_pb2.MESSAGE_ORDER_DESCENDING, page_size=_POP_PAGE
+            )
+            async for message in pager:  # newest first
+                if item_from_message(message):
+                    return message
+        except errors.NotFound:
+            pass
+        return None
 
     async def clear_session(self) -> None:
         """Deletes the whole history; the session stays active and usable."""
