@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from types import TracebackType
@@ -185,6 +186,9 @@ class Stream(Generic[ItemT]):
         self._resumption = resumption
         self._call = self._open()
         self._cancelled = False
+        # `cancel` may come from another thread while the iterating one reopens the call: either the
+        # reopen sees the cancel, or the cancel sees the new call.
+        self._lock = threading.Lock()
         self._items = self._iterate()
 
     def _open(self) -> _SyncCall[ItemT]:
@@ -201,8 +205,9 @@ class Stream(Generic[ItemT]):
 
     def cancel(self) -> None:
         """Ends the call; iteration stops quietly."""
-        self._cancelled = True
-        self._call.cancel()
+        with self._lock:
+            self._cancelled = True
+            self._call.cancel()
 
     def __enter__(self) -> Stream[ItemT]:
         return self
@@ -228,9 +233,10 @@ class Stream(Generic[ItemT]):
                 if delay is None:
                     raise error from err
             time.sleep(delay)
-            if self._cancelled:
-                return
-            self._call = self._open()
+            with self._lock:
+                if self._cancelled:
+                    return
+                self._call = self._open()
 
 
 class AsyncConnection(AsyncStream[turn_service_pb2.ConnectResponse]):
