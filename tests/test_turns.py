@@ -516,6 +516,35 @@ async def test_request_id_replays_the_finished_turn(client: AsyncSessionsClient,
     assert len(await history(client, sid)) == 4
 
 
+async def test_a_turn_never_starts_from_a_message_id_already_held(
+    client: AsyncSessionsClient, unique: str
+) -> None:
+    """Execute with a message id the session already holds (a retry without a request id, or a clash with
+    another writer's message, an assistant's even) fails ALREADY_EXISTS / MESSAGE_ALREADY_EXISTS and
+    changes nothing. Before, the idempotent append gave back the stored message, and a new turn answered
+    it: a second answer to an old question, or an answer to the assistant's own message."""
+    sid = await new_session(client, unique)
+    await client.append_messages(
+        session_id=sid,
+        messages=[
+            {"message_id": "a1", "role": "ROLE_ASSISTANT", "parts": [{"text": {"text": "said before"}}]}
+        ],
+    )
+    async def execute(message_id: str, text: str) -> list:  # type: ignore[type-arg]
+        message = {"message_id": message_id, "parts": [{"text": {"text": text}}]}
+        return [e async for e in client.execute(session_id=sid, message=message)]
+
+    assert reason(await execute("u1", "question")) == STOP
+    for held in ("a1", "u1"):
+        with pytest.raises(errors.AlreadyExists) as caught:
+            await execute(held, "new text")
+        assert caught.value.reason == "MESSAGE_ALREADY_EXISTS"
+        assert caught.value.metadata["message_id"] == held
+    assert [message_text(m) for m in await history(client, sid)] == ["said before", "question", "question"]
+    # The session takes turns as before.
+    assert reason(await run(client, sid, "next")) == STOP
+
+
 async def test_request_id_joins_the_running_turn(client: AsyncSessionsClient, unique: str) -> None:
     sid = await new_session(client, unique)
     original = Reader(client.execute(session_id=sid, text="/hang joined", request_id="req-j"))

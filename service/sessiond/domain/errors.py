@@ -106,6 +106,15 @@ def session_not_found(session_id: str) -> NotFound:
     )
 
 
+def message_exists(session_id: str, message_id: str) -> AlreadyExists:
+    return AlreadyExists(
+        f"message {message_id!r} already exists in session {session_id!r}; a turn starts from a new message "
+        "(retry a turn with its request_id)",
+        reason="MESSAGE_ALREADY_EXISTS",
+        metadata={"session_id": session_id, "message_id": message_id},
+    )
+
+
 def session_exists(session_id: str) -> AlreadyExists:
     return AlreadyExists(
         f"session {session_id!r} already exists",

@@ -42,7 +42,7 @@ from agentsessions.v1 import agent_service_pb2, events_pb2, message_pb2
 from ..api.convert import check_call_id, message_to_pb, session_to_pb
 from ..domain.agents import Agent
 from ..domain.clock import Clock, SystemClock
-from ..domain.errors import DomainError, InvalidArgument, shutting_down
+from ..domain.errors import DomainError, InvalidArgument, message_exists, shutting_down
 from ..domain.model import MessageStatus, NewMessage, Role, Session, StoredMessage
 from ..domain.turns import (
     DisconnectBehavior,
@@ -395,6 +395,10 @@ class Turn:
                 session_id=self.session_id, messages=[replace(new, turn_id=self.turn_id)], lease=self.lease
             )
             stored = messages[0]
+            if stored.turn_id != self.turn_id:
+                # A message already held that id (appends are idempotent on ids, so it came back as it
+                # was): this turn would answer it again, whoever wrote it. The turn never starts.
+                raise message_exists(self.session_id, stored.message_id)
         event = self._event()
         started = event.turn_started
         started.SetInParent()
