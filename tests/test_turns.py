@@ -530,6 +530,7 @@ async def test_a_turn_never_starts_from_a_message_id_already_held(
             {"message_id": "a1", "role": "ROLE_ASSISTANT", "parts": [{"text": {"text": "said before"}}]}
         ],
     )
+
     async def execute(message_id: str, text: str) -> list:  # type: ignore[type-arg]
         message = {"message_id": message_id, "parts": [{"text": {"text": text}}]}
         return [e async for e in client.execute(session_id=sid, message=message)]
