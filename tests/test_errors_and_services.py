@@ -1111,6 +1111,38 @@ async def test_echo_is_built_in(client: AsyncSessionsClient) -> None:
     assert (await client.get_agent(agent_id="echo")).origin == AgentOrigin.AGENT_ORIGIN_BUILT_IN
 
 
+async def test_large_agents_are_bounded_and_list_in_pages_any_client_can_read(
+    client: AsyncSessionsClient, target: str, unique: str
+) -> None:
+    """An agent's backend (system prompt and tools) is at most 256 KiB, and ListAgents pages stay under a
+    few MiB whatever page size is asked, as ListMessages pages do. Before, neither was bounded: three
+    agents with 12 MiB prompts made every ListAgents fail in the published client (32 MiB limit), and a
+    few large ones failed any client with grpc's default 4 MiB."""
+
+    def agent(agent_id: str, prompt: str) -> dict[str, Any]:
+        chat = {"baseUrl": "http://127.0.0.1:9/v1", "model": "m", "systemPrompt": prompt}
+        return {"agentId": agent_id, "openaiChat": chat}
+
+    with pytest.raises(errors.InvalidArgument) as caught:
+        await client.create_agent(agent=agent(f"big-{unique}", "x" * 300_000))
+    assert caught.value.field_violations[0][0] == "agent.openai_chat"
+    ids = {f"a{i:02d}-{unique}" for i in range(25)}
+    for agent_id in sorted(ids):
+        await client.create_agent(agent=agent(agent_id, "y" * 200_000))  # 5 MB in all
+    async with grpc.aio.insecure_channel(target) as channel:  # grpc's defaults: at most 4 MiB an answer
+        stub = agent_service_pb2_grpc.AgentRegistryServiceStub(channel)
+        listed: set[str] = set()
+        token, pages = "", 0
+        while True:
+            request = agent_service_pb2.ListAgentsRequest(page_size=1000, page_token=token)
+            page = await stub.ListAgents(request)
+            listed |= {a.agent_id for a in page.agents}
+            pages += 1
+            if not (token := page.next_page_token):
+                break
+    assert ids <= listed and pages > 1
+
+
 async def test_agent_crud(client: AsyncSessionsClient, clock: ManualClock, unique: str) -> None:
     agent_id = f"agent-{unique}"
     created = await client.create_agent(

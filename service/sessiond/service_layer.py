@@ -4,6 +4,7 @@ rules and calls the store; it knows nothing of gRPC."""
 from __future__ import annotations
 
 import contextlib
+import json
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -403,8 +404,10 @@ class SessionsService:
 
         rows = await self.store.list_agents(after_id=after, limit=size + 1)
         items = rows[:size]
-        token = paging.encode_token(items[-1].agent_id, fp) if len(rows) > size else ""
-        return Page(items, token)
+        fit = _fitting_agents(items, paging.MAX_PAGE_BYTES)  # agents may be large: pages stay answerable
+        more = len(rows) > size or fit < len(items)
+        items = items[:fit]
+        return Page(items, paging.encode_token(items[-1].agent_id, fp) if more else "")
 
     async def update_agent(self, *, agent_id: str, changes: dict[str, Any], etag: str) -> Agent:
         if not changes:
@@ -455,3 +458,13 @@ def _renewed(*, manual: bool) -> Callable[[Session, Session], list[tuple[str, di
         return [("renewed", {"manual": manual})] if after.expire_time != before.expire_time else []
 
     return events
+
+
+def _fitting_agents(agents: Sequence[Agent], max_bytes: int) -> int:
+    """How many agents from the start of `agents` fit in about `max_bytes` (at least one)."""
+    total = 0
+    for i, agent in enumerate(agents):
+        total += len(json.dumps(agent.backend)) + len(agent.display_name) + 256  # 256: ids, times, policy
+        if total > max_bytes and i > 0:
+            return i
+    return len(agents)

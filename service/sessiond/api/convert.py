@@ -289,10 +289,21 @@ _BACKEND_NUMBERS: dict[str, tuple[tuple[str, int, int], ...]] = {
 }
 
 
+# An agent's backend settings, system prompt and tools included: an agent is read whole by every turn
+# and every ListAgents page, and the larger ones had made those answers too large for the clients.
+MAX_BACKEND_BYTES = 256 * 1024
+
+
 def backend_from_pb(pb: agent_pb2.Agent) -> dict[str, Any]:
     kind = pb.WhichOneof("backend")
     if kind is None:
         raise InvalidArgument.field("agent.backend", f"one of {', '.join(BACKEND_KINDS)} is required")
+    size = getattr(pb, kind).ByteSize()
+    if size > MAX_BACKEND_BYTES:
+        raise InvalidArgument.field(
+            f"agent.{kind}",
+            f"is {size} bytes (system prompt and tools included); the limit is {MAX_BACKEND_BYTES}",
+        )
     for name, low, high in _BACKEND_NUMBERS.get(kind, ()):
         value = getattr(getattr(pb, kind), name)
         if not low <= value <= high:
