@@ -1111,6 +1111,48 @@ async def test_echo_is_built_in(client: AsyncSessionsClient) -> None:
     assert (await client.get_agent(agent_id="echo")).origin == AgentOrigin.AGENT_ORIGIN_BUILT_IN
 
 
+async def test_names_and_ids_refuse_invisible_controls_and_parts_their_bad_values(
+    client: AsyncSessionsClient, unique: str
+) -> None:
+    """Ids, names and labels refuse C1 controls, line separators and bidirectional overrides as they
+    refuse C0 ones (U+202E shows a name reversed); a tool's name is bounded; a file's size is not
+    negative; a continue's bad result is named as the caller sent it, tool_results[i]. Before, these
+    were stored, and the continue's violations named continue_turn.parts[i].tool_result."""
+    sid = f"{unique}/names"
+    for bad in ("user\u202eevil", "two\u2028lines", "nel\x85"):
+        with pytest.raises(errors.InvalidArgument) as caught:
+            await client.create_session(agent_id="echo", session_id=sid, user_id=bad)
+        assert caught.value.field_violations[0][0] == "session.user_id"
+    await client.create_session(agent_id="echo", session_id=sid, user_id="plain")
+
+    def call(name: str) -> dict[str, Any]:
+        return {"role": "ROLE_ASSISTANT", "parts": [{"toolCall": {"callId": "c1", "name": name}}]}
+
+    file = {"role": "ROLE_USER", "parts": [{"file": {"uri": "s3://b/k", "sizeBytes": "-5"}}]}
+    for message, field in (
+        (call("f" * 257), "messages[0].parts[0].tool_call.name"),
+        (call("f\x00"), "messages[0].parts[0].tool_call.name"),
+        (file, "messages[0].parts[0].file.size_bytes"),
+    ):
+        with pytest.raises(errors.InvalidArgument) as caught:
+            await client.append_messages(session_id=sid, messages=[message])
+        assert caught.value.field_violations[0][0] == field
+    await client.append_messages(session_id=sid, messages=[call("f" * 256)])
+    assert (await client.get_session(session_id=sid)).message_count == 1
+
+    for results, field in (
+        ([{"callId": "c" * 200, "output": "x"}], "continue_turn.tool_results[0].call_id"),
+        ([{"callId": f"c{i}", "output": "x"} for i in range(300)], "continue_turn.tool_results"),
+    ):
+        with pytest.raises(errors.InvalidArgument) as caught:
+            async for _ in client.execute(
+                session_id=sid, continue_turn={"turn_id": "t", "tool_results": results}
+            ):
+                pass
+        assert caught.value.field_violations[0][0] == field
+        assert f": {field}: " in str(caught.value)  # the message names it too
+
+
 async def test_large_agents_are_bounded_and_list_in_pages_any_client_can_read(
     client: AsyncSessionsClient, target: str, unique: str
 ) -> None:

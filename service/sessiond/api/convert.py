@@ -172,6 +172,8 @@ def session_to_pb(s: Session, now: datetime) -> session_pb2.Session:
 # --- messages -----------------------------------------------------------------------------------------
 
 _PART_KINDS = ("text", "reasoning", "tool_call", "tool_result", "file", "data")
+# A tool's name (OpenAI allows 64 characters; MCP servers prefix theirs): a name, not a payload.
+MAX_TOOL_NAME = 256
 
 
 def new_message_from_pb(
@@ -203,12 +205,17 @@ def new_message_from_pb(
             check_call_id(part.tool_call.call_id, f"{where}.tool_call.call_id", limits)
             if not part.tool_call.name:
                 raise InvalidArgument.field(f"{where}.tool_call.name", "is required")
+            check_text(part.tool_call.name, f"{where}.tool_call.name", MAX_TOOL_NAME)
             calls.append(part.tool_call.call_id)
         elif kind == "tool_result":
             check_call_id(part.tool_result.call_id, f"{where}.tool_result.call_id", limits)
+            check_text(part.tool_result.name, f"{where}.tool_result.name", MAX_TOOL_NAME)
             results.append(part.tool_result.call_id)
-        elif kind == "file" and not part.file.uri:
-            raise InvalidArgument.field(f"{where}.file.uri", "is required")
+        elif kind == "file":
+            if not part.file.uri:
+                raise InvalidArgument.field(f"{where}.file.uri", "is required")
+            if part.file.size_bytes < 0:
+                raise InvalidArgument.field(f"{where}.file.size_bytes", "must not be negative")
         elif kind == "data":
             json_from_pb(part.data.value, f"{where}.data.value")
     content = message_pb2.Message(parts=pb.parts).SerializeToString()

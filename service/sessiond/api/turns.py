@@ -22,7 +22,7 @@ from agentsessions.v1 import (
     turn_service_pb2_grpc,
 )
 
-from ..domain.errors import DomainError, InvalidArgument, ResourceExhausted, shutting_down
+from ..domain.errors import DomainError, FieldViolation, InvalidArgument, ResourceExhausted, shutting_down
 from ..domain.model import Role
 from ..domain.turns import DisconnectBehavior, MultitaskStrategy, StopMode, TurnKind, TurnRequest
 from ..domain.validation import Limits, check_session_id, check_text, check_variables
@@ -85,15 +85,34 @@ def turn_request_from_pb(request: turn_service_pb2.ExecuteRequest, limits: Limit
             role=message_pb2.ROLE_TOOL,
             parts=[message_pb2.Part(tool_result=r) for r in cont.tool_results],
         )
+        try:
+            tool_results = convert.new_message_from_pb(results, limits, "continue_turn")
+        except InvalidArgument as exc:  # named as the caller sent them: tool_results[i], not parts[i]
+            raise _renamed(exc, "continue_turn.parts", "continue_turn.tool_results") from None
         return TurnRequest(
             kind=TurnKind.CONTINUE,
             continue_turn_id=cont.turn_id,
             continue_turn=cont,
-            tool_results=convert.new_message_from_pb(results, limits, "continue_turn"),
+            tool_results=tool_results,
             result_call_ids=tuple(r.call_id for r in cont.tool_results),
             **common,
         )
     raise InvalidArgument.field("input", "set one of message, trigger and continue_turn")
+
+
+def _renamed(exc: InvalidArgument, old: str, new: str) -> InvalidArgument:
+    """`exc` with its fields under `old` named under `new` (`old[i].tool_result.x` as `new[i].x`)."""
+
+    def rename(field: str) -> str:
+        if not field.startswith(old):
+            return field
+        return new + field[len(old) :].replace(".tool_result", "", 1)
+
+    violations = [FieldViolation(rename(v.field), v.description) for v in exc.violations]
+    first = violations[0] if violations else None
+    message = f"{first.field}: {first.description}" if first is not None else exc.message
+    metadata = {**exc.metadata, **({"field": first.field} if first is not None else {})}
+    return InvalidArgument(message, reason=exc.reason, metadata=metadata, violations=violations)
 
 
 def connect_error(exc: DomainError) -> turn_service_pb2.ConnectResponse:

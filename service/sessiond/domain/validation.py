@@ -18,7 +18,9 @@ SESSION_ID = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*")
 AGENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 MESSAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]*")
 METADATA_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 controls, DEL, line and paragraph separators, and the bidirectional embeddings, overrides and
+# isolates (U+202E shows "user-evil\u202etxt.exe" reversed): none belongs in an id, a name or a label.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 @dataclass(frozen=True)
