@@ -1927,6 +1927,7 @@ async def test_a_connect_frame_the_database_fails_is_an_unavailable_frame_and_th
                     await pg.close()
             err = errors.from_connect_error(failed[-1].error)
             assert isinstance(err, errors.Unavailable) and err.reason == "DATABASE_UNAVAILABLE"
+            assert err.retry_delay == 1  # the frame carries the status's RetryInfo
             # The stream is still open and its turn still running: a heartbeat works, a stop ends the turn.
             await conn.send_heartbeat()
             await reader.until(lambda r: r.HasField("session"))

@@ -596,6 +596,9 @@ async def test_connect_execute_stop_heartbeat_and_errors(client: AsyncSessionsCl
     bad = await reader.until(lambda r: r.HasField("error"))
     err = errors.from_connect_error(bad[-1].error)
     assert isinstance(err, errors.InvalidArgument)
+    # With the details a failed call's status carries: ErrorInfo and the field violations.
+    assert err.domain == "agentsessions.v1" and err.reason == "INVALID_ARGUMENT"
+    assert err.field_violations[0][0] == "message.role"
 
     await conn.send_execute(text="/hang third")
     third = await reader.until(lambda r: r.HasField("turn_event") and r.turn_event.HasField("text_delta"))

@@ -17,11 +17,13 @@ The original ``grpc.RpcError`` is kept as ``__cause__``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as ProtoMessage
 from google.rpc import error_details_pb2, status_pb2
 
@@ -265,11 +267,16 @@ def from_grpc_error(err: grpc.RpcError) -> AgentSessionsError:
 
 
 def from_connect_error(frame: turn_service_pb2.ConnectError) -> AgentSessionsError:
-    """Converts an error frame of a Connect stream (reported without closing the stream)."""
+    """Converts an error frame of a Connect stream (reported without closing the stream), with the details
+    its status carries (ErrorInfo metadata, field violations, retry delay)."""
     try:
         code = next(c for c in grpc.StatusCode if c.value[0] == frame.code)
     except StopIteration:
         code = grpc.StatusCode.UNKNOWN
+    if frame.status_details:
+        with contextlib.suppress(DecodeError):
+            status = status_pb2.Status.FromString(frame.status_details)
+            return exception_for(code, frame.message, _unpack(status.details))
     info = error_details_pb2.ErrorInfo(reason=frame.reason, domain="agentsessions.v1")
     return exception_for(code, frame.message, [info] if frame.reason else [])
 

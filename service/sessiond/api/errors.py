@@ -54,6 +54,12 @@ def clip(text: str, limit: int) -> str:
 
 
 def to_status(exc: DomainError) -> grpc.Status:
+    converted: grpc.Status = rpc_status.to_status(rich_status(exc))
+    return converted
+
+
+def rich_status(exc: DomainError) -> status_pb2.Status:
+    """The `google.rpc.Status` of `exc`: its code and message, with ErrorInfo, BadRequest and RetryInfo."""
     metadata = {key: clip(value, MAX_VALUE_BYTES) for key, value in exc.metadata.items()}
     details = [_pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=metadata))]
     if exc.violations:
@@ -75,9 +81,7 @@ def to_status(exc: DomainError) -> grpc.Status:
         delay.FromNanoseconds(int(exc.retry_after_seconds * 1e9))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     message = clip(exc.message, MAX_MESSAGE_BYTES)
-    status = status_pb2.Status(code=code_pb2.Code.Value(exc.code), message=message, details=details)
-    converted: grpc.Status = rpc_status.to_status(status)
-    return converted
+    return status_pb2.Status(code=code_pb2.Code.Value(exc.code), message=message, details=details)
 
 
 def internal_status() -> grpc.Status:

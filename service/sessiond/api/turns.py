@@ -30,7 +30,7 @@ from ..events.bus import Subscription
 from ..service_layer import SessionsService
 from ..turns.runner import TurnRunner, TurnStream
 from . import convert
-from .errors import Undecodable, database_unavailable, streaming, unary
+from .errors import Undecodable, database_unavailable, rich_status, streaming, unary
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,10 @@ def _renamed(exc: InvalidArgument, old: str, new: str) -> InvalidArgument:
 def connect_error(exc: DomainError) -> turn_service_pb2.ConnectResponse:
     return turn_service_pb2.ConnectResponse(
         error=turn_service_pb2.ConnectError(
-            code=grpc.StatusCode[exc.code].value[0], reason=exc.reason, message=exc.message
+            code=grpc.StatusCode[exc.code].value[0],
+            reason=exc.reason,
+            message=exc.message,
+            status_details=rich_status(exc).SerializeToString(),
         )
     )
 

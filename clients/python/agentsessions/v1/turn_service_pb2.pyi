@@ -100,14 +100,16 @@ class HeartbeatFrame(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class ConnectError(_message.Message):
-    __slots__ = ("code", "reason", "message")
+    __slots__ = ("code", "reason", "message", "status_details")
     CODE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_DETAILS_FIELD_NUMBER: _ClassVar[int]
     code: int
     reason: str
     message: str
-    def __init__(self, code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    status_details: bytes
+    def __init__(self, code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., status_details: _Optional[bytes] = ...) -> None: ...
 
 class ConnectResponse(_message.Message):
     __slots__ = ("turn_event", "session_event", "session", "error")
