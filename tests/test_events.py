@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 import pytest
 from conftest import DatabaseTarget, make_settings, serving, two_servers
@@ -359,6 +359,23 @@ async def test_expiry_is_pushed_without_anyone_touching_the_session(
     assert expired.session.status == SessionStatus.SESSION_STATUS_EXPIRED
     await server.sweeper.run_once()
     assert await stored_kinds(client, sid) == ["expired"]
+
+
+async def test_expiry_is_pushed_at_the_instant_the_session_expires(
+    client: AsyncSessionsClient, server: RunningServer, clock: ManualClock, unique: str
+) -> None:
+    """A session is expired from its expire_time on (GetSession says so), and a sweep at that instant
+    pushes `expired`, warned before or not. Before, a warned session's expiry came one sweep later: the
+    sweep looked for notices due strictly before now."""
+    sid = f"{unique}/edge"
+    created = await client.create_session(agent_id="echo", session_id=sid)
+    clock.advance(minutes=26)
+    await server.sweeper.run_once()
+    assert await stored_kinds(client, sid) == ["expiring_soon"]
+    clock.set(created.expire_time.ToDatetime(tzinfo=UTC))
+    assert (await client.get_session(session_id=sid)).status == SessionStatus.SESSION_STATUS_EXPIRED
+    await server.sweeper.run_once()
+    assert await stored_kinds(client, sid) == ["expiring_soon", "expired"]
 
 
 async def test_ended_sessions_get_no_expiry_notices(

@@ -8,6 +8,7 @@ import json
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from agentsessions.v1 import events_pb2
@@ -125,12 +126,16 @@ class SessionsService:
         metadata: Mapping[str, str],
         page_size: int,
         page_token: str,
+        now: datetime | None = None,
     ) -> Page[Session]:
+        """A page of sessions; `status` is each one's at `now` (default: the clock's), which the caller
+        shows them at too, so that a session expiring meanwhile is not listed as active and shown expired."""
         size = check_page_size(page_size, self.limits)
         fp = paging.fingerprint("sessions", agent_id, user_id, status, sorted(metadata.items()))
         before = paging.decode_token(page_token, fp)
         flt = SessionFilter(agent_id=agent_id, user_id=user_id, status=status, metadata=metadata)
-        rows = await self.store.list_sessions(flt, before_pk=before, limit=size + 1, now=self.clock.now())
+        now = now or self.clock.now()
+        rows = await self.store.list_sessions(flt, before_pk=before, limit=size + 1, now=now)
         items = rows[:size]
         token = paging.encode_token(items[-1].pk, fp) if len(rows) > size else ""
         return Page(items, token)

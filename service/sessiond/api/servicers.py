@@ -90,6 +90,7 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
         if request.agent_id:
             check_agent_id(request.agent_id, limits)
         check_text(request.user_id, "user_id", limits.max_user_id_length)
+        now = self.svc.clock.now()  # one instant for the filter and the statuses shown
         page = await self.svc.list_sessions(
             agent_id=request.agent_id,
             user_id=request.user_id,
@@ -97,8 +98,8 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
             metadata=convert.metadata_from_pb(request.metadata, limits, "metadata"),
             page_size=request.page_size,
             page_token=request.page_token,
+            now=now,
         )
-        now = self.svc.clock.now()
         return session_service_pb2.ListSessionsResponse(
             sessions=[convert.session_to_pb(s, now) for s in page.items], next_page_token=page.next_page_token
         )

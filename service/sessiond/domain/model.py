@@ -131,11 +131,14 @@ class Session:
         if self.warned_expire_time != self.expire_time and self.notified_expire_time != self.expire_time:
             return self.warn_time
         if self.notified_expire_time != self.expire_time:
-            return self.expire_time
+            # The sweep takes what is due strictly before now (as the warning is, `near_expiration`),
+            # and a session is expired from its expire_time on (`status`): one tick earlier.
+            return self.expire_time - _TICK
         return None
 
 
 _SESSION_FIELDS = frozenset(f.name for f in fields(Session))
+_TICK = timedelta(microseconds=1)  # datetime's resolution
 
 
 class Notice(enum.Enum):
