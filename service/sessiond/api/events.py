@@ -102,9 +102,11 @@ async def watch(
                 violations=[FieldViolation("after_event_id", "is past the session's last event")],
             )
         last = session.last_event_id if after_event_id is None else after_event_id
+        finished: set[str] = set()  # turns whose end was sent: their deltas buffered meanwhile are stale
         if after_event_id is not None:
             async for event in _replay(service, session_id, after_event_id):
                 last = event.event_id
+                _note_finished(event, finished)
                 yield event
         while True:
             received = await live.get()
@@ -117,19 +119,30 @@ async def watch(
                     )
                 raise lagging(session_id, last)
             event = received
-            if event.event_id == 0:
-                yield event  # the bus gives deltas only to watches that asked for them
+            if event.event_id == 0:  # the bus gives deltas only to watches that asked for them
+                if event.turn.turn_id not in finished:
+                    yield event
                 continue
             if event.event_id <= last:
                 continue
             if event.event_id > last + 1:
                 async for missed in _replay(service, session_id, last, until=event.event_id):
                     last = missed.event_id
+                    _note_finished(missed, finished)
                     yield missed
             last = event.event_id
+            _note_finished(event, finished)
             yield event
             if event.HasField("deleted"):
                 return
+
+
+def _note_finished(event: events_pb2.SessionEvent, finished: set[str]) -> None:
+    """Records the turn `event` finishes, if it does (the few newest: a delta is stale only briefly)."""
+    if event.HasField("turn") and event.turn.HasField("turn_finished"):
+        if len(finished) >= 64:
+            finished.clear()
+        finished.add(event.turn.turn_id)
 
 
 async def load_events(

@@ -468,6 +468,9 @@ class _SQLiteWriter:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._sizer = sizer
         self._more = threading.Event()
+        # Connected here, so that a database the writer cannot open fails `Database.open` at once; a thread
+        # that failed to connect would have died with every later write left waiting on it.
+        self._conn = engine.connect()
         self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
         self._thread.start()
 
@@ -499,7 +502,7 @@ class _SQLiteWriter:
             sizer.wanted = 0
 
     def _run(self) -> None:
-        with self._engine.connect() as conn:
+        with self._conn as conn:
             cache = WriteCache()
             conn.info[WriteCache.KEY] = cache
             data_version = None
