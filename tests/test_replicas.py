@@ -5,6 +5,7 @@ again after its listening connection is cut."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -14,6 +15,7 @@ from turn_support import CANCELLED, STOP, Reader, reason
 
 from agentsessions import AsyncSessionsClient, SessionEvent, errors
 from sessiond.domain.clock import ManualClock
+from sessiond.events import pgbus
 from sessiond.events.pgbus import PostgresEventBus
 from sessiond.server import RunningServer
 
@@ -109,6 +111,51 @@ async def test_a_delete_on_one_replica_ends_watches_on_another(
     await on_a.delete_session(session_id=sid, force=True)
     (deleted,) = await next_events(stream, 1)
     assert kind(deleted) == "deleted"
+
+
+async def test_a_session_created_again_under_its_id_is_watched_live_on_another_replica(
+    clients: tuple[AsyncSessionsClient, AsyncSessionsClient], unique: str
+) -> None:
+    """A session deleted and created again under its id numbers its events from 1 again. Replica B, whose
+    Connect stream follows that id all along, delivers the new session's events live. Before, B kept
+    the old session's last event id and dropped the new one's events up to it as duplicates."""
+    on_a, on_b = clients
+    sid = f"{unique}/again"
+    await on_a.create_session(agent_id="echo", session_id=sid)
+    for i in range(5):
+        await on_a.append_text(session_id=sid, role="user", text=f"old {i}")
+    conn = on_b.connect(session_id=sid)  # a gateway's stream on B: it follows the id from its first frame
+    frames = conn.__aiter__()
+    await conn.send_heartbeat()
+    assert (await asyncio.wait_for(frames.__anext__(), WAIT)).HasField("session")
+    await on_a.delete_session(session_id=sid, force=True)
+    while not (await asyncio.wait_for(frames.__anext__(), WAIT)).session_event.HasField("deleted"):
+        pass
+    created = await on_a.create_session(agent_id="echo", session_id=sid)
+    await on_a.append_text(session_id=sid, role="user", text="new")
+    while not (frame := await asyncio.wait_for(frames.__anext__(), WAIT)).session_event.HasField(
+        "messages_appended"
+    ):
+        pass
+    assert frame.session_event.event_id == created.last_event_id + 1
+    assert frame.session_event.messages_appended.messages[0].parts[0].text.text == "new"
+    conn.cancel()
+
+
+def test_notices_stay_under_notifys_payload_limit() -> None:
+    """NOTIFY refuses a payload of 8,000 bytes or more, and with it every notice sent in the same
+    statement: the list of sessions a replica wants deltas of is cut by size (it was cut every 40 ids,
+    10 KB with ids of 256 characters), and a notice too large is dropped alone."""
+    ids = [f"{i:03d}" + "x" * 253 for i in range(100)]
+    chunks = pgbus._chunks(ids, pgbus.MAX_NOTICE - 200)
+    assert [i for chunk in chunks for i in chunk] == ids
+    for chunk in chunks:
+        notice = json.dumps({"o": "0" * 16, "k": pgbus.DELTAS_SIGNAL, "d": {"sessions": chunk}})
+        assert len(notice.encode()) < 8000
+    bus = PostgresEventBus("postgresql://unused", schema=None)
+    bus._queue("x" * 8000)
+    bus._queue("small")
+    assert bus._outbox == ["small"]
 
 
 async def test_a_purge_on_one_replica_ends_watches_on_another(

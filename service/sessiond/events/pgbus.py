@@ -55,6 +55,9 @@ MAX_OUTBOX = 10_000
 # Raw bytes of an event sent inside a notice; base64 makes them 4/3 larger, under the 8,000-byte payload
 # limit with room for the rest of the notice.
 MAX_INLINE_EVENT = 5_500
+# NOTIFY refuses a payload of 8,000 bytes or more, and with it the whole statement: every notice of the
+# batch. A notice is kept under this, in bytes (a signal listing sessions is cut into several).
+MAX_NOTICE = 7_900
 
 
 def channel_name(schema: str | None) -> str:
@@ -133,6 +136,9 @@ class PostgresEventBus(InProcessEventBus):
             self._queue(json.dumps({"o": self.origin, "k": name, "d": dict(data)}, separators=(",", ":")))
 
     def _queue(self, notice: str) -> None:
+        if len(notice.encode()) > MAX_NOTICE:  # would fail the whole batch it is sent in
+            log.warning("dropped a notice of %d bytes, too large for NOTIFY", len(notice.encode()))
+            return
         if len(self._outbox) >= MAX_OUTBOX:  # the database is unreachable: keep the newest only
             del self._outbox[: len(self._outbox) // 2]
         self._outbox.append(notice)
@@ -201,9 +207,11 @@ class PostgresEventBus(InProcessEventBus):
             return
         if session_id not in self._subscribers:
             return
-        if "p" in notice:
+        if "p" in notice and not (event_id > 0 and session_id in self._catching_up):
             self._deliver(events_pb2.SessionEvent.FromString(base64.b64decode(notice["p"])))
         elif event_id > 0:
+            # Too large to come inline, or an earlier one is being read from storage: this one is read
+            # after it, in order (delivered ahead, it would make the earlier one look like a duplicate).
             self._remote(session_id, event_id)
 
     def _remote(self, session_id: str, event_id: int) -> None:
@@ -241,6 +249,8 @@ class PostgresEventBus(InProcessEventBus):
                 return
             self._delivered[session_id] = event_id
         super().publish(event)
+        if event.HasField("deleted"):  # a session created again under its id numbers its events from 1
+            self._delivered.pop(session_id, None)
 
     def _remove(self, subscription: Subscription) -> None:
         super()._remove(subscription)
@@ -274,9 +284,8 @@ class PostgresEventBus(InProcessEventBus):
     async def _refresh_interest(self) -> None:
         while True:
             await asyncio.sleep(INTEREST_REFRESH)
-            wanting = list(self._wanting)
-            for start in range(0, len(wanting), 40):  # notices stay well under 8,000 bytes
-                self.signal(DELTAS_SIGNAL, {"sessions": wanting[start : start + 40]})
+            for chunk in _chunks(list(self._wanting), MAX_NOTICE - 200):  # 200: the rest of the notice
+                self.signal(DELTAS_SIGNAL, {"sessions": chunk})
             now = time.monotonic()
             for session_id in [s for s, until in self._wanted.items() if until < now]:
                 del self._wanted[session_id]
@@ -285,3 +294,17 @@ class PostgresEventBus(InProcessEventBus):
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _chunks(session_ids: list[str], max_bytes: int) -> list[list[str]]:
+    """`session_ids` in runs whose JSON stays under `max_bytes` (ids are up to 256 characters)."""
+    chunks: list[list[str]] = []
+    size = max_bytes
+    for session_id in session_ids:
+        cost = len(json.dumps(session_id).encode()) + 1
+        if size + cost > max_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(session_id)
+        size += cost
+    return chunks
