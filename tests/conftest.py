@@ -78,7 +78,7 @@ def clock() -> ManualClock:
 
 
 def make_settings(database: DatabaseTarget, **overrides: object) -> Settings:
-    return Settings(
+    return Settings.of(
         database_url=database.url,
         database_schema=database.schema,
         listen="127.0.0.1:0",

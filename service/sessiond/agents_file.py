@@ -63,6 +63,8 @@ def load_agents(path: str | Path, *, now: datetime, timeouts: TimeoutLimits, lim
     seen: set[str] = set()
     for i, entry in enumerate(entries):
         where = f"{path}: agents[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: must be a table ([[agents]] with its keys), got {entry!r}")
         fields: dict[str, Any] = dict(entry)
         agent_id = str(fields.pop("id", fields.pop("agent_id", "")))
         where = f"{where} ({agent_id!r})" if agent_id else where

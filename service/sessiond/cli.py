@@ -8,9 +8,11 @@ import logging
 import sys
 from typing import Any
 
+from pydantic import ValidationError
+
 from . import admin
 from .agents_file import ConfigError
-from .config import Settings
+from .config import Settings, StartupError
 from .store import migrate
 from .store.database import Database
 from .tls import TlsConfigError
@@ -31,7 +33,19 @@ def _settings(args: argparse.Namespace) -> Settings:
     for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
         if getattr(args, name, None):
             overrides[name] = getattr(args, name)
-    return Settings(**overrides)
+    try:
+        return Settings.of(**overrides)
+    except ValidationError as exc:
+        raise StartupError(_settings_problems(exc)) from None
+
+
+def _settings_problems(exc: ValidationError) -> str:
+    """What is wrong with the settings, by environment variable, one per line."""
+    lines = ["invalid settings:"]
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]).upper() or "settings"
+        lines.append(f"  {where}: {error['msg']} (got {error.get('input')!r})")
+    return "\n".join(lines)
 
 
 async def _migrate(settings: Settings, revision: str) -> None:
@@ -86,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "admin":
         return admin.run(args)
 
-    settings = _settings(args)
+    try:
+        settings = _settings(args)
+    except StartupError as exc:
+        print(f"sessiond: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -99,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         asyncio.run(run(settings))
-    except (ConfigError, TlsConfigError) as exc:  # the operator's files: the message says what to fix
+    except (ConfigError, TlsConfigError, StartupError) as exc:  # the operator's: the message says what to fix
         print(f"sessiond: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -5,9 +5,10 @@ Timeout variables keep the ElizaOS names (SESSION_*_MINUTES); the server's own u
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, BeforeValidator, Field
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .domain.policy import TimeoutLimits
@@ -15,12 +16,40 @@ from .domain.validation import Limits
 from .tls import TlsFiles
 
 
+class StartupError(ValueError):
+    """The server cannot start as configured; the message names the setting to fix."""
+
+
+LogLevel = Annotated[
+    Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+    BeforeValidator(lambda value: value.upper() if isinstance(value, str) else value),
+]
+
+
 def _env(name: str) -> AliasChoices:
     return AliasChoices(name, name.lower())
 
 
+def _variable(field: FieldInfo) -> str:
+    """The environment variable a field is read from (the first of its aliases)."""
+    alias = field.validation_alias
+    assert isinstance(alias, AliasChoices) and isinstance(alias.choices[0], str)
+    return alias.choices[0]
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+    # Read from the variables the fields name only (no `populate_by_name`: with it, pydantic-settings
+    # also reads each field's bare name, and a platform's DATABASE_URL or LOG_LEVEL meant for another
+    # program configured sessiond). Code passes values by field name through `Settings.of`.
+    model_config = SettingsConfigDict(frozen=True, extra="ignore")
+
+    @classmethod
+    def of(cls, **values: Any) -> Settings:
+        """The settings from the environment, with `values` (by field name) taking precedence."""
+        unknown = sorted(set(values) - set(cls.model_fields))
+        if unknown:
+            raise TypeError(f"unknown settings: {', '.join(unknown)}")
+        return cls(**{_variable(cls.model_fields[name]): value for name, value in values.items()})
 
     listen: str = Field("127.0.0.1:50051", validation_alias=_env("SESSIOND_LISTEN"))
     database_url: str = Field("sqlite:///./var/sessiond.db", validation_alias=_env("SESSIOND_DATABASE_URL"))
@@ -44,7 +73,7 @@ class Settings(BaseSettings):
     )
     migrate_on_start: bool = Field(True, validation_alias=_env("SESSIOND_MIGRATE_ON_START"))
     grace_seconds: float = Field(10.0, ge=0, validation_alias=_env("SESSIOND_GRACE_SECONDS"))
-    log_level: str = Field("INFO", validation_alias=_env("SESSIOND_LOG_LEVEL"))
+    log_level: LogLevel = Field("INFO", validation_alias=_env("SESSIOND_LOG_LEVEL"))
     # TLS on the gRPC port (sessiond.tls): PEM files of the certificate chain and its key, both or
     # neither; with a client CA, clients must present a certificate it signed (mutual TLS). Changed
     # files are served to new connections without a restart.

@@ -41,9 +41,10 @@ from .api.servicers import (
     SessionServicer,
 )
 from .api.turns import TurnServicer
-from .config import Settings
+from .config import Settings, StartupError
 from .domain.agents import builtin_echo
 from .domain.clock import Clock, SystemClock
+from .domain.errors import DomainError
 from .events.bus import InProcessEventBus
 from .events.pgbus import PostgresEventBus
 from .events.sweeper import Sweeper
@@ -130,7 +131,7 @@ def _event_bus(settings: Settings, db: Database) -> InProcessEventBus:
     if kind == "local":
         return InProcessEventBus()
     if db.dialect != "postgresql":
-        raise ValueError("SESSIOND_EVENT_BUS=postgres needs a PostgreSQL database")
+        raise StartupError("SESSIOND_EVENT_BUS=postgres needs a PostgreSQL database")
     return PostgresEventBus(db.asyncpg_dsn(), schema=settings.database_schema)
 
 
@@ -178,20 +179,26 @@ async def start_server(
     # long write group (a sweep batch) can keep the loop, and every call it serves, waiting that long
     # per hand-over; 1 ms bounds that wait (measured on GetSession p99 during a sweep).
     sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
-    timeouts = settings.timeout_limits()
+    try:
+        timeouts = settings.timeout_limits()
+    except DomainError as exc:
+        raise StartupError(f"the SESSION_*_MINUTES settings disagree: {exc.message}") from None
     declared = (
         load_agents(settings.config_file, now=clock.now(), timeouts=timeouts, limits=settings.limits())
         if settings.config_file
         else []
     )
-    db = Database(
-        settings.database_url,
-        schema=settings.database_schema,
-        pool_size=settings.database_pool_size,
-        write_linger=settings.database_write_linger_ms / 1000,
-        lock_timeout=settings.database_lock_timeout_seconds,
-        statement_timeout=settings.database_statement_timeout_seconds,
-    )
+    try:
+        db = Database(
+            settings.database_url,
+            schema=settings.database_schema,
+            pool_size=settings.database_pool_size,
+            write_linger=settings.database_write_linger_ms / 1000,
+            lock_timeout=settings.database_lock_timeout_seconds,
+            statement_timeout=settings.database_statement_timeout_seconds,
+        )
+    except ValueError as exc:  # a URL of another database, or not a URL
+        raise StartupError(f"SESSIOND_DATABASE_URL: {exc}") from None
     await db.open()
     bus: InProcessEventBus | None = None
     metrics_http: Any = None
@@ -263,12 +270,15 @@ async def start_server(
         reflection.enable(server, (*SERVICE_NAMES, health.SERVICE_NAME))
 
         address = listen or settings.listen
-        if credentials is not None:
-            port = server.add_secure_port(address, credentials)
-        else:
-            port = server.add_insecure_port(address)
+        try:
+            if credentials is not None:
+                port = server.add_secure_port(address, credentials)
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc's "Failed to bind": taken, or not an address
+            raise StartupError(f"cannot listen on {address!r} (SESSIOND_LISTEN): {exc}") from None
         if port == 0:
-            raise RuntimeError(f"cannot listen on {address}")
+            raise StartupError(f"cannot listen on {address!r} (SESSIOND_LISTEN)")
         if metrics is not None:
             metrics.registry.register(
                 ServerState(
@@ -278,7 +288,12 @@ async def start_server(
                     loop=asyncio.get_running_loop(),
                 )
             )
-            metrics_http, metrics_port = metrics.serve(settings.metrics_listen)
+            try:
+                metrics_http, metrics_port = metrics.serve(settings.metrics_listen)
+            except (ValueError, OSError) as exc:  # not host:port, or the port is taken
+                raise StartupError(
+                    f"cannot serve metrics on {settings.metrics_listen!r} (SESSIOND_METRICS_LISTEN): {exc}"
+                ) from None
         await server.start()
         await _set_health(health_servicer, True)
     except BaseException:
