@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import grpc
 import pytest
 from conftest import DatabaseTarget, make_settings
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from turn_support import ERROR, Reader, message_text, only, reason, text_of
 
 from agentsessions import AsyncSessionsClient, Connection, MessageStatus, Role, SessionsClient, errors
@@ -200,6 +202,30 @@ async def test_a_caller_waiting_for_the_running_turn_is_let_go_when_the_drain_be
         async with AsyncSessionsClient(f"127.0.0.1:{running.port}") as client:
             stored = [m async for m in await client.list_messages(session_id=sid)]
             assert [message_text(m) for m in stored] == ["/hang first answer", "first answer"]
+    finally:
+        if not stopped:
+            await running.stop(0)
+
+
+async def test_a_health_watch_sees_not_serving_and_does_not_hold_the_stop(
+    database: DatabaseTarget, clock: ManualClock
+) -> None:
+    """A client watching health (grpc's client-side health checking keeps such a stream on each channel)
+    gets NOT_SERVING when the drain begins, and then its stream ends, so the stop does not wait out the
+    grace period. Before, the Watch stayed open and every SIGTERM took the whole grace period."""
+    running = await start_server(make_settings(database), clock=clock)
+    stopped = False
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+            first = await watch.read()
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+            await asyncio.wait_for(running.stop(GRACE_SECONDS), HANG_GUARD_SECONDS)
+            stopped = True
+            rest = []
+            while (response := await watch.read()) is not grpc.aio.EOF:
+                rest.append(response.status)
+            assert rest == [health_pb2.HealthCheckResponse.NOT_SERVING]
     finally:
         if not stopped:
             await running.stop(0)

@@ -135,6 +135,34 @@ def _event_bus(settings: Settings, db: Database) -> InProcessEventBus:
     return PostgresEventBus(db.asyncpg_dsn(), schema=settings.database_schema)
 
 
+class _Health(health.aio.HealthServicer):  # type: ignore[misc]  # the library ships no types
+    """grpc's health service, whose Watch streams end once the server drains, after they sent NOT_SERVING
+    (the client's health checking opens another, elsewhere). grpc's never end, and a client that watches
+    health, as grpc's client-side health checking does on every channel, held each SIGTERM for the whole
+    grace period."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._draining = asyncio.Event()
+
+    async def enter_graceful_shutdown(self) -> None:
+        await super().enter_graceful_shutdown()
+        self._draining.set()
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
+        watching = asyncio.ensure_future(super().Watch(request, context))
+        draining = asyncio.ensure_future(self._draining.wait())
+        try:
+            await asyncio.wait([watching, draining], return_when=asyncio.FIRST_COMPLETED)
+            if not watching.done():  # let it send NOT_SERVING, which the drain notified it of
+                await asyncio.wait([watching], timeout=0.2)
+        finally:
+            for task in (watching, draining):
+                task.cancel()
+        if watching.done() and not watching.cancelled():
+            watching.result()  # its own failure, if any
+
+
 async def _set_health(servicer: health.aio.HealthServicer, serving: bool) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", *SERVICE_NAMES):
@@ -265,7 +293,7 @@ async def start_server(
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminServicer(service, database=db.dialect, running_turns=runner.running_count), guarded
         )
-        health_servicer = health.aio.HealthServicer()
+        health_servicer = _Health()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable(server, (*SERVICE_NAMES, health.SERVICE_NAME))
 
