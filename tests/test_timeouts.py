@@ -25,8 +25,8 @@ from agentsessions import (
     TimeoutPolicy,
     errors,
 )
+from sessiond.config import StartupError
 from sessiond.domain.clock import ManualClock
-from sessiond.domain.errors import InvalidArgument as ConfigRejected
 from sessiond.server import RunningServer, start_server
 
 ACTIVE = SessionStatus.SESSION_STATUS_ACTIVE
@@ -692,9 +692,10 @@ async def test_ranges_come_from_settings(start: StartServer, unique: str) -> Non
 
 async def test_settings_that_break_their_own_ranges_are_refused(database: DatabaseTarget) -> None:
     # A default timeout below the minimum would make every session out of range: refuse to start.
-    with pytest.raises(ConfigRejected) as info:
+    with pytest.raises(StartupError) as info:  # the CLI prints it and exits 2
         await start_server(make_settings(database, default_timeout_minutes=4))
-    assert info.value.reason == "TIMEOUT_OUT_OF_RANGE"
+    assert "SESSION_*_MINUTES settings disagree" in str(info.value)
+    assert "must be between 5 and 1440 minutes, got 4" in str(info.value)
 
 
 async def test_server_stats_agree_with_near_expiration(
