@@ -84,8 +84,13 @@ def rich_status(exc: DomainError) -> status_pb2.Status:
     return status_pb2.Status(code=code_pb2.Code.Value(exc.code), message=message, details=details)
 
 
+def _internal() -> DomainError:
+    """What an unexpected failure tells its caller: nothing of the failure itself."""
+    return DomainError("internal error; the server logged the details", reason="INTERNAL")
+
+
 def internal_status() -> grpc.Status:
-    return to_status(DomainError("internal error; the server logged the details", reason="INTERNAL"))
+    return to_status(_internal())
 
 
 class Undecodable:
@@ -166,14 +171,20 @@ def database_unavailable(exc: Exception) -> Unavailable | None:
     )
 
 
-def _unexpected(exc: Exception, where: str) -> grpc.Status:
-    """The status of a failure that is not a DomainError, logged."""
+def unexpected_error(exc: Exception, where: str) -> DomainError:
+    """A failure that is not a DomainError, as the error its caller gets (logged): UNAVAILABLE /
+    DATABASE_UNAVAILABLE with a retry delay when the database failed, else INTERNAL."""
     unavailable = database_unavailable(exc)
     if unavailable is not None:
         log.warning("database unavailable in %s", where, exc_info=True)
-        return to_status(unavailable)
+        return unavailable
     log.exception("unexpected failure in %s", where)
-    return internal_status()
+    return _internal()
+
+
+def _unexpected(exc: Exception, where: str) -> grpc.Status:
+    """The status of a failure that is not a DomainError, logged."""
+    return to_status(unexpected_error(exc, where))
 
 
 async def abort(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> None:

@@ -30,7 +30,7 @@ from ..events.bus import Subscription
 from ..service_layer import SessionsService
 from ..turns.runner import TurnRunner, TurnStream
 from . import convert
-from .errors import Undecodable, database_unavailable, rich_status, streaming, unary
+from .errors import Undecodable, rich_status, streaming, unary, unexpected_error
 
 log = logging.getLogger(__name__)
 
@@ -124,17 +124,6 @@ def connect_error(exc: DomainError) -> turn_service_pb2.ConnectResponse:
             status_details=rich_status(exc).SerializeToString(),
         )
     )
-
-
-def _frame_failure(exc: Exception, what: str) -> DomainError:
-    """The error frame of a failure that is not the caller's: UNAVAILABLE / DATABASE_UNAVAILABLE (with a
-    retry delay) when the database failed, else INTERNAL, logged."""
-    unavailable = database_unavailable(exc)
-    if unavailable is not None:
-        log.warning("database unavailable in %s", what, exc_info=True)
-        return unavailable
-    log.exception("%s failed", what)
-    return DomainError("internal error; the server logged the details")
 
 
 class TurnServicer(turn_service_pb2_grpc.TurnServiceServicer):
@@ -335,7 +324,7 @@ class _Connection:
                 except DomainError as exc:
                     self._send_error(exc)
                 except Exception as exc:  # the frame's failure (the database's, a bug), not the stream's
-                    self._send_error(_frame_failure(exc, "a Connect frame"))
+                    self._send_error(unexpected_error(exc, "a Connect frame"))
             # The caller is done sending: finish relaying the turn that runs, then end the stream.
             if self.latest is not None and self.latest.task is not None:
                 await asyncio.wait([self.latest.task])
@@ -382,7 +371,7 @@ class _Connection:
             self._send_error(exc)
             return
         except Exception as exc:
-            self._send_error(_frame_failure(exc, "an execute frame"))
+            self._send_error(unexpected_error(exc, "an execute frame"))
             return
         execution.relaying = True
         async for event in stream.events():
