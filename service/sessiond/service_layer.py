@@ -329,7 +329,7 @@ class SessionsService:
             session, rows = await self.store.session_and_messages(session_id, query)
         else:
             rows = await self.store.list_messages(session_id, query)
-        fit = paging.fitting(rows[:size], paging.MAX_PAGE_BYTES)
+        fit = paging.fitting(rows[:size], paging.MAX_PAGE_BYTES, paging.message_size)
         if fit == len(rows):
             return Page(rows, ""), session
         page, reach = paging.keep_tool_groups(rows[:fit], rows[fit], descending=descending)
@@ -409,7 +409,7 @@ class SessionsService:
 
         rows = await self.store.list_agents(after_id=after, limit=size + 1)
         items = rows[:size]
-        fit = _fitting_agents(items, paging.MAX_PAGE_BYTES)  # agents may be large: pages stay answerable
+        fit = paging.fitting(items, paging.MAX_PAGE_BYTES, _agent_size)  # agents may be large
         more = len(rows) > size or fit < len(items)
         items = items[:fit]
         return Page(items, paging.encode_token(items[-1].agent_id, fp) if more else "")
@@ -465,11 +465,6 @@ def _renewed(*, manual: bool) -> Callable[[Session, Session], list[tuple[str, di
     return events
 
 
-def _fitting_agents(agents: Sequence[Agent], max_bytes: int) -> int:
-    """How many agents from the start of `agents` fit in about `max_bytes` (at least one)."""
-    total = 0
-    for i, agent in enumerate(agents):
-        total += len(json.dumps(agent.backend)) + len(agent.display_name) + 256  # 256: ids, times, policy
-        if total > max_bytes and i > 0:
-            return i
-    return len(agents)
+def _agent_size(agent: Agent) -> int:
+    """About what an agent takes on the wire (256: ids, times, policy)."""
+    return len(json.dumps(agent.backend)) + len(agent.display_name) + 256

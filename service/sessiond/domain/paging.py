@@ -12,6 +12,7 @@ from .errors import InvalidArgument
 from .model import StoredMessage
 
 P = TypeVar("P", int, str)
+T = TypeVar("T")
 
 # A page of messages stops short of this many bytes of content and metadata, so that it stays under the
 # 4 MiB a gRPC client receives by default (grpcurl, Node, Go, a Python channel with default options) with
@@ -61,13 +62,18 @@ def decode_token(
     return position
 
 
-def fitting(page: Sequence[StoredMessage], max_bytes: int) -> int:
-    """How many messages from the start of `page` fit in `max_bytes` of content and metadata (at least one:
-    a message is never split, and one is at most the configured message size)."""
+def message_size(m: StoredMessage) -> int:
+    """About what a message takes on the wire: content, metadata, and 64 for its fixed fields (ids,
+    sequence, times)."""
+    return len(m.content) + sum(len(k) + len(v) for k, v in m.metadata.items()) + 64
+
+
+def fitting(page: Sequence[T], max_bytes: int, size: Callable[[T], int]) -> int:
+    """How many items from the start of `page` fit in `max_bytes` as `size` measures them (at least one:
+    an item is never split, and one is at most its own configured size)."""
     total = 0
-    for i, m in enumerate(page):
-        # 64: the fixed fields of a message on the wire (ids, sequence, times), roughly
-        total += len(m.content) + sum(len(k) + len(v) for k, v in m.metadata.items()) + 64
+    for i, item in enumerate(page):
+        total += size(item)
         if total > max_bytes and i > 0:
             return i
     return len(page)
