@@ -546,6 +546,30 @@ OTHER_CASES: list[tuple[str, str, str, Call, str]] = [
     ),
     (
         "MessageService",
+        "BatchAppendMessages",
+        "no requests",
+        lambda c: raw(c.messages.BatchAppendMessages, message_service_pb2.BatchAppendMessagesRequest()),
+        "requests",
+    ),
+    (
+        "MessageService",
+        "BatchAppendMessages",
+        "101 requests",
+        lambda c: raw(
+            c.messages.BatchAppendMessages,
+            message_service_pb2.BatchAppendMessagesRequest(
+                requests=[
+                    message_service_pb2.AppendMessagesRequest(
+                        session_id=c.session_id, messages=[text_message()]
+                    )
+                ]
+                * 101
+            ),
+        ),
+        "requests",
+    ),
+    (
+        "MessageService",
         "DeleteMessages",
         "no target",
         lambda c: raw(

@@ -15,6 +15,7 @@ The generated messages and stubs live in ``agentsessions.v1``; the common ones a
 """
 
 from agentsessions import errors
+from agentsessions._batching import AppendBatching
 from agentsessions.client import DEFAULT_TARGET, AsyncSessionsClient, SessionsClient
 from agentsessions.errors import AgentSessionsError
 from agentsessions.pagers import AsyncPager, Pager
@@ -53,7 +54,7 @@ from agentsessions.v1.turn_service_pb2 import (
 )
 
 # The distribution's version (clients/python/pyproject.toml); the API it speaks is agentsessions.v1.
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 __all__ = [
     "DEFAULT_RETRY",
@@ -61,6 +62,7 @@ __all__ = [
     "Agent",
     "AgentOrigin",
     "AgentSessionsError",
+    "AppendBatching",
     "AsyncConnection",
     "AsyncPager",
     "AsyncSessionsClient",

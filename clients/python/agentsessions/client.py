@@ -22,8 +22,9 @@ import grpc.aio
 from google.protobuf.message import Message as ProtoMessage
 
 from agentsessions import _requests
+from agentsessions._batching import AppendBatcher, AppendBatching
 from agentsessions._requests import MessageInput, Prepared, TimeoutPolicyInput, Variables
-from agentsessions.errors import client_closed, from_grpc_error
+from agentsessions.errors import AgentSessionsError, client_closed, from_grpc_error
 from agentsessions.pagers import AsyncPager, Page, Pager
 from agentsessions.retry import DEFAULT_RETRY, CallAttempts, RetryPolicy
 from agentsessions.streams import AsyncConnection, AsyncStream, Connection, Stream, WatchCursor
@@ -98,6 +99,9 @@ class AsyncSessionsClient:
         retry: the retry policy of idempotent calls (None: never retry).
         channel_options: gRPC channel arguments.
         channel: an existing channel to use instead of opening one; ``close()`` leaves it open.
+        append_batching: how appends made while others are under way are sent together, in one
+            ``BatchAppendMessages`` call, each keeping its own outcome, retries and deadline
+            (:class:`agentsessions.AppendBatching`; None: one call per append).
 
     Create it inside the event loop that uses it: a ``grpc.aio`` channel belongs to one loop.
 
@@ -120,6 +124,7 @@ class AsyncSessionsClient:
         retry: RetryPolicy | None = DEFAULT_RETRY,
         channel_options: Sequence[tuple[str, Any]] = (),
         channel: grpc.aio.Channel | None = None,
+        append_batching: AppendBatching | None = AppendBatching(),  # noqa: B008 (frozen: shared safely)
     ) -> None:
         self._owns_channel = channel is None
         self._closed = False
@@ -138,6 +143,25 @@ class AsyncSessionsClient:
         self._turns = turn_service_pb2_grpc.TurnServiceStub(channel)
         self._agents = agent_service_pb2_grpc.AgentRegistryServiceStub(channel)
         self._admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+        self._batcher = (
+            None
+            if append_batching is None
+            else AppendBatcher(self._append_one, self._append_batch, append_batching)
+        )
+
+    def _append_one(
+        self, request: message_service_pb2.AppendMessagesRequest, timeout: float | None
+    ) -> Awaitable[message_service_pb2.AppendMessagesResponse]:
+        return self._messages.AppendMessages(
+            request, timeout=timeout, metadata=self._metadata, credentials=self._call_credentials
+        )
+
+    def _append_batch(
+        self, request: message_service_pb2.BatchAppendMessagesRequest, timeout: float | None
+    ) -> Awaitable[message_service_pb2.BatchAppendMessagesResponse]:
+        return self._messages.BatchAppendMessages(
+            request, timeout=timeout, metadata=self._metadata, credentials=self._call_credentials
+        )
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -160,13 +184,19 @@ class AsyncSessionsClient:
         await self.close()
 
     async def _unary(
-        self, method: grpc.aio.UnaryUnaryMultiCallable[RequestT, ResponseT], prepared: Prepared[RequestT]
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[RequestT, ResponseT],
+        prepared: Prepared[RequestT],
+        send: Callable[[RequestT, float | None], Awaitable[ResponseT]] | None = None,
     ) -> ResponseT:
+        """Calls `method` (or `send`, which makes one attempt its own way) with retries."""
         attempts = CallAttempts(self._retry if prepared.idempotent else None, self._timeout)
         while True:
             if self._closed:
                 raise client_closed()
             try:
+                if send is not None:
+                    return await send(prepared.request, attempts.timeout())
                 return await method(
                     prepared.request,
                     timeout=attempts.timeout(),
@@ -178,6 +208,10 @@ class AsyncSessionsClient:
                 delay = attempts.backoff(error)
                 if delay is None:
                     raise error from err
+            except AgentSessionsError as error:  # one batched append's own failure
+                delay = attempts.backoff(error)
+                if delay is None:
+                    raise
             except grpc.aio.UsageError as err:  # a channel passed in, closed by its owner
                 raise client_closed() from err
             except asyncio.CancelledError:
@@ -366,11 +400,14 @@ class AsyncSessionsClient:
         not appended again, so the call is retried when every message carries a ``message_id``.
         ``set_variables`` are set key by key in the same transaction (``user:`` / ``app:`` keys in the
         shared scopes), only when the call stores messages: a retry sets nothing twice.
+
+        Appends made while another is under way are sent together (``append_batching``).
         """
         prepared = _requests.append_messages(
             session_id=session_id, messages=messages, set_variables=set_variables
         )
-        return await self._unary(self._messages.AppendMessages, prepared)
+        send = self._batcher.append if self._batcher is not None else None
+        return await self._unary(self._messages.AppendMessages, prepared, send)
 
     async def append_text(
         self,

@@ -27,7 +27,7 @@ from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as ProtoMessage
 from google.rpc import error_details_pb2, status_pb2
 
-from agentsessions.v1 import turn_service_pb2
+from agentsessions.v1 import message_service_pb2, turn_service_pb2
 
 __all__ = [
     "EXCEPTION_CLASSES",
@@ -266,9 +266,12 @@ def from_grpc_error(err: grpc.RpcError) -> AgentSessionsError:
     return exception_for(code, message, _unpack(status.details) if status is not None else ())
 
 
-def from_connect_error(frame: turn_service_pb2.ConnectError) -> AgentSessionsError:
-    """Converts an error frame of a Connect stream (reported without closing the stream), with the details
-    its status carries (ErrorInfo metadata, field violations, retry delay)."""
+def from_connect_error(
+    frame: turn_service_pb2.ConnectError | message_service_pb2.AppendError,
+) -> AgentSessionsError:
+    """Converts an error reported inside a response, with the details its status carries (ErrorInfo
+    metadata, field violations, retry delay): an error frame of a Connect stream (reported without closing
+    the stream), or a failed entry of a BatchAppendMessages call."""
     try:
         code = next(c for c in grpc.StatusCode if c.value[0] == frame.code)
     except StopIteration:

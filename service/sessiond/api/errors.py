@@ -84,6 +84,17 @@ def rich_status(exc: DomainError) -> status_pb2.Status:
     return status_pb2.Status(code=code_pb2.Code.Value(exc.code), message=message, details=details)
 
 
+def error_fields(exc: DomainError) -> dict[str, Any]:
+    """The fields of an error reported inside a response rather than as the call's status (ConnectError,
+    AppendError): the code, reason and message, and the whole status serialized."""
+    return {
+        "code": grpc.StatusCode[exc.code].value[0],
+        "reason": exc.reason,
+        "message": exc.message,
+        "status_details": rich_status(exc).SerializeToString(),
+    }
+
+
 def _internal() -> DomainError:
     """What an unexpected failure tells its caller: nothing of the failure itself."""
     return DomainError("internal error; the server logged the details", reason="INTERNAL")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
@@ -25,12 +26,12 @@ from agentsessions.v1 import (
 )
 
 from .. import __version__
-from ..domain.errors import InvalidArgument
+from ..domain.errors import DomainError, InvalidArgument
 from ..domain.model import Status
 from ..domain.validation import check_agent_id, check_message_id, check_session_id, check_text, uuid7
 from ..service_layer import SessionsService, SessionUpdate
 from . import convert, events
-from .errors import streaming, unary
+from .errors import error_fields, streaming, unary, unexpected_error
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -214,6 +215,42 @@ class MessageServicer(message_service_pb2_grpc.MessageServiceServicer):
     @unary
     async def AppendMessages(
         self, request: message_service_pb2.AppendMessagesRequest, context: Ctx
+    ) -> message_service_pb2.AppendMessagesResponse:
+        return await self._append(request)
+
+    @unary
+    async def BatchAppendMessages(
+        self, request: message_service_pb2.BatchAppendMessagesRequest, context: Ctx
+    ) -> message_service_pb2.BatchAppendMessagesResponse:
+        limit = self.svc.limits.max_batch_messages
+        if not request.requests:
+            raise InvalidArgument.field("requests", "at least one request is required")
+        if len(request.requests) > limit:
+            raise InvalidArgument.field(
+                "requests",
+                f"at most {limit} requests per call, got {len(request.requests)}",
+                limit=str(limit),
+            )
+        # All at once, as separate calls made together would be: their writes join the same group commit.
+        outcomes = await asyncio.gather(*(self._outcome(entry) for entry in request.requests))
+        return message_service_pb2.BatchAppendMessagesResponse(outcomes=outcomes)
+
+    async def _outcome(
+        self, entry: message_service_pb2.AppendMessagesRequest
+    ) -> message_service_pb2.AppendOutcome:
+        """One entry of a batch: its response, or the error AppendMessages would have failed with."""
+        try:
+            return message_service_pb2.AppendOutcome(response=await self._append(entry))
+        except DomainError as exc:
+            failure = exc
+        except Exception as exc:
+            failure = unexpected_error(exc, "MessageServicer.BatchAppendMessages")
+        return message_service_pb2.AppendOutcome(
+            error=message_service_pb2.AppendError(**error_fields(failure))
+        )
+
+    async def _append(
+        self, request: message_service_pb2.AppendMessagesRequest
     ) -> message_service_pb2.AppendMessagesResponse:
         check_session_id(request.session_id, self.svc.limits)
         new = convert.new_messages_from_pb(request.messages, self.svc.limits)

@@ -30,7 +30,7 @@ from ..events.bus import Subscription
 from ..service_layer import SessionsService
 from ..turns.runner import TurnRunner, TurnStream
 from . import convert
-from .errors import Undecodable, rich_status, streaming, unary, unexpected_error
+from .errors import Undecodable, error_fields, streaming, unary, unexpected_error
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +116,7 @@ def _renamed(exc: InvalidArgument, old: str, new: str) -> InvalidArgument:
 
 
 def connect_error(exc: DomainError) -> turn_service_pb2.ConnectResponse:
-    return turn_service_pb2.ConnectResponse(
-        error=turn_service_pb2.ConnectError(
-            code=grpc.StatusCode[exc.code].value[0],
-            reason=exc.reason,
-            message=exc.message,
-            status_details=rich_status(exc).SerializeToString(),
-        )
-    )
+    return turn_service_pb2.ConnectResponse(error=turn_service_pb2.ConnectError(**error_fields(exc)))
 
 
 class TurnServicer(turn_service_pb2_grpc.TurnServiceServicer):

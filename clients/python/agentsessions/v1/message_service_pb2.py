@@ -27,7 +27,7 @@ from agentsessions.v1 import session_pb2 as agentsessions_dot_v1_dot_session__pb
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&agentsessions/v1/message_service.proto\x12\x10\x61gentsessions.v1\x1a\x1e\x61gentsessions/v1/message.proto\x1a\x1e\x61gentsessions/v1/session.proto\x1a\x1cgoogle/protobuf/struct.proto\"\x88\x01\n\x15\x41ppendMessagesRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.agentsessions.v1.Message\x12.\n\rset_variables\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"q\n\x16\x41ppendMessagesResponse\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.agentsessions.v1.Message\x12*\n\x07session\x18\x02 \x01(\x0b\x32\x19.agentsessions.v1.Session\"\xf6\x01\n\x13ListMessagesRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12+\n\x04view\x18\x04 \x01(\x0e\x32\x1d.agentsessions.v1.MessageView\x12-\n\x05order\x18\x05 \x01(\x0e\x32\x1e.agentsessions.v1.MessageOrder\x12\x16\n\x0e\x61\x66ter_sequence\x18\x06 \x01(\x03\x12\x17\n\x0f\x62\x65\x66ore_sequence\x18\x07 \x01(\x03\x12\x17\n\x0finclude_session\x18\x08 \x01(\x08\"\x88\x01\n\x14ListMessagesResponse\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.agentsessions.v1.Message\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12*\n\x07session\x18\x03 \x01(\x0b\x32\x19.agentsessions.v1.Session\"e\n\x15\x44\x65leteMessagesRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\nmessage_id\x18\x02 \x01(\tH\x00\x12\x18\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x03H\x00\x42\x08\n\x06target\"[\n\x16\x44\x65leteMessagesResponse\x12\x15\n\rdeleted_count\x18\x01 \x01(\x03\x12*\n\x07session\x18\x02 \x01(\x0b\x32\x19.agentsessions.v1.Session2\xb9\x02\n\x0eMessageService\x12\x63\n\x0e\x41ppendMessages\x12\'.agentsessions.v1.AppendMessagesRequest\x1a(.agentsessions.v1.AppendMessagesResponse\x12]\n\x0cListMessages\x12%.agentsessions.v1.ListMessagesRequest\x1a&.agentsessions.v1.ListMessagesResponse\x12\x63\n\x0e\x44\x65leteMessages\x12\'.agentsessions.v1.DeleteMessagesRequest\x1a(.agentsessions.v1.DeleteMessagesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&agentsessions/v1/message_service.proto\x12\x10\x61gentsessions.v1\x1a\x1e\x61gentsessions/v1/message.proto\x1a\x1e\x61gentsessions/v1/session.proto\x1a\x1cgoogle/protobuf/struct.proto\"\x88\x01\n\x15\x41ppendMessagesRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.agentsessions.v1.Message\x12.\n\rset_variables\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"q\n\x16\x41ppendMessagesResponse\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.agentsessions.v1.Message\x12*\n\x07session\x18\x02 \x01(\x0b\x32\x19.agentsessions.v1.Session\"W\n\x1a\x42\x61tchAppendMessagesRequest\x12\x39\n\x08requests\x18\x01 \x03(\x0b\x32\'.agentsessions.v1.AppendMessagesRequest\"P\n\x1b\x42\x61tchAppendMessagesResponse\x12\x31\n\x08outcomes\x18\x01 \x03(\x0b\x32\x1f.agentsessions.v1.AppendOutcome\"\x88\x01\n\rAppendOutcome\x12<\n\x08response\x18\x01 \x01(\x0b\x32(.agentsessions.v1.AppendMessagesResponseH\x00\x12.\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1d.agentsessions.v1.AppendErrorH\x00\x42\t\n\x07outcome\"T\n\x0b\x41ppendError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x16\n\x0estatus_details\x18\x04 \x01(\x0c\"\xf6\x01\n\x13ListMessagesRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12+\n\x04view\x18\x04 \x01(\x0e\x32\x1d.agentsessions.v1.MessageView\x12-\n\x05order\x18\x05 \x01(\x0e\x32\x1e.agentsessions.v1.MessageOrder\x12\x16\n\x0e\x61\x66ter_sequence\x18\x06 \x01(\x03\x12\x17\n\x0f\x62\x65\x66ore_sequence\x18\x07 \x01(\x03\x12\x17\n\x0finclude_session\x18\x08 \x01(\x08\"\x88\x01\n\x14ListMessagesResponse\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.agentsessions.v1.Message\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12*\n\x07session\x18\x03 \x01(\x0b\x32\x19.agentsessions.v1.Session\"e\n\x15\x44\x65leteMessagesRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\nmessage_id\x18\x02 \x01(\tH\x00\x12\x18\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x03H\x00\x42\x08\n\x06target\"[\n\x16\x44\x65leteMessagesResponse\x12\x15\n\rdeleted_count\x18\x01 \x01(\x03\x12*\n\x07session\x18\x02 \x01(\x0b\x32\x19.agentsessions.v1.Session2\xad\x03\n\x0eMessageService\x12\x63\n\x0e\x41ppendMessages\x12\'.agentsessions.v1.AppendMessagesRequest\x1a(.agentsessions.v1.AppendMessagesResponse\x12r\n\x13\x42\x61tchAppendMessages\x12,.agentsessions.v1.BatchAppendMessagesRequest\x1a-.agentsessions.v1.BatchAppendMessagesResponse\x12]\n\x0cListMessages\x12%.agentsessions.v1.ListMessagesRequest\x1a&.agentsessions.v1.ListMessagesResponse\x12\x63\n\x0e\x44\x65leteMessages\x12\'.agentsessions.v1.DeleteMessagesRequest\x1a(.agentsessions.v1.DeleteMessagesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,14 +38,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APPENDMESSAGESREQUEST']._serialized_end=291
   _globals['_APPENDMESSAGESRESPONSE']._serialized_start=293
   _globals['_APPENDMESSAGESRESPONSE']._serialized_end=406
-  _globals['_LISTMESSAGESREQUEST']._serialized_start=409
-  _globals['_LISTMESSAGESREQUEST']._serialized_end=655
-  _globals['_LISTMESSAGESRESPONSE']._serialized_start=658
-  _globals['_LISTMESSAGESRESPONSE']._serialized_end=794
-  _globals['_DELETEMESSAGESREQUEST']._serialized_start=796
-  _globals['_DELETEMESSAGESREQUEST']._serialized_end=897
-  _globals['_DELETEMESSAGESRESPONSE']._serialized_start=899
-  _globals['_DELETEMESSAGESRESPONSE']._serialized_end=990
-  _globals['_MESSAGESERVICE']._serialized_start=993
-  _globals['_MESSAGESERVICE']._serialized_end=1306
+  _globals['_BATCHAPPENDMESSAGESREQUEST']._serialized_start=408
+  _globals['_BATCHAPPENDMESSAGESREQUEST']._serialized_end=495
+  _globals['_BATCHAPPENDMESSAGESRESPONSE']._serialized_start=497
+  _globals['_BATCHAPPENDMESSAGESRESPONSE']._serialized_end=577
+  _globals['_APPENDOUTCOME']._serialized_start=580
+  _globals['_APPENDOUTCOME']._serialized_end=716
+  _globals['_APPENDERROR']._serialized_start=718
+  _globals['_APPENDERROR']._serialized_end=802
+  _globals['_LISTMESSAGESREQUEST']._serialized_start=805
+  _globals['_LISTMESSAGESREQUEST']._serialized_end=1051
+  _globals['_LISTMESSAGESRESPONSE']._serialized_start=1054
+  _globals['_LISTMESSAGESRESPONSE']._serialized_end=1190
+  _globals['_DELETEMESSAGESREQUEST']._serialized_start=1192
+  _globals['_DELETEMESSAGESREQUEST']._serialized_end=1293
+  _globals['_DELETEMESSAGESRESPONSE']._serialized_start=1295
+  _globals['_DELETEMESSAGESRESPONSE']._serialized_end=1386
+  _globals['_MESSAGESERVICE']._serialized_start=1389
+  _globals['_MESSAGESERVICE']._serialized_end=1818
 # @@protoc_insertion_point(module_scope)

@@ -27,6 +27,38 @@ class AppendMessagesResponse(_message.Message):
     session: _session_pb2.Session
     def __init__(self, messages: _Optional[_Iterable[_Union[_message_pb2.Message, _Mapping]]] = ..., session: _Optional[_Union[_session_pb2.Session, _Mapping]] = ...) -> None: ...
 
+class BatchAppendMessagesRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[AppendMessagesRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[AppendMessagesRequest, _Mapping]]] = ...) -> None: ...
+
+class BatchAppendMessagesResponse(_message.Message):
+    __slots__ = ("outcomes",)
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    outcomes: _containers.RepeatedCompositeFieldContainer[AppendOutcome]
+    def __init__(self, outcomes: _Optional[_Iterable[_Union[AppendOutcome, _Mapping]]] = ...) -> None: ...
+
+class AppendOutcome(_message.Message):
+    __slots__ = ("response", "error")
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    response: AppendMessagesResponse
+    error: AppendError
+    def __init__(self, response: _Optional[_Union[AppendMessagesResponse, _Mapping]] = ..., error: _Optional[_Union[AppendError, _Mapping]] = ...) -> None: ...
+
+class AppendError(_message.Message):
+    __slots__ = ("code", "reason", "message", "status_details")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_DETAILS_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    reason: str
+    message: str
+    status_details: bytes
+    def __init__(self, code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., status_details: _Optional[bytes] = ...) -> None: ...
+
 class ListMessagesRequest(_message.Message):
     __slots__ = ("session_id", "page_size", "page_token", "view", "order", "after_sequence", "before_sequence", "include_session")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]

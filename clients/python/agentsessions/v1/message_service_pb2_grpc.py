@@ -42,6 +42,11 @@ class MessageServiceStub:
                 request_serializer=agentsessions_dot_v1_dot_message__service__pb2.AppendMessagesRequest.SerializeToString,
                 response_deserializer=agentsessions_dot_v1_dot_message__service__pb2.AppendMessagesResponse.FromString,
                 _registered_method=True)
+        self.BatchAppendMessages = channel.unary_unary(
+                '/agentsessions.v1.MessageService/BatchAppendMessages',
+                request_serializer=agentsessions_dot_v1_dot_message__service__pb2.BatchAppendMessagesRequest.SerializeToString,
+                response_deserializer=agentsessions_dot_v1_dot_message__service__pb2.BatchAppendMessagesResponse.FromString,
+                _registered_method=True)
         self.ListMessages = channel.unary_unary(
                 '/agentsessions.v1.MessageService/ListMessages',
                 request_serializer=agentsessions_dot_v1_dot_message__service__pb2.ListMessagesRequest.SerializeToString,
@@ -69,6 +74,18 @@ class MessageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchAppendMessages(self, request, context):
+        """Makes several AppendMessages calls in one: each entry is applied as that call would apply it,
+        atomically on its own, and gets its own outcome, a response or the error the call would have
+        failed with. Entries are independent, as calls made at the same time are: one entry's failure
+        never fails another, and entries for the same session are applied in some order, not necessarily
+        theirs. The call itself fails only when the request as a whole is wrong (no entries, too many).
+        Clients use it to send, in one call, the appends their callers make while another is under way.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListMessages(self, request, context):
         """Pages through the history by opaque cursor, oldest first or newest first.
         A page never separates a tool call from its result.
@@ -91,6 +108,11 @@ def add_MessageServiceServicer_to_server(servicer, server):
                     servicer.AppendMessages,
                     request_deserializer=agentsessions_dot_v1_dot_message__service__pb2.AppendMessagesRequest.FromString,
                     response_serializer=agentsessions_dot_v1_dot_message__service__pb2.AppendMessagesResponse.SerializeToString,
+            ),
+            'BatchAppendMessages': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchAppendMessages,
+                    request_deserializer=agentsessions_dot_v1_dot_message__service__pb2.BatchAppendMessagesRequest.FromString,
+                    response_serializer=agentsessions_dot_v1_dot_message__service__pb2.BatchAppendMessagesResponse.SerializeToString,
             ),
             'ListMessages': grpc.unary_unary_rpc_method_handler(
                     servicer.ListMessages,
@@ -133,6 +155,33 @@ class MessageService:
             '/agentsessions.v1.MessageService/AppendMessages',
             agentsessions_dot_v1_dot_message__service__pb2.AppendMessagesRequest.SerializeToString,
             agentsessions_dot_v1_dot_message__service__pb2.AppendMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchAppendMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentsessions.v1.MessageService/BatchAppendMessages',
+            agentsessions_dot_v1_dot_message__service__pb2.BatchAppendMessagesRequest.SerializeToString,
+            agentsessions_dot_v1_dot_message__service__pb2.BatchAppendMessagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,14 @@ class MessageServiceStub:
     session already holds are returned as stored and not appended again, so a retried append is safe.
     Appending is activity: it renews the session when auto-renew is on.
     """
+    BatchAppendMessages: _grpc.UnaryUnaryMultiCallable[_message_service_pb2.BatchAppendMessagesRequest, _message_service_pb2.BatchAppendMessagesResponse]
+    """Makes several AppendMessages calls in one: each entry is applied as that call would apply it,
+    atomically on its own, and gets its own outcome, a response or the error the call would have
+    failed with. Entries are independent, as calls made at the same time are: one entry's failure
+    never fails another, and entries for the same session are applied in some order, not necessarily
+    theirs. The call itself fails only when the request as a whole is wrong (no entries, too many).
+    Clients use it to send, in one call, the appends their callers make while another is under way.
+    """
     ListMessages: _grpc.UnaryUnaryMultiCallable[_message_service_pb2.ListMessagesRequest, _message_service_pb2.ListMessagesResponse]
     """Pages through the history by opaque cursor, oldest first or newest first.
     A page never separates a tool call from its result.
@@ -60,6 +68,14 @@ class MessageServiceAsyncStub(MessageServiceStub):
     """Appends a batch of messages atomically. Messages carrying a caller-chosen `message_id` that the
     session already holds are returned as stored and not appended again, so a retried append is safe.
     Appending is activity: it renews the session when auto-renew is on.
+    """
+    BatchAppendMessages: _aio.UnaryUnaryMultiCallable[_message_service_pb2.BatchAppendMessagesRequest, _message_service_pb2.BatchAppendMessagesResponse]  # type: ignore[assignment]
+    """Makes several AppendMessages calls in one: each entry is applied as that call would apply it,
+    atomically on its own, and gets its own outcome, a response or the error the call would have
+    failed with. Entries are independent, as calls made at the same time are: one entry's failure
+    never fails another, and entries for the same session are applied in some order, not necessarily
+    theirs. The call itself fails only when the request as a whole is wrong (no entries, too many).
+    Clients use it to send, in one call, the appends their callers make while another is under way.
     """
     ListMessages: _aio.UnaryUnaryMultiCallable[_message_service_pb2.ListMessagesRequest, _message_service_pb2.ListMessagesResponse]  # type: ignore[assignment]
     """Pages through the history by opaque cursor, oldest first or newest first.
@@ -83,6 +99,20 @@ class MessageServiceServicer(metaclass=_abc_1.ABCMeta):
         """Appends a batch of messages atomically. Messages carrying a caller-chosen `message_id` that the
         session already holds are returned as stored and not appended again, so a retried append is safe.
         Appending is activity: it renews the session when auto-renew is on.
+        """
+
+    @_abc_1.abstractmethod
+    def BatchAppendMessages(
+        self,
+        request: _message_service_pb2.BatchAppendMessagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_message_service_pb2.BatchAppendMessagesResponse, _abc.Awaitable[_message_service_pb2.BatchAppendMessagesResponse]]:
+        """Makes several AppendMessages calls in one: each entry is applied as that call would apply it,
+        atomically on its own, and gets its own outcome, a response or the error the call would have
+        failed with. Entries are independent, as calls made at the same time are: one entry's failure
+        never fails another, and entries for the same session are applied in some order, not necessarily
+        theirs. The call itself fails only when the request as a whole is wrong (no entries, too many).
+        Clients use it to send, in one call, the appends their callers make while another is under way.
         """
 
     @_abc_1.abstractmethod

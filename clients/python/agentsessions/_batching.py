@@ -1,0 +1,180 @@
+"""Append batching: appends a client's callers make while others are under way leave together.
+
+One gRPC call costs a Python client and server several times what storing a message costs, and callers
+writing to many sessions at once (an agent worker serving several conversations) each pay it. So
+:class:`AppendBatcher` sends an append at once while fewer than ``max_in_flight`` appends are under
+way, and otherwise holds it until one of them is answered; the appends held meanwhile then leave in one
+``BatchAppendMessages`` call (up to ``max_entries`` of them, and ``max_bytes``). A caller alone, or
+callers taking turns, never wait: batching needs appends that overlap.
+
+Each append keeps its own outcome: the server applies the entries of a batch as separate calls, and a
+failed entry raises in its caller only, the exception its own call would have raised. A call that fails
+as a whole (the server unreachable, say) raises in every caller of the batch, and each caller's retry
+policy then decides for its own append, as it would have for a call of its own. Each caller keeps its
+deadline too: the batch's is the latest of theirs, and a caller whose deadline passes first stops
+waiting with ``DeadlineExceeded`` (its append may still land, as a call that timed out may have).
+
+A server without ``BatchAppendMessages`` (UNIMPLEMENTED) is remembered, and appends go one by one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from agentsessions.errors import AgentSessionsError, exception_for, from_connect_error, from_grpc_error
+from agentsessions.v1 import message_service_pb2
+
+Request = message_service_pb2.AppendMessagesRequest
+Response = message_service_pb2.AppendMessagesResponse
+Single = Callable[[Request, float | None], Awaitable[Response]]
+Batch = Callable[
+    [message_service_pb2.BatchAppendMessagesRequest, float | None],
+    Awaitable[message_service_pb2.BatchAppendMessagesResponse],
+]
+
+
+@dataclass(frozen=True)
+class AppendBatching:
+    """How :class:`agentsessions.AsyncSessionsClient` batches appends (see ``agentsessions._batching``).
+
+    Args:
+        max_in_flight: appends (or batches) under way before the next append waits to join a batch.
+        max_entries: appends per batch at most (the server takes up to its batch size, 100 by default).
+        max_bytes: serialized bytes of the appends of a batch at most (one append larger goes alone).
+    """
+
+    max_in_flight: int = 1
+    max_entries: int = 64
+    max_bytes: int = 4 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.max_in_flight < 1 or self.max_entries < 1 or self.max_bytes < 1:
+            raise ValueError("max_in_flight, max_entries and max_bytes must be at least 1")
+
+
+@dataclass(eq=False)
+class _Held:
+    request: Request
+    deadline: float | None  # loop time; None: no deadline
+    size: int
+    future: asyncio.Future[Response] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class AppendBatcher:
+    """Sends appends one by one while few are under way, and in batches while many are."""
+
+    def __init__(self, single: Single, batch: Batch, options: AppendBatching) -> None:
+        self._single = single
+        self._batch = batch
+        self._options = options
+        self._held: list[_Held] = []
+        self._in_flight = 0
+        self._supported = True
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def append(self, request: Request, time_left: float | None) -> Response:
+        """One attempt of an append: raises ``grpc.RpcError`` or :class:`AgentSessionsError` when it fails."""
+        if not self._supported or (self._in_flight < self._options.max_in_flight and not self._held):
+            self._in_flight += 1
+            try:
+                return await self._single(request, time_left)
+            finally:
+                self._in_flight -= 1
+                self._send_held()
+        loop = asyncio.get_running_loop()
+        deadline = None if time_left is None else loop.time() + time_left
+        held = _Held(request, deadline, request.ByteSize())
+        self._held.append(held)
+        try:
+            return await asyncio.wait_for(asyncio.shield(held.future), time_left)
+        except TimeoutError:
+            raise exception_for(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+        finally:
+            if not held.future.done():  # the caller gave up
+                if held in self._held:  # not sent yet: it leaves the batch
+                    self._held.remove(held)
+                else:  # sent: its outcome comes all the same, and nobody waits for it
+                    held.future.add_done_callback(_consume)
+
+    def _send_held(self) -> None:
+        while self._held and self._in_flight < self._options.max_in_flight:
+            batch = self._take()
+            self._in_flight += 1
+            task = asyncio.ensure_future(self._send(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _take(self) -> list[_Held]:
+        options = self._options
+        taken = [self._held[0]]
+        size = taken[0].size
+        for held in self._held[1:]:
+            if len(taken) == options.max_entries or size + held.size > options.max_bytes:
+                break
+            taken.append(held)
+            size += held.size
+        del self._held[: len(taken)]
+        return taken
+
+    async def _send(self, batch: Sequence[_Held]) -> None:
+        try:
+            if len(batch) == 1 or not self._supported:
+                await asyncio.gather(*(self._send_one(held) for held in batch))
+            else:
+                await self._send_batch(batch)
+        finally:
+            self._in_flight -= 1
+            self._send_held()
+
+    async def _send_one(self, held: _Held) -> None:
+        try:
+            _settle(held, await self._single(held.request, _left(held.deadline)), None)
+        except (grpc.RpcError, AgentSessionsError) as exc:
+            _settle(held, None, exc)
+
+    async def _send_batch(self, batch: Sequence[_Held]) -> None:
+        deadlines = [held.deadline for held in batch]
+        latest = None if None in deadlines else max(d for d in deadlines if d is not None)
+        request = message_service_pb2.BatchAppendMessagesRequest(requests=[held.request for held in batch])
+        try:
+            response = await self._batch(request, _left(latest))
+        except grpc.RpcError as err:
+            if from_grpc_error(err).code is grpc.StatusCode.UNIMPLEMENTED:
+                self._supported = False  # an older server: one by one from now on
+                await asyncio.gather(*(self._send_one(held) for held in batch))
+                return
+            for held in batch:
+                _settle(held, None, err)
+            return
+        for held, outcome in zip(batch, response.outcomes, strict=False):
+            if outcome.HasField("response"):
+                _settle(held, outcome.response, None)
+            else:
+                _settle(held, None, from_connect_error(outcome.error))
+        for held in batch[len(response.outcomes) :]:
+            _settle(held, None, exception_for(grpc.StatusCode.INTERNAL, "the server left this append out"))
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
+
+
+def _consume(future: asyncio.Future[Response]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _settle(held: _Held, response: Response | None, error: BaseException | None) -> None:
+    if held.future.done():
+        return
+    if error is not None:
+        held.future.set_exception(error)
+    else:
+        assert response is not None
+        held.future.set_result(response)

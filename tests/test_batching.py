@@ -1,0 +1,294 @@
+"""BatchAppendMessages, and the async client's append batching that uses it.
+
+The server applies each entry of a batch as the AppendMessages call it stands for, with its own outcome.
+The client sends an append at once while no other is under way, and holds the ones made meanwhile for
+one batch: each caller still gets its own answer or its own exception, and retries on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from agentsessions import AppendBatching, AsyncSessionsClient, Message, Part, Role, TextPart, errors
+from agentsessions.v1 import message_service_pb2, message_service_pb2_grpc
+
+MESSAGES = "/agentsessions.v1.MessageService/"
+
+
+def text(value: str, message_id: str = "") -> Message:
+    return Message(message_id=message_id, role=Role.ROLE_USER, parts=[Part(text=TextPart(text=value))])
+
+
+def entry(session_id: str, *messages: Message) -> message_service_pb2.AppendMessagesRequest:
+    return message_service_pb2.AppendMessagesRequest(session_id=session_id, messages=messages)
+
+
+class Calls(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Counts the unary calls a channel makes, by method name."""
+
+    def __init__(self) -> None:
+        self.count: Counter[str] = Counter()
+
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], client_call_details: Any, request: Any
+    ) -> Any:
+        method = client_call_details.method
+        name = method.decode() if isinstance(method, bytes) else method
+        self.count[name.removeprefix(MESSAGES)] += 1
+        return await continuation(client_call_details, request)
+
+
+@pytest.fixture
+async def counted(target: str) -> AsyncIterator[tuple[AsyncSessionsClient, Calls]]:
+    calls = Calls()
+    channel = grpc.aio.insecure_channel(target, interceptors=[calls])
+    async with AsyncSessionsClient(channel=channel) as client:
+        yield client, calls
+    await channel.close()
+
+
+# --- the RPC -------------------------------------------------------------------------------------------
+
+
+async def test_each_entry_gets_its_own_outcome(client: AsyncSessionsClient, unique: str) -> None:
+    ok = await client.create_session(agent_id="echo", session_id=f"{unique}/ok")
+    ended = await client.create_session(agent_id="echo", session_id=f"{unique}/ended")
+    await client.end_session(session_id=ended.session_id)
+    stub = message_service_pb2_grpc.MessageServiceStub(client.channel)
+    response = await stub.BatchAppendMessages(
+        message_service_pb2.BatchAppendMessagesRequest(
+            requests=[
+                entry(ok.session_id, text("one"), text("two")),
+                entry(f"{unique}/missing", text("lost")),
+                entry(ok.session_id, Message(parts=[Part(text=TextPart(text="no role"))])),
+                entry(ended.session_id, text("late")),
+                entry(ok.session_id, text("three")),
+            ]
+        )
+    )
+    kinds = [o.WhichOneof("outcome") for o in response.outcomes]
+    assert kinds == ["response", "error", "error", "error", "response"]
+    first, missing, invalid, late, last = response.outcomes
+    # The answers are AppendMessages' own: the messages as stored, and the session after them.
+    assert [m.sequence for m in first.response.messages] == [1, 2]
+    assert [m.sequence for m in last.response.messages] == [3]
+    assert last.response.session.message_count == 3
+    # The errors carry what the call's status would: code, reason, field violations.
+    not_found = errors.from_connect_error(missing.error)
+    assert isinstance(not_found, errors.NotFound) and not_found.reason == "SESSION_NOT_FOUND"
+    bad = errors.from_connect_error(invalid.error)
+    assert isinstance(bad, errors.InvalidArgument)
+    assert [f for f, _ in bad.field_violations] == ["messages[0].role"]
+    assert invalid.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    refused = errors.from_connect_error(late.error)
+    assert isinstance(refused, errors.FailedPrecondition) and refused.reason == "SESSION_ENDED"
+    # Failed entries stored nothing; the others everything.
+    page = await client.list_messages(session_id=ok.session_id)
+    assert [m.parts[0].text.text async for m in page] == ["one", "two", "three"]
+    assert (await client.get_session(session_id=ended.session_id)).message_count == 0
+
+
+async def test_a_retried_batch_stores_nothing_twice(client: AsyncSessionsClient, unique: str) -> None:
+    a = await client.create_session(agent_id="echo", session_id=f"{unique}/a")
+    b = await client.create_session(agent_id="echo", session_id=f"{unique}/b")
+    stub = message_service_pb2_grpc.MessageServiceStub(client.channel)
+    request = message_service_pb2.BatchAppendMessagesRequest(
+        requests=[entry(a.session_id, text("x", "m1")), entry(b.session_id, text("y", "m1"), text("z", "m2"))]
+    )
+    first = await stub.BatchAppendMessages(request)
+    again = await stub.BatchAppendMessages(request)
+    assert [[m.sequence for m in o.response.messages] for o in again.outcomes] == [[1], [1, 2]]
+    assert [o.response.messages for o in again.outcomes] == [o.response.messages for o in first.outcomes]
+    assert (await client.get_session(session_id=b.session_id)).message_count == 2
+
+
+# --- the client's batching ------------------------------------------------------------------------------
+
+
+async def test_overlapping_appends_share_calls_and_each_lands_in_order(
+    counted: tuple[AsyncSessionsClient, Calls], unique: str
+) -> None:
+    client, calls = counted
+    writers, each = 8, 15
+    ids = [
+        (await client.create_session(agent_id="echo", session_id=f"{unique}/w{w}")).session_id
+        for w in range(writers)
+    ]
+    calls.count.clear()
+
+    async def writer(session_id: str) -> list[int]:
+        sequences = []
+        for i in range(each):
+            response = await client.append_messages(session_id=session_id, messages=[text(f"{i}")])
+            sequences.append(response.messages[0].sequence)
+        return sequences
+
+    answered = await asyncio.gather(*(writer(s) for s in ids))
+    # Each caller got its own answer, in its own order; nothing lost, nothing twice.
+    assert answered == [list(range(1, each + 1))] * writers
+    for session_id in ids:
+        page = await client.list_messages(session_id=session_id, page_size=100)
+        assert [m.parts[0].text.text async for m in page] == [f"{i}" for i in range(each)]
+    # ...in fewer calls than appends: the ones made while another was under way went together.
+    assert calls.count["BatchAppendMessages"] > 0
+    assert calls.count["AppendMessages"] + calls.count["BatchAppendMessages"] < writers * each
+
+
+async def test_a_failed_append_in_a_batch_raises_in_its_caller_only(
+    counted: tuple[AsyncSessionsClient, Calls], unique: str
+) -> None:
+    client, calls = counted
+    ids = [
+        (await client.create_session(agent_id="echo", session_id=f"{unique}/s{i}")).session_id
+        for i in range(4)
+    ]
+    calls.count.clear()
+    targets = [*ids, f"{unique}/missing", *ids]
+    results = await asyncio.gather(
+        *(client.append_messages(session_id=s, messages=[text("x")]) for s in targets), return_exceptions=True
+    )
+    assert calls.count["BatchAppendMessages"] >= 1
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert len(failed) == 1 and results.index(failed[0]) == 4
+    assert isinstance(failed[0], errors.NotFound) and failed[0].reason == "SESSION_NOT_FOUND"
+    for session_id in ids:
+        assert (await client.get_session(session_id=session_id)).message_count == 2
+
+
+async def test_batching_off_sends_one_call_per_append(target: str, unique: str) -> None:
+    calls = Calls()
+    channel = grpc.aio.insecure_channel(target, interceptors=[calls])
+    try:
+        async with AsyncSessionsClient(channel=channel, append_batching=None) as client:
+            session = await client.create_session(agent_id="echo", session_id=f"{unique}/solo")
+            await asyncio.gather(
+                *(
+                    client.append_messages(session_id=session.session_id, messages=[text("x")])
+                    for _ in range(6)
+                )
+            )
+            assert (await client.get_session(session_id=session.session_id)).message_count == 6
+    finally:
+        await channel.close()
+    assert calls.count["AppendMessages"] == 6 and calls.count["BatchAppendMessages"] == 0
+
+
+def test_batching_options_are_checked() -> None:
+    with pytest.raises(ValueError):
+        AppendBatching(max_in_flight=0)
+    with pytest.raises(ValueError):
+        AppendBatching(max_entries=0)
+
+
+class HeldServer:
+    """A fake MessageService: AppendMessages waits for `release`; BatchAppendMessages is UNIMPLEMENTED
+    unless `batches` is True. Records the session id of every append it answers."""
+
+    def __init__(self, *, batches: bool) -> None:
+        self.release = asyncio.Event()
+        self.appended: list[str] = []
+        self.batch_calls = 0
+        self.batches = batches
+
+    async def append(self, request: message_service_pb2.AppendMessagesRequest, context: Any) -> Any:
+        await self.release.wait()
+        self.appended.append(request.session_id)
+        return message_service_pb2.AppendMessagesResponse(messages=request.messages)
+
+    async def batch(self, request: message_service_pb2.BatchAppendMessagesRequest, context: Any) -> Any:
+        self.batch_calls += 1
+        if not self.batches:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        self.appended.extend(r.session_id for r in request.requests)
+        return message_service_pb2.BatchAppendMessagesResponse(
+            outcomes=[
+                message_service_pb2.AppendOutcome(
+                    response=message_service_pb2.AppendMessagesResponse(messages=r.messages)
+                )
+                for r in request.requests
+            ]
+        )
+
+    async def start(self) -> tuple[grpc.aio.Server, str]:
+        server = grpc.aio.server()
+        handlers = {
+            "AppendMessages": grpc.unary_unary_rpc_method_handler(
+                self.append,
+                request_deserializer=message_service_pb2.AppendMessagesRequest.FromString,
+                response_serializer=message_service_pb2.AppendMessagesResponse.SerializeToString,
+            ),
+            "BatchAppendMessages": grpc.unary_unary_rpc_method_handler(
+                self.batch,
+                request_deserializer=message_service_pb2.BatchAppendMessagesRequest.FromString,
+                response_serializer=message_service_pb2.BatchAppendMessagesResponse.SerializeToString,
+            ),
+        }
+        server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler("agentsessions.v1.MessageService", handlers)]
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, f"127.0.0.1:{port}"
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("the condition never held")
+
+
+async def test_an_append_given_up_before_its_batch_leaves_is_never_sent() -> None:
+    fake = HeldServer(batches=True)
+    server, target = await fake.start()
+    try:
+        async with AsyncSessionsClient(target) as client:
+            first = asyncio.create_task(client.append_messages(session_id="first", messages=[text("a")]))
+            await _until(lambda: client._batcher is not None and client._batcher._in_flight == 1)
+            held = [
+                asyncio.create_task(client.append_messages(session_id=s, messages=[text("b")]))
+                for s in ("gone", "kept-1", "kept-2")
+            ]
+            await _until(lambda: client._batcher is not None and len(client._batcher._held) == 3)
+            held[0].cancel()
+            fake.release.set()
+            await first
+            kept = await asyncio.gather(*held[1:])
+            assert [r.messages[0].parts[0].text.text for r in kept] == ["b", "b"]
+            with pytest.raises(asyncio.CancelledError):
+                await held[0]
+    finally:
+        await server.stop(0)
+    assert fake.appended == ["first", "kept-1", "kept-2"]
+    assert fake.batch_calls == 1
+
+
+async def test_a_server_without_batches_gets_appends_one_by_one() -> None:
+    fake = HeldServer(batches=False)
+    server, target = await fake.start()
+    try:
+        async with AsyncSessionsClient(target) as client:
+            first = asyncio.create_task(client.append_messages(session_id="s0", messages=[text("a")]))
+            await _until(lambda: client._batcher is not None and client._batcher._in_flight == 1)
+            rest = [
+                asyncio.create_task(client.append_messages(session_id=f"s{i}", messages=[text("a")]))
+                for i in range(1, 4)
+            ]
+            await _until(lambda: client._batcher is not None and len(client._batcher._held) == 3)
+            fake.release.set()
+            await asyncio.gather(first, *rest)
+            # Remembered: later overlapping appends go one by one without asking again.
+            await asyncio.gather(
+                *(client.append_messages(session_id=f"t{i}", messages=[text("a")]) for i in range(3))
+            )
+    finally:
+        await server.stop(0)
+    assert sorted(fake.appended) == ["s0", "s1", "s2", "s3", "t0", "t1", "t2"]
+    assert fake.batch_calls == 1
