@@ -292,3 +292,24 @@ async def test_a_server_without_batches_gets_appends_one_by_one() -> None:
         await server.stop(0)
     assert sorted(fake.appended) == ["s0", "s1", "s2", "s3", "t0", "t1", "t2"]
     assert fake.batch_calls == 1
+
+
+async def test_appends_held_when_the_client_closes_fail_at_once() -> None:
+    fake = HeldServer(batches=True)
+    server, target = await fake.start()
+    try:
+        client = AsyncSessionsClient(target)
+        first = asyncio.create_task(client.append_messages(session_id="first", messages=[text("a")]))
+        await _until(lambda: client._batcher is not None and client._batcher._in_flight == 1)
+        held = [
+            asyncio.create_task(client.append_messages(session_id=f"h{i}", messages=[text("b")]))
+            for i in range(2)
+        ]
+        await _until(lambda: client._batcher is not None and len(client._batcher._held) == 2)
+        await client.close()
+        outcomes = await asyncio.wait_for(asyncio.gather(first, *held, return_exceptions=True), 10)
+        assert all(isinstance(o, errors.Cancelled) for o in outcomes), outcomes
+        assert all(o.reason == errors.CLIENT_CLOSED for o in outcomes if isinstance(o, errors.Cancelled))
+    finally:
+        fake.release.set()
+        await server.stop(0)

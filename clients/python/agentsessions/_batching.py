@@ -25,7 +25,13 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from agentsessions.errors import AgentSessionsError, exception_for, from_connect_error, from_grpc_error
+from agentsessions.errors import (
+    AgentSessionsError,
+    client_closed,
+    exception_for,
+    from_connect_error,
+    from_grpc_error,
+)
 from agentsessions.v1 import message_service_pb2
 
 Request = message_service_pb2.AppendMessagesRequest
@@ -128,6 +134,14 @@ class AppendBatcher:
                 await asyncio.gather(*(self._send_one(held) for held in batch))
             else:
                 await self._send_batch(batch)
+        except BaseException as exc:
+            # Not a call's failure: the channel closed under the batch (which cancels it), or was closed
+            # by its owner (UsageError). Every caller still waiting learns it, rather than waiting forever.
+            failure = client_closed() if isinstance(exc, asyncio.CancelledError) else exc
+            for held in batch:
+                _settle(held, None, failure)
+            if not isinstance(exc, Exception):
+                raise
         finally:
             self._in_flight -= 1
             self._send_held()
