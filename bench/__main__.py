@@ -147,11 +147,15 @@ async def _measure(target: str, bare: grpc.aio.Channel, lean: grpc.aio.Channel) 
 
         # The same appends from 64 callers through the published async client, whose append batching sends
         # those made while one is under way together (BatchAppendMessages): not the target's shape (one
-        # message per call), but what a service using the client gets.
+        # message per call), but what a service using the client gets. With message ids: only appends
+        # that carry them are batched.
         client = AsyncSessionsClient(channel=channel)
 
         def append_client(i: int) -> Awaitable[object]:
-            return client.append_messages(session_id=ids[i % IN_FLIGHT], messages=[_text(f"c{i}")])
+            return client.append_messages(
+                session_id=ids[i % IN_FLIGHT],
+                messages=[_text(f"c{i}", f"c-{run}-{i}-{uuid.uuid4().hex[:6]}")],
+            )
 
         def append_one(i: int) -> Awaitable[object]:
             return messages.AppendMessages(

@@ -8,15 +8,18 @@ one batch: each caller still gets its own answer or its own exception, and retri
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 import pytest
+from conftest import DatabaseTarget, make_settings, serving
 
 from agentsessions import AppendBatching, AsyncSessionsClient, Message, Part, Role, TextPart, errors
 from agentsessions.v1 import message_service_pb2, message_service_pb2_grpc
+from sessiond.domain.clock import ManualClock
 
 MESSAGES = "/agentsessions.v1.MessageService/"
 
@@ -125,7 +128,7 @@ async def test_overlapping_appends_share_calls_and_each_lands_in_order(
     async def writer(session_id: str) -> list[int]:
         sequences = []
         for i in range(each):
-            response = await client.append_messages(session_id=session_id, messages=[text(f"{i}")])
+            response = await client.append_messages(session_id=session_id, messages=[text(f"{i}", f"m{i}")])
             sequences.append(response.messages[0].sequence)
         return sequences
 
@@ -151,7 +154,8 @@ async def test_a_failed_append_in_a_batch_raises_in_its_caller_only(
     calls.count.clear()
     targets = [*ids, f"{unique}/missing", *ids]
     results = await asyncio.gather(
-        *(client.append_messages(session_id=s, messages=[text("x")]) for s in targets), return_exceptions=True
+        *(client.append_messages(session_id=s, messages=[text("x", f"m{i}")]) for i, s in enumerate(targets)),
+        return_exceptions=True,
     )
     assert calls.count["BatchAppendMessages"] >= 1
     failed = [r for r in results if isinstance(r, BaseException)]
@@ -169,14 +173,50 @@ async def test_batching_off_sends_one_call_per_append(target: str, unique: str) 
             session = await client.create_session(agent_id="echo", session_id=f"{unique}/solo")
             await asyncio.gather(
                 *(
-                    client.append_messages(session_id=session.session_id, messages=[text("x")])
-                    for _ in range(6)
+                    client.append_messages(session_id=session.session_id, messages=[text("x", f"m{i}")])
+                    for i in range(6)
                 )
             )
             assert (await client.get_session(session_id=session.session_id)).message_count == 6
     finally:
         await channel.close()
     assert calls.count["AppendMessages"] == 6 and calls.count["BatchAppendMessages"] == 0
+
+
+async def test_appends_without_ids_are_never_batched(
+    counted: tuple[AsyncSessionsClient, Calls], unique: str
+) -> None:
+    """A batch whose answer is lost is sent again entry by entry: only appends with ids are safe to."""
+    client, calls = counted
+    session = await client.create_session(agent_id="echo", session_id=f"{unique}/no-ids")
+    calls.count.clear()
+    await asyncio.gather(
+        *(client.append_messages(session_id=session.session_id, messages=[text("x")]) for _ in range(8))
+    )
+    assert calls.count == {"AppendMessages": 8}
+    assert (await client.get_session(session_id=session.session_id)).message_count == 8
+
+
+async def test_a_low_server_batch_size_does_not_fail_batches(
+    database: DatabaseTarget, clock: ManualClock, unique: str
+) -> None:
+    """SESSIOND_MAX_BATCH_MESSAGES bounds the messages of each entry, not the entries of a batch: lowered
+    below the client's 64 entries, batches still go through."""
+    async with serving(make_settings(database, max_batch_messages=2), clock) as running:
+        calls = Calls()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}", interceptors=[calls])
+        async with AsyncSessionsClient(channel=channel) as client:
+            ids = [
+                (await client.create_session(agent_id="echo", session_id=f"{unique}/{i}")).session_id
+                for i in range(30)
+            ]
+            await asyncio.gather(
+                *(client.append_messages(session_id=s, messages=[text("x", "m1")]) for s in ids)
+            )
+            for session_id in ids:
+                assert (await client.get_session(session_id=session_id)).message_count == 1
+        await channel.close()
+    assert calls.count["BatchAppendMessages"] >= 1
 
 
 def test_batching_options_are_checked() -> None:
@@ -186,25 +226,37 @@ def test_batching_options_are_checked() -> None:
         AppendBatching(max_entries=0)
 
 
-class HeldServer:
-    """A fake MessageService: AppendMessages waits for `release`; BatchAppendMessages is UNIMPLEMENTED
-    unless `batches` is True. Records the session id of every append it answers."""
+CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default="")
 
-    def __init__(self, *, batches: bool) -> None:
+
+class HeldServer:
+    """A fake MessageService: AppendMessages waits for `release`; BatchAppendMessages answers with
+    `batch_code` when given (UNIMPLEMENTED, RESOURCE_EXHAUSTED) and otherwise applies every entry.
+    Records the session id of every append it applies, and the caller each call was sent for (the
+    `caller` metadata a client interceptor adds from the sender's context)."""
+
+    def __init__(self, *, batch_code: grpc.StatusCode | None = None) -> None:
         self.release = asyncio.Event()
         self.appended: list[str] = []
         self.batch_calls = 0
-        self.batches = batches
+        self.batch_code = batch_code
+        self.callers: list[tuple[str, str]] = []
+
+    def _caller(self, method: str, context: Any) -> None:
+        caller = dict(context.invocation_metadata()).get("caller", "")
+        self.callers.append((method, caller))
 
     async def append(self, request: message_service_pb2.AppendMessagesRequest, context: Any) -> Any:
+        self._caller("AppendMessages", context)
         await self.release.wait()
         self.appended.append(request.session_id)
         return message_service_pb2.AppendMessagesResponse(messages=request.messages)
 
     async def batch(self, request: message_service_pb2.BatchAppendMessagesRequest, context: Any) -> Any:
         self.batch_calls += 1
-        if not self.batches:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        self._caller("BatchAppendMessages", context)
+        if self.batch_code is not None:
+            await context.abort(self.batch_code, "refused")
         self.appended.extend(r.session_id for r in request.requests)
         return message_service_pb2.BatchAppendMessagesResponse(
             outcomes=[
@@ -246,14 +298,16 @@ async def _until(condition: Callable[[], bool]) -> None:
 
 
 async def test_an_append_given_up_before_its_batch_leaves_is_never_sent() -> None:
-    fake = HeldServer(batches=True)
+    fake = HeldServer()
     server, target = await fake.start()
     try:
         async with AsyncSessionsClient(target) as client:
-            first = asyncio.create_task(client.append_messages(session_id="first", messages=[text("a")]))
+            first = asyncio.create_task(
+                client.append_messages(session_id="first", messages=[text("a", "m-a")])
+            )
             await _until(lambda: client._batcher is not None and client._batcher._in_flight == 1)
             held = [
-                asyncio.create_task(client.append_messages(session_id=s, messages=[text("b")]))
+                asyncio.create_task(client.append_messages(session_id=s, messages=[text("b", "m-b")]))
                 for s in ("gone", "kept-1", "kept-2")
             ]
             await _until(lambda: client._batcher is not None and len(client._batcher._held) == 3)
@@ -271,14 +325,14 @@ async def test_an_append_given_up_before_its_batch_leaves_is_never_sent() -> Non
 
 
 async def test_a_server_without_batches_gets_appends_one_by_one() -> None:
-    fake = HeldServer(batches=False)
+    fake = HeldServer(batch_code=grpc.StatusCode.UNIMPLEMENTED)
     server, target = await fake.start()
     try:
         async with AsyncSessionsClient(target) as client:
-            first = asyncio.create_task(client.append_messages(session_id="s0", messages=[text("a")]))
+            first = asyncio.create_task(client.append_messages(session_id="s0", messages=[text("a", "m-a")]))
             await _until(lambda: client._batcher is not None and client._batcher._in_flight == 1)
             rest = [
-                asyncio.create_task(client.append_messages(session_id=f"s{i}", messages=[text("a")]))
+                asyncio.create_task(client.append_messages(session_id=f"s{i}", messages=[text("a", "m-a")]))
                 for i in range(1, 4)
             ]
             await _until(lambda: client._batcher is not None and len(client._batcher._held) == 3)
@@ -286,7 +340,7 @@ async def test_a_server_without_batches_gets_appends_one_by_one() -> None:
             await asyncio.gather(first, *rest)
             # Remembered: later overlapping appends go one by one without asking again.
             await asyncio.gather(
-                *(client.append_messages(session_id=f"t{i}", messages=[text("a")]) for i in range(3))
+                *(client.append_messages(session_id=f"t{i}", messages=[text("a", "m-a")]) for i in range(3))
             )
     finally:
         await server.stop(0)
@@ -295,14 +349,14 @@ async def test_a_server_without_batches_gets_appends_one_by_one() -> None:
 
 
 async def test_appends_held_when_the_client_closes_fail_at_once() -> None:
-    fake = HeldServer(batches=True)
+    fake = HeldServer()
     server, target = await fake.start()
     try:
         client = AsyncSessionsClient(target)
-        first = asyncio.create_task(client.append_messages(session_id="first", messages=[text("a")]))
+        first = asyncio.create_task(client.append_messages(session_id="first", messages=[text("a", "m-a")]))
         await _until(lambda: client._batcher is not None and client._batcher._in_flight == 1)
         held = [
-            asyncio.create_task(client.append_messages(session_id=f"h{i}", messages=[text("b")]))
+            asyncio.create_task(client.append_messages(session_id=f"h{i}", messages=[text("b", "m-b")]))
             for i in range(2)
         ]
         await _until(lambda: client._batcher is not None and len(client._batcher._held) == 2)
@@ -313,3 +367,68 @@ async def test_appends_held_when_the_client_closes_fail_at_once() -> None:
     finally:
         fake.release.set()
         await server.stop(0)
+
+
+class CallerMetadata(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Sends the sender's `CALLER` context variable as metadata (as a tracing interceptor sends its span)."""
+
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], client_call_details: Any, request: Any
+    ) -> Any:
+        details = client_call_details._replace(metadata=[("caller", CALLER.get())])
+        return await continuation(details, request)
+
+
+async def _held_behind_first(client: AsyncSessionsClient, held: list[str]) -> list[asyncio.Task[Any]]:
+    """Starts an append to "first", which the fake server holds, then appends to `held` (each with the
+    caller context variable set to its session id), which the client holds behind it."""
+
+    async def append(session_id: str) -> Any:
+        CALLER.set(session_id)
+        return await client.append_messages(session_id=session_id, messages=[text("a", "m-a")])
+
+    first = asyncio.create_task(append("first"))
+    await _until(lambda: client._batcher is not None and client._batcher._in_flight == 1)
+    tasks = [asyncio.create_task(append(s)) for s in held]
+    await _until(lambda: client._batcher is not None and len(client._batcher._held) == len(held))
+    return [first, *tasks]
+
+
+async def test_a_batch_is_sent_in_no_callers_context_and_a_lone_append_in_its_own() -> None:
+    fake = HeldServer(batch_code=grpc.StatusCode.RESOURCE_EXHAUSTED)
+    server, target = await fake.start()
+    channel = grpc.aio.insecure_channel(target, interceptors=[CallerMetadata()])
+    try:
+        async with AsyncSessionsClient(channel=channel) as client:
+            tasks = await _held_behind_first(client, ["b", "c"])
+            fake.release.set()
+            await asyncio.gather(*tasks)
+    finally:
+        await channel.close()
+        await server.stop(0)
+    # The batch belongs to b and c: it carries neither first's context nor theirs. Refused as too large
+    # an answer, its entries went again one by one, each in its own caller's context.
+    assert fake.callers[0] == ("AppendMessages", "first")
+    assert fake.callers[1] == ("BatchAppendMessages", "")
+    assert sorted(fake.callers[2:]) == [("AppendMessages", "b"), ("AppendMessages", "c")]
+    assert sorted(fake.appended) == ["b", "c", "first"]
+
+
+async def test_a_borrowed_channel_client_closed_fails_held_appends() -> None:
+    fake = HeldServer()
+    server, target = await fake.start()
+    channel = grpc.aio.insecure_channel(target)
+    try:
+        client = AsyncSessionsClient(channel=channel)
+        tasks = await _held_behind_first(client, ["b", "c"])
+        await client.close()  # the channel stays open: the first append goes on
+        with pytest.raises(errors.Cancelled):
+            await client.append_messages(session_id="d", messages=[text("a", "m-a")])
+        fake.release.set()
+        first, *held = await asyncio.gather(*tasks, return_exceptions=True)
+        assert not isinstance(first, BaseException)  # under way before the close: it finished
+        assert all(isinstance(h, errors.Cancelled) and h.reason == errors.CLIENT_CLOSED for h in held), held
+    finally:
+        await channel.close()
+        await server.stop(0)
+    assert "b" not in fake.appended and "c" not in fake.appended

@@ -4,15 +4,21 @@ One gRPC call costs a Python client and server several times what storing a mess
 writing to many sessions at once (an agent worker serving several conversations) each pay it. So
 :class:`AppendBatcher` sends an append at once while fewer than ``max_in_flight`` appends are under
 way, and otherwise holds it until one of them is answered; the appends held meanwhile then leave in one
-``BatchAppendMessages`` call (up to ``max_entries`` of them, and ``max_bytes``). A caller alone, or
-callers taking turns, never wait: batching needs appends that overlap.
+``BatchAppendMessages`` call (up to ``max_entries`` of them, and ``max_bytes``). An append made while none
+is under way never waits; one held waits at most as long as the call under way takes.
+
+Only appends whose messages all carry ids are batched (the client's other appends go one by one): a
+batch whose answer is too large for the channel (RESOURCE_EXHAUSTED: each entry's answer holds its
+session) may have landed, and is sent again entry by entry, which the ids make safe.
 
 Each append keeps its own outcome: the server applies the entries of a batch as separate calls, and a
 failed entry raises in its caller only, the exception its own call would have raised. A call that fails
 as a whole (the server unreachable, say) raises in every caller of the batch, and each caller's retry
 policy then decides for its own append, as it would have for a call of its own. Each caller keeps its
 deadline too: the batch's is the latest of theirs, and a caller whose deadline passes first stops
-waiting with ``DeadlineExceeded`` (its append may still land, as a call that timed out may have).
+waiting with ``DeadlineExceeded`` (its append may still land, as a call that timed out may have). A
+batch is sent in a context of its own (contextvars: a trace, say), since it belongs to several callers;
+an append sent on its own is sent in its caller's.
 
 A server without ``BatchAppendMessages`` (UNIMPLEMENTED) is remembered, and appends go one by one.
 """
@@ -20,6 +26,7 @@ A server without ``BatchAppendMessages`` (UNIMPLEMENTED) is remembered, and appe
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -49,7 +56,7 @@ class AppendBatching:
 
     Args:
         max_in_flight: appends (or batches) under way before the next append waits to join a batch.
-        max_entries: appends per batch at most (the server takes up to its batch size, 100 by default).
+        max_entries: appends per batch at most (the server takes up to 100).
         max_bytes: serialized bytes of the appends of a batch at most (one append larger goes alone).
     """
 
@@ -67,6 +74,7 @@ class _Held:
     request: Request
     deadline: float | None  # loop time; None: no deadline
     size: int
+    context: contextvars.Context  # the caller's: where its append is sent when it goes on its own
     future: asyncio.Future[Response] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -82,10 +90,22 @@ class AppendBatcher:
         self._held: list[_Held] = []
         self._in_flight = 0
         self._supported = True
+        self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def close(self) -> None:
+        """The client closed: appends held and appends to come raise ``CLIENT_CLOSED``."""
+        self._closed = True
+        held, self._held = self._held, []
+        for h in held:
+            _settle(h, None, client_closed())
+
     async def append(self, request: Request, time_left: float | None) -> Response:
-        """One attempt of an append: raises ``grpc.RpcError`` or :class:`AgentSessionsError` when it fails."""
+        """One attempt of an append whose messages all carry ids (a batch whose answer is lost is sent
+        again entry by entry, which only such appends make safe): raises ``grpc.RpcError`` or
+        :class:`AgentSessionsError` when it fails."""
+        if self._closed:
+            raise client_closed()
         if not self._supported or (self._in_flight < self._options.max_in_flight and not self._held):
             self._in_flight += 1
             try:
@@ -95,12 +115,15 @@ class AppendBatcher:
                 self._send_held()
         loop = asyncio.get_running_loop()
         deadline = None if time_left is None else loop.time() + time_left
-        held = _Held(request, deadline, request.ByteSize())
+        held = _Held(request, deadline, request.ByteSize(), contextvars.copy_context())
         self._held.append(held)
         try:
-            return await asyncio.wait_for(asyncio.shield(held.future), time_left)
-        except TimeoutError:
-            raise exception_for(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+            # Not wait_for: on Python 3.11 it returns the result, not the cancellation, of a future that
+            # completes in the same loop iteration as the cancel.
+            await asyncio.wait([held.future], timeout=time_left)
+            if not held.future.done():
+                raise exception_for(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+            return held.future.result()
         finally:
             if not held.future.done():  # the caller gave up
                 if held in self._held:  # not sent yet: it leaves the batch
@@ -112,9 +135,22 @@ class AppendBatcher:
         while self._held and self._in_flight < self._options.max_in_flight:
             batch = self._take()
             self._in_flight += 1
-            task = asyncio.ensure_future(self._send(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            # In a context of its own: not that of the caller whose answer let it go (its trace, say).
+            self._track(
+                asyncio.get_running_loop().create_task(self._send(batch), context=contextvars.Context())
+            )
+
+    def _track(self, task: asyncio.Task[None]) -> asyncio.Task[None]:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _one_by_one(self, batch: Sequence[_Held]) -> None:
+        """Each append of `batch` in a call of its own, sent in its caller's context."""
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(
+            *(self._track(loop.create_task(self._send_one(held), context=held.context)) for held in batch)
+        )
 
     def _take(self) -> list[_Held]:
         options = self._options
@@ -131,7 +167,7 @@ class AppendBatcher:
     async def _send(self, batch: Sequence[_Held]) -> None:
         try:
             if len(batch) == 1 or not self._supported:
-                await asyncio.gather(*(self._send_one(held) for held in batch))
+                await self._one_by_one(batch)
             else:
                 await self._send_batch(batch)
         except BaseException as exc:
@@ -159,9 +195,15 @@ class AppendBatcher:
         try:
             response = await self._batch(request, _left(latest))
         except grpc.RpcError as err:
-            if from_grpc_error(err).code is grpc.StatusCode.UNIMPLEMENTED:
+            code = from_grpc_error(err).code
+            if code is grpc.StatusCode.UNIMPLEMENTED:
                 self._supported = False  # an older server: one by one from now on
-                await asyncio.gather(*(self._send_one(held) for held in batch))
+                await self._one_by_one(batch)
+                return
+            if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                # An answer larger than the channel takes (each entry's holds its session): the entries
+                # may have landed, so each goes again alone, which their message ids make safe.
+                await self._one_by_one(batch)
                 return
             for held in batch:
                 _settle(held, None, err)
@@ -169,8 +211,12 @@ class AppendBatcher:
         for held, outcome in zip(batch, response.outcomes, strict=False):
             if outcome.HasField("response"):
                 _settle(held, outcome.response, None)
-            else:
+            elif outcome.HasField("error"):
                 _settle(held, None, from_connect_error(outcome.error))
+            else:
+                _settle(
+                    held, None, exception_for(grpc.StatusCode.INTERNAL, "the server sent an empty outcome")
+                )
         for held in batch[len(response.outcomes) :]:
             _settle(held, None, exception_for(grpc.StatusCode.INTERNAL, "the server left this append out"))
 

@@ -172,6 +172,8 @@ class AsyncSessionsClient:
         """Closes the channel the client opened (a channel passed in stays open). Calls and streams other
         tasks still wait on, and calls made afterwards, raise ``Cancelled`` / ``CLIENT_CLOSED``."""
         self._closed = True
+        if self._batcher is not None:
+            self._batcher.close()
         if self._owns_channel:
             await self._channel.close()
 
@@ -406,7 +408,9 @@ class AsyncSessionsClient:
         prepared = _requests.append_messages(
             session_id=session_id, messages=messages, set_variables=set_variables
         )
-        send = self._batcher.append if self._batcher is not None else None
+        # Only appends whose messages all carry ids are batched: a batch whose answer is lost is sent
+        # again entry by entry.
+        send = self._batcher.append if self._batcher is not None and prepared.idempotent else None
         return await self._unary(self._messages.AppendMessages, prepared, send)
 
     async def append_text(

@@ -35,6 +35,10 @@ from .errors import error_fields, streaming, unary, unexpected_error
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
+# Entries of a BatchAppendMessages call at most: fixed, not SESSIOND_MAX_BATCH_MESSAGES (which bounds the
+# messages of each entry), so that lowering that limit does not fail the batches clients send (64 at most).
+MAX_BATCH_REQUESTS = 100
+
 
 def _only_wildcard(paths: Collection[str]) -> None:
     """`*` replaces every updatable field (AIP-134); other paths beside it would be ignored in silence."""
@@ -222,7 +226,7 @@ class MessageServicer(message_service_pb2_grpc.MessageServiceServicer):
     async def BatchAppendMessages(
         self, request: message_service_pb2.BatchAppendMessagesRequest, context: Ctx
     ) -> message_service_pb2.BatchAppendMessagesResponse:
-        limit = self.svc.limits.max_batch_messages
+        limit = MAX_BATCH_REQUESTS
         if not request.requests:
             raise InvalidArgument.field("requests", "at least one request is required")
         if len(request.requests) > limit:
