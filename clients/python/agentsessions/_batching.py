@@ -136,20 +136,15 @@ class AppendBatcher:
             batch = self._take()
             self._in_flight += 1
             # In a context of its own: not that of the caller whose answer let it go (its trace, say).
-            self._track(
-                asyncio.get_running_loop().create_task(self._send(batch), context=contextvars.Context())
-            )
-
-    def _track(self, task: asyncio.Task[None]) -> asyncio.Task[None]:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+            task = asyncio.get_running_loop().create_task(self._send(batch), context=contextvars.Context())
+            self._tasks.add(task)  # held here until done: the loop keeps only weak references to tasks
+            task.add_done_callback(self._tasks.discard)
 
     async def _one_by_one(self, batch: Sequence[_Held]) -> None:
         """Each append of `batch` in a call of its own, sent in its caller's context."""
         loop = asyncio.get_running_loop()
         await asyncio.gather(
-            *(self._track(loop.create_task(self._send_one(held), context=held.context)) for held in batch)
+            *(loop.create_task(self._send_one(held), context=held.context) for held in batch)
         )
 
     def _take(self) -> list[_Held]:
@@ -196,13 +191,12 @@ class AppendBatcher:
             response = await self._batch(request, _left(latest))
         except grpc.RpcError as err:
             code = from_grpc_error(err).code
-            if code is grpc.StatusCode.UNIMPLEMENTED:
-                self._supported = False  # an older server: one by one from now on
-                await self._one_by_one(batch)
-                return
-            if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-                # An answer larger than the channel takes (each entry's holds its session): the entries
-                # may have landed, so each goes again alone, which their message ids make safe.
+            # UNIMPLEMENTED: an older server, one by one from now on. RESOURCE_EXHAUSTED: an answer larger
+            # than the channel takes (each entry's holds its session); the entries may have landed, so
+            # each goes again alone, which their message ids make safe.
+            if code in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                if code is grpc.StatusCode.UNIMPLEMENTED:
+                    self._supported = False
                 await self._one_by_one(batch)
                 return
             for held in batch:

@@ -226,14 +226,13 @@ class MessageServicer(message_service_pb2_grpc.MessageServiceServicer):
     async def BatchAppendMessages(
         self, request: message_service_pb2.BatchAppendMessagesRequest, context: Ctx
     ) -> message_service_pb2.BatchAppendMessagesResponse:
-        limit = MAX_BATCH_REQUESTS
         if not request.requests:
             raise InvalidArgument.field("requests", "at least one request is required")
-        if len(request.requests) > limit:
+        if len(request.requests) > MAX_BATCH_REQUESTS:
             raise InvalidArgument.field(
                 "requests",
-                f"at most {limit} requests per call, got {len(request.requests)}",
-                limit=str(limit),
+                f"at most {MAX_BATCH_REQUESTS} requests per call, got {len(request.requests)}",
+                limit=str(MAX_BATCH_REQUESTS),
             )
         # All at once, as separate calls made together would be: their writes join the same group commit.
         outcomes = await asyncio.gather(*(self._outcome(entry) for entry in request.requests))
