@@ -8,6 +8,7 @@ Time only moves when a test moves the injected clock.
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
@@ -29,6 +30,7 @@ from agentsessions import (
     errors,
 )
 from sessiond.domain.clock import ManualClock
+from sessiond.domain.validation import uuid7
 
 ACTIVE = SessionStatus.SESSION_STATUS_ACTIVE
 EXPIRED = SessionStatus.SESSION_STATUS_EXPIRED
@@ -88,6 +90,26 @@ async def test_generated_ids_are_time_ordered_uuid7(client: AsyncSessionsClient)
     # The first 48 bits are the Unix time in milliseconds: later sessions never sort before earlier ones.
     millis = [uuid.UUID(i).int >> 80 for i in ids]
     assert millis == sorted(millis)
+
+
+def test_generated_ids_draw_fresh_random_bits_after_a_fork() -> None:
+    """Ids draw their random bits from a pool of `os.urandom` bytes: a forked child must not hand out
+    the bytes its parent would hand out next, or both would generate the same ids."""
+    uuid7()  # the pool holds a page
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id's random bits, then out at once
+        os.write(write, uuid.UUID(uuid7()).int.to_bytes(16, "big"))
+        os._exit(0)
+    os.close(write)
+    child = int.from_bytes(os.read(read, 16), "big")
+    os.close(read)
+    os.waitpid(pid, 0)
+    parent = uuid.UUID(uuid7()).int
+    random_part = (1 << 74) - 1 & ~(0b11 << 62)  # below the 48 time bits, less version and variant
+    assert child & random_part != parent & random_part
+    ids = {uuid7() for _ in range(2000)}  # several pages
+    assert len(ids) == 2000
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -19,7 +18,7 @@ from .domain.clock import Clock
 from .domain.errors import InvalidArgument, NotFound, etag_mismatch
 from .domain.model import NewMessage, Session, Status, StoredMessage
 from .domain.policy import POLICY_FIELDS, TimeoutLimits, TimeoutPolicy, resolve
-from .domain.validation import AGENT_ID, Limits, check_page_size, check_variables
+from .domain.validation import AGENT_ID, Limits, check_page_size, check_variables, random_bits
 from .events.bus import EventBus, InProcessEventBus
 from .store.repository import MessagePageQuery, SessionFilter, Store, TurnLease
 
@@ -109,7 +108,7 @@ class SessionsService:
                 effective=resolve(policy, agent.timeout_defaults, self.timeouts),
                 request_id=request_id,
                 now=now,
-                incarnation=secrets.randbits(62),
+                incarnation=random_bits(62),
             )
 
         return await self.store.create_session(agent_id, build, shared=replace(shared, limits=self.limits))
