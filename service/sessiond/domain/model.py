@@ -6,6 +6,7 @@ Every rule takes `now`; nothing here reads a clock, a database or the network.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta
@@ -22,8 +23,13 @@ ZERO = timedelta(0)
 def row_etag(version: int, *identity: object) -> str:
     """An etag (AIP-154) for one row at one version: `v7.` and a digest of what makes the row itself, so a
     version of another row, or of a row deleted and created again under the same name, is not taken."""
-    digest = blake2b(repr(identity).encode(), digest_size=4).hexdigest()
-    return f"v{version}.{digest}"
+    return f"v{version}.{_identity_digest(identity)}"
+
+
+@functools.lru_cache(maxsize=16_384)
+def _identity_digest(identity: tuple[object, ...]) -> str:
+    # Cached: a row's identity never changes, and every session sent out carries its etag.
+    return blake2b(repr(identity).encode(), digest_size=4).hexdigest()
 
 
 class Status(enum.IntEnum):
