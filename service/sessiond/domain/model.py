@@ -233,10 +233,16 @@ def _extend(session: Session, now: datetime) -> Session:
     return session.evolve(anchor_time=now, expire_time=expire, renewal_count=session.renewal_count + 1)
 
 
-def record_activity(session: Session, now: datetime) -> Session:
-    """A message, a turn or a heartbeat: renews when auto-renew is on (silently bounded by the cap)."""
-    touched = session.evolve(last_activity_time=now, update_time=now, version=session.version + 1)
-    return _extend(touched, now) if session.effective.auto_renew else touched
+def record_activity(session: Session, now: datetime, **changes: Any) -> Session:
+    """A message, a turn or a heartbeat: renews when auto-renew is on (silently bounded by the cap).
+    `changes`: other fields the same write changes, set in the same copy (appends run this for every
+    call)."""
+    changes.update(last_activity_time=now, update_time=now, version=session.version + 1)
+    if session.effective.auto_renew:
+        expire = next_expiry(now, session.effective, session.max_expire_time)
+        if expire > session.expire_time:
+            changes.update(anchor_time=now, expire_time=expire, renewal_count=session.renewal_count + 1)
+    return session.evolve(**changes)
 
 
 def renew(session: Session, now: datetime) -> Session:

@@ -7,6 +7,7 @@ outside the configured range is rejected (never clamped), naming the field and t
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 
@@ -100,15 +101,15 @@ class EffectivePolicy:
     warning_threshold_minutes: int
     sources: tuple[Source, Source, Source, Source]
 
-    @property
+    @functools.cached_property
     def timeout(self) -> timedelta:
         return timedelta(minutes=self.timeout_minutes)
 
-    @property
+    @functools.cached_property
     def max_duration(self) -> timedelta:
         return timedelta(minutes=self.max_duration_minutes)
 
-    @property
+    @functools.cached_property
     def warning_threshold(self) -> timedelta:
         return timedelta(minutes=self.warning_threshold_minutes)
 

@@ -413,13 +413,18 @@ def _sqlite_converter(column_type: Any) -> Callable[[Any], Any] | None:
     if isinstance(column_type, UTCDateTime):
         return _sqlite_time_or_none
     if isinstance(column_type, JSON):
-        return json.dumps  # SQLAlchemy's JSON type on SQLite, when the engine names no serializer
+        return _json_column  # SQLAlchemy's JSON type on SQLite, when the engine names no serializer
     if isinstance(column_type, Boolean):
         return None  # the driver stores a bool as 1 or 0, as SQLAlchemy's processor does
     if column_type.bind_processor(sqlite.dialect()) is not None:
         # A type this class does not know how to convert: its values would reach the table unconverted.
         raise TypeError(f"_SQLiteBatch cannot convert values of {column_type!r}")
     return None
+
+
+def _json_column(value: Any) -> str:
+    # `json.dumps`, with the empty object most messages' metadata is spared its encoder run.
+    return "{}" if type(value) is dict and not value else json.dumps(value)
 
 
 def _sqlite_time_or_none(value: datetime | None) -> int | None:
@@ -1240,14 +1245,14 @@ class Store:
                 for m, kept in zip(fresh, stored, strict=True):
                     if m.caller_id:
                         known[(op.session_id, m.message_id)] = kept
-                touched = (
-                    model.record_activity(before, op.now)
+                counts = {
+                    "last_sequence": before.last_sequence + len(fresh),
+                    "message_count": before.message_count + len(fresh),
+                }
+                after = (
+                    model.record_activity(before, op.now, **counts)
                     if active
-                    else before.evolve(update_time=op.now, version=before.version + 1)
-                )
-                after = touched.evolve(
-                    last_sequence=before.last_sequence + len(fresh),
-                    message_count=before.message_count + len(fresh),
+                    else before.evolve(update_time=op.now, version=before.version + 1, **counts)
                 )
                 detail = {"first_sequence": stored[0].sequence, "last_sequence": stored[-1].sequence}
                 after = self._event(
@@ -1344,6 +1349,9 @@ class Store:
     ) -> tuple[list[int], list[int]]:
         """Ties each new tool result to its call: returns group_start and group_end for the new messages
         and widens group_end of the stored messages holding the calls."""
+        starts = [first + i for i in range(len(fresh))]
+        if not any(m.tool_result_ids or m.tool_call_ids for m in fresh):
+            return starts, list(starts)  # no tool calls or results: each message is its own group
         wanted = {cid for m in fresh for cid in m.tool_result_ids}
         latest: dict[str, int] = {}  # call id -> sequence of its newest call so far
         if wanted:
@@ -1353,7 +1361,6 @@ class Store:
                 )
             )
             latest = {r.call_id: r.sequence for r in rows}
-        starts = [first + i for i in range(len(fresh))]
         ends = list(starts)
         widen: dict[int, int] = {}
         for i, m in enumerate(fresh):
