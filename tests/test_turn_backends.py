@@ -1176,6 +1176,8 @@ async def test_agents_from_the_config_file(
         ('[[agents]]\nid = "a"\nhistory_window = -1\n[agents.echo]\n', "history_window"),
         ('[[agents]]\nid = "a"\n[agents.timeout_defaults]\ntimeout_minutes = 1\n[agents.echo]\n', "between"),
         ('[[agents]]\nid = "a"\ncolour = "red"\n[agents.echo]\n', "colour"),
+        ("[[agents]]\nid = 5\n[agents.echo]\n", "must be a string"),
+        ('[[agents]]\nid = "a"\nagent_id = "b"\n[agents.echo]\n', "once"),
         ("[server]\nport = 1\n", "unknown section"),
         ("not toml [", "cannot read"),
     ],

@@ -66,7 +66,12 @@ def load_agents(path: str | Path, *, now: datetime, timeouts: TimeoutLimits, lim
         if not isinstance(entry, dict):
             raise ConfigError(f"{where}: must be a table ([[agents]] with its keys), got {entry!r}")
         fields: dict[str, Any] = dict(entry)
-        agent_id = str(fields.pop("id", fields.pop("agent_id", "")))
+        ids = [fields.pop(key) for key in ("id", "agent_id") if key in fields]
+        if len(ids) > 1:
+            raise ConfigError(f"{where}: give the agent's id once, as `id` or as `agent_id`")
+        if ids and not isinstance(ids[0], str):
+            raise ConfigError(f"{where}: the id must be a string (quoted in TOML), got {ids[0]!r}")
+        agent_id = ids[0] if ids else ""
         where = f"{where} ({agent_id!r})" if agent_id else where
         try:
             pb = json_format.ParseDict(fields, agent_pb2.Agent())
