@@ -103,6 +103,8 @@ def check_metadata(metadata: Mapping[str, str], limits: Limits, field: str) -> N
 
 
 def check_variables(variables: Mapping[str, Any], limits: Limits, field: str = "variables") -> None:
+    if not variables:
+        return  # "{}": within any limit
     size = len(json.dumps(variables, separators=(",", ":"), ensure_ascii=False).encode())
     if size > limits.max_variables_bytes:
         raise InvalidArgument.field(
