@@ -143,6 +143,32 @@ async def test_overlapping_appends_share_calls_and_each_lands_in_order(
     assert calls.count["AppendMessages"] + calls.count["BatchAppendMessages"] < writers * each
 
 
+async def test_callers_answered_by_one_batch_send_their_next_appends_together(
+    counted: tuple[AsyncSessionsClient, Calls], unique: str
+) -> None:
+    """The appends held behind a call leave one turn of the loop after it ends, so the callers it
+    answered join them: writers appending in turn share one call per round, not a lone call for the
+    first of them and a batch for the others."""
+    client, calls = counted
+    writers, rounds = 8, 12
+    ids = [
+        (await client.create_session(agent_id="echo", session_id=f"{unique}/t{w}")).session_id
+        for w in range(writers)
+    ]
+    calls.count.clear()
+
+    async def writer(session_id: str) -> None:
+        for i in range(rounds):
+            await client.append_messages(session_id=session_id, messages=[text(f"{i}", f"m{i}")])
+
+    await asyncio.gather(*(writer(s) for s in ids))
+    for session_id in ids:
+        assert (await client.get_session(session_id=session_id)).message_count == rounds
+    # The first append alone, then a call per round (the first writer a round ahead of the others).
+    assert calls.count["AppendMessages"] == 1
+    assert calls.count["BatchAppendMessages"] <= rounds + 1
+
+
 async def test_a_failed_append_in_a_batch_raises_in_its_caller_only(
     counted: tuple[AsyncSessionsClient, Calls], unique: str
 ) -> None:

@@ -4,8 +4,10 @@ One gRPC call costs a Python client and server several times what storing a mess
 writing to many sessions at once (an agent worker serving several conversations) each pay it. So
 :class:`AppendBatcher` sends an append at once while fewer than ``max_in_flight`` appends are under
 way, and otherwise holds it until one of them is answered; the appends held meanwhile then leave in one
-``BatchAppendMessages`` call (up to ``max_entries`` of them, and ``max_bytes``). An append made while none
-is under way never waits; one held waits at most as long as the call under way takes.
+``BatchAppendMessages`` call (up to ``max_entries`` of them, and ``max_bytes``), one turn of the event
+loop after that answer, so that the callers it answered join with their next appends. An append made
+while none is under way (and none is about to leave) never waits; one held waits about as long as the
+call under way takes.
 
 Only appends whose messages all carry ids are batched (the client's other appends go one by one): a
 batch whose answer is too large for the channel (RESOURCE_EXHAUSTED: each entry's answer holds its
@@ -92,6 +94,7 @@ class AppendBatcher:
         self._supported = True
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._flush_due = False  # held appends leave at the next turn of the loop (`_later`)
 
     def close(self) -> None:
         """The client closed: appends held and appends to come raise ``CLIENT_CLOSED``."""
@@ -106,30 +109,51 @@ class AppendBatcher:
         :class:`AgentSessionsError` when it fails."""
         if self._closed:
             raise client_closed()
-        if not self._supported or (self._in_flight < self._options.max_in_flight and not self._held):
+        if not self._supported or (
+            self._in_flight < self._options.max_in_flight and not self._held and not self._flush_due
+        ):
             self._in_flight += 1
             try:
                 return await self._single(request, time_left)
             finally:
                 self._in_flight -= 1
-                self._send_held()
+                self._later()
         loop = asyncio.get_running_loop()
         deadline = None if time_left is None else loop.time() + time_left
         held = _Held(request, deadline, request.ByteSize(), contextvars.copy_context())
         self._held.append(held)
+        # The future itself is awaited, with a timer for the deadline: `asyncio.wait` took an extra turn
+        # of the loop to wake the caller, by when the next batch had left without its next append; and
+        # on Python 3.11 `wait_for` returns the result, not the cancellation, of a future that completes
+        # in the same loop iteration as the cancel.
+        timer = None if time_left is None else loop.call_later(time_left, self._expire, held)
         try:
-            # Not wait_for: on Python 3.11 it returns the result, not the cancellation, of a future that
-            # completes in the same loop iteration as the cancel.
-            await asyncio.wait([held.future], timeout=time_left)
-            if not held.future.done():
-                raise exception_for(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-            return held.future.result()
+            return await held.future
         finally:
-            if not held.future.done():  # the caller gave up
-                if held in self._held:  # not sent yet: it leaves the batch
-                    self._held.remove(held)
-                else:  # sent: its outcome comes all the same, and nobody waits for it
-                    held.future.add_done_callback(_consume)
+            if timer is not None:
+                timer.cancel()
+            if held in self._held:  # the caller gave up before its append left: it leaves the batch
+                self._held.remove(held)
+            elif held.future.done() and not held.future.cancelled():
+                held.future.exception()  # seen, even when a cancel that came with it ended the wait
+
+    def _expire(self, held: _Held) -> None:
+        """A held caller's deadline passed: it stops waiting (its append may still land, if it left)."""
+        if held in self._held:
+            self._held.remove(held)
+        _settle(held, None, exception_for(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+
+    def _later(self) -> None:
+        """A call ended: the held appends leave at the next turn of the loop rather than now, so that the
+        callers it answered, which run first, join them with their next appends (otherwise the first of
+        them would leave alone and the others wait for it)."""
+        if not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        self._send_held()
 
     def _send_held(self) -> None:
         while self._held and self._in_flight < self._options.max_in_flight:
@@ -175,7 +199,7 @@ class AppendBatcher:
                 raise
         finally:
             self._in_flight -= 1
-            self._send_held()
+            self._later()
 
     async def _send_one(self, held: _Held) -> None:
         try:
@@ -217,11 +241,6 @@ class AppendBatcher:
 
 def _left(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
-
-
-def _consume(future: asyncio.Future[Response]) -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 def _settle(held: _Held, response: Response | None, error: BaseException | None) -> None:
