@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import functools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from .errors import FieldViolation, InvalidArgument
@@ -34,7 +34,7 @@ class TimeoutPolicy:
     warning_threshold_minutes: int | None = None
 
     def as_dict(self) -> dict[str, int | bool]:
-        return {f.name: v for f in fields(self) if (v := getattr(self, f.name)) is not None}
+        return {name: v for name in POLICY_FIELDS if (v := getattr(self, name)) is not None}
 
     @classmethod
     def from_dict(cls, data: dict[str, int | bool] | None) -> TimeoutPolicy:
@@ -117,8 +117,11 @@ class EffectivePolicy:
         return self.sources[POLICY_FIELDS.index(name)]
 
 
+@functools.lru_cache(maxsize=1024)
 def resolve(session: TimeoutPolicy, agent: TimeoutPolicy, limits: TimeoutLimits) -> EffectivePolicy:
-    """Each field from the first tier that sets it: session, then agent, then global."""
+    """Each field from the first tier that sets it: session, then agent, then global. Cached (all three
+    are frozen, and few combinations are in use): sessions of the same policy share one object, and with
+    it the durations it computed once."""
     glob = limits.global_tier()
     values: list[int | bool] = []
     sources: list[Source] = []
