@@ -94,7 +94,7 @@ class SessionsService:
     ) -> tuple[Session, bool]:
         self.timeouts.validate(policy, "session.timeout_policy")
         now = self.clock.now()
-        own, shared = state.split(variables)  # `user:` / `app:` keys go to the shared scopes
+        own, shared = state.split(variables, self.limits)  # `user:` / `app:` keys go to the shared scopes
 
         def build(agent: Agent) -> Session:
             return model.new_session(
@@ -111,7 +111,7 @@ class SessionsService:
                 incarnation=random_bits(62),
             )
 
-        return await self.store.create_session(agent_id, build, shared=replace(shared, limits=self.limits))
+        return await self.store.create_session(agent_id, build, shared=shared)
 
     async def get_session(self, *, session_id: str) -> Session:
         return await self.store.get_session(session_id)

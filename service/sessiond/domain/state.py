@@ -66,9 +66,10 @@ def scope_of(key: str) -> tuple[Scope | None, str]:
     return None, key
 
 
-def split(variables: Mapping[str, Any]) -> tuple[dict[str, Any], ScopedChanges]:
-    """A session's own variables and the shared keys set, from a variables object as callers write it
-    (a create, or an update of the whole `variables`). `temp:` keys are dropped."""
+def split(variables: Mapping[str, Any], limits: Limits | None = None) -> tuple[dict[str, Any], ScopedChanges]:
+    """A session's own variables and the shared keys set (within `limits`, the defaults if None), from a
+    variables object as callers write it (a create, or an update of the whole `variables`). `temp:`
+    keys are dropped."""
     own: dict[str, Any] = {}
     sets: dict[Scope, dict[str, Any]] = {}
     for key, value in variables.items():
@@ -79,7 +80,7 @@ def split(variables: Mapping[str, Any]) -> tuple[dict[str, Any], ScopedChanges]:
             own[key] = value
         else:
             sets.setdefault(scope, {})[name] = value
-    return own, ScopedChanges(sets=sets)
+    return own, ScopedChanges(sets=sets) if limits is None else ScopedChanges(sets=sets, limits=limits)
 
 
 def patch(
