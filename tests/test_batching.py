@@ -261,8 +261,11 @@ class HeldServer:
     Records the session id of every append it applies, and the caller each call was sent for (the
     `caller` metadata a client interceptor adds from the sender's context)."""
 
-    def __init__(self, *, batch_code: grpc.StatusCode | None = None) -> None:
+    def __init__(
+        self, *, batch_code: grpc.StatusCode | None = None, free: frozenset[str] = frozenset()
+    ) -> None:
         self.release = asyncio.Event()
+        self.free = free  # sessions whose appends are answered without waiting for `release`
         self.appended: list[str] = []
         self.batch_calls = 0
         self.batch_code = batch_code
@@ -274,7 +277,8 @@ class HeldServer:
 
     async def append(self, request: message_service_pb2.AppendMessagesRequest, context: Any) -> Any:
         self._caller("AppendMessages", context)
-        await self.release.wait()
+        if request.session_id not in self.free:
+            await self.release.wait()
         self.appended.append(request.session_id)
         return message_service_pb2.AppendMessagesResponse(messages=request.messages)
 
@@ -438,6 +442,39 @@ async def test_a_batch_is_sent_in_no_callers_context_and_a_lone_append_in_its_ow
     assert fake.callers[1] == ("BatchAppendMessages", "")
     assert sorted(fake.callers[2:]) == [("AppendMessages", "b"), ("AppendMessages", "c")]
     assert sorted(fake.appended) == ["b", "c", "first"]
+
+
+async def test_a_lone_writer_sends_each_append_from_its_own_task() -> None:
+    """One caller appending in turn never has its appends held: each goes from the caller's own task, so
+    cancelling one cancels its call, and the next leaves at once instead of waiting behind the call
+    given up."""
+    fake = HeldServer(free=frozenset({"one", "three"}))
+    server, target = await fake.start()
+    channel = grpc.aio.insecure_channel(target, interceptors=[CallerMetadata()])
+
+    async def append(session_id: str) -> Any:
+        return await client.append_messages(session_id=session_id, messages=[text("a", f"m-{session_id}")])
+
+    async def writer() -> None:
+        CALLER.set("lone")
+        await append("one")
+        await append("two")  # right after the first is answered, as a caller writing in turn does
+
+    try:
+        async with AsyncSessionsClient(channel=channel, timeout=None) as client:
+            given_up = asyncio.create_task(writer())
+            await _until(lambda: len(fake.callers) == 2)
+            given_up.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await given_up
+            CALLER.set("lone")
+            await asyncio.wait_for(append("three"), 10)  # not held behind the call given up
+    finally:
+        await channel.close()
+        await server.stop(0)
+    assert fake.callers == [("AppendMessages", "lone")] * 3
+    assert fake.appended == ["one", "three"]  # the call given up was cancelled on the server too
+    assert client._batcher is not None and client._batcher._in_flight == 0
 
 
 async def test_a_borrowed_channel_client_closed_fails_held_appends() -> None:

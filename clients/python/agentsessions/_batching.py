@@ -117,7 +117,7 @@ class AppendBatcher:
                 return await self._single(request, time_left)
             finally:
                 self._in_flight -= 1
-                self._later()
+                self._later(answered=1)
         loop = asyncio.get_running_loop()
         deadline = None if time_left is None else loop.time() + time_left
         held = _Held(request, deadline, request.ByteSize(), contextvars.copy_context())
@@ -143,13 +143,16 @@ class AppendBatcher:
             self._held.remove(held)
         _settle(held, None, exception_for(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
 
-    def _later(self) -> None:
-        """A call ended: the held appends leave at the next turn of the loop rather than now, so that the
-        callers it answered, which run first, join them with their next appends (otherwise the first of
-        them would leave alone and the others wait for it)."""
-        if not self._flush_due:
-            self._flush_due = True
-            asyncio.get_running_loop().call_soon(self._flush)
+    def _later(self, answered: int) -> None:
+        """A call that answered `answered` callers ended: the held appends leave at the next turn of the
+        loop rather than now, so that the callers it answered, which run first, join them with their next
+        appends (otherwise the first of them would leave alone and the others wait for it). With nothing
+        held and one caller answered there is nothing to gather: that caller's next append goes at once,
+        from its own task, so that cancelling it cancels its call."""
+        if self._flush_due or (answered <= 1 and not self._held):
+            return
+        self._flush_due = True
+        asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_due = False
@@ -199,7 +202,7 @@ class AppendBatcher:
                 raise
         finally:
             self._in_flight -= 1
-            self._later()
+            self._later(answered=len(batch))
 
     async def _send_one(self, held: _Held) -> None:
         try:
