@@ -102,9 +102,11 @@ def test_generated_ids_draw_fresh_random_bits_after_a_fork() -> None:
         os.write(write, uuid.UUID(uuid7()).int.to_bytes(16, "big"))
         os._exit(0)
     os.close(write)
-    child = int.from_bytes(os.read(read, 16), "big")
+    got = os.read(read, 16)
     os.close(read)
-    os.waitpid(pid, 0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and len(got) == 16  # the child made its id
+    child = int.from_bytes(got, "big")
     parent = uuid.UUID(uuid7()).int
     random_part = (1 << 74) - 1 & ~(0b11 << 62)  # below the 48 time bits, less version and variant
     assert child & random_part != parent & random_part
