@@ -78,17 +78,20 @@ def clock() -> ManualClock:
 
 
 def make_settings(database: DatabaseTarget, **overrides: object) -> Settings:
-    return Settings.of(
-        database_url=database.url,
-        database_schema=database.schema,
-        listen="127.0.0.1:0",
-        database_pool_size=4,
+    values: dict[str, object] = {
+        "database_url": database.url,
+        "database_schema": database.schema,
+        "listen": "127.0.0.1:0",
+        "database_pool_size": 4,
         # Tests drive the sweeper themselves (server.sweeper.run_once()) with the injected clock.
-        sweeper_enabled=False,
+        "sweeper_enabled": False,
+        # The tests' servers run in the test process: its threads stay where the kernel puts them
+        # (test_affinity.py turns it on).
+        "cpu_affinity": "off",
         # The variables the chat-completions tests' agents read their keys from.
-        agent_key_vars="TEST_LLM_KEY,TEST_LLM_MISSING_KEY",
-        **overrides,  # type: ignore[arg-type]
-    )
+        "agent_key_vars": "TEST_LLM_KEY,TEST_LLM_MISSING_KEY",
+    }
+    return Settings.of(**{**values, **overrides})
 
 
 @pytest.fixture

@@ -30,6 +30,8 @@ def argv(tmp_path: Path) -> list[str]:
         ),
         ({"SESSIOND_EVENT_BUS": "postgres"}, "SESSIOND_EVENT_BUS=postgres needs a PostgreSQL database"),
         ({"SESSIOND_METRICS_LISTEN": "abc"}, "cannot serve metrics on 'abc' (SESSIOND_METRICS_LISTEN)"),
+        ({"SESSIOND_CPU_AFFINITY": "fast"}, "SESSIOND_CPU_AFFINITY: String should match pattern"),
+        ({"SESSIOND_CPU_AFFINITY": "4096"}, "SESSIOND_CPU_AFFINITY: CPU 4096 is not one this process may"),
     ],
 )
 def test_a_setting_it_cannot_start_with_is_named(

@@ -26,6 +26,13 @@ LogLevel = Annotated[
 ]
 
 
+CpuAffinity = Annotated[
+    str,
+    BeforeValidator(lambda value: value.strip().lower() if isinstance(value, str) else value),
+    Field(pattern=r"^(auto|off|[0-9]{1,4})$"),
+]
+
+
 def _env(name: str) -> AliasChoices:
     return AliasChoices(name, name.lower())
 
@@ -71,6 +78,9 @@ class Settings(BaseSettings):
     database_write_linger_ms: float = Field(
         10.0, ge=0, le=100, validation_alias=_env("SESSIOND_DATABASE_WRITE_LINGER_MS")
     )
+    # Linux: the event loop's thread and the SQLite writer's kept on one CPU (sessiond.affinity): auto (on
+    # SQLite, the CPU the loop starts on), off, or a CPU number.
+    cpu_affinity: CpuAffinity = Field("auto", validation_alias=_env("SESSIOND_CPU_AFFINITY"))
     migrate_on_start: bool = Field(True, validation_alias=_env("SESSIOND_MIGRATE_ON_START"))
     grace_seconds: float = Field(10.0, ge=0, validation_alias=_env("SESSIOND_GRACE_SECONDS"))
     log_level: LogLevel = Field("INFO", validation_alias=_env("SESSIOND_LOG_LEVEL"))

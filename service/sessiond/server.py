@@ -9,6 +9,7 @@ import gc
 import logging
 import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, cast
@@ -29,7 +30,7 @@ from agentsessions.v1 import (
     turn_service_pb2_grpc,
 )
 
-from . import tls
+from . import affinity, tls
 from .agents_file import apply_agents, load_agents
 from .api import reflection
 from .api.errors import guard_decoding
@@ -91,6 +92,7 @@ class RunningServer:
     metrics_port: int | None = None
     _metrics_http: Any = None
     _tracing: Tracing | None = None  # built from the settings: flushed and shut down at the end
+    _pinned: affinity.Pinned | None = None  # threads kept on one CPU (sessiond.affinity), given back at stop
 
     async def stop(self, grace: float | None = None) -> None:
         """Drains: health turns NOT_SERVING and no new call is taken. Streams that would otherwise run
@@ -114,6 +116,8 @@ class RunningServer:
                 await task
         await self.bus.close()
         await self.db.close()
+        if self._pinned is not None:
+            self._pinned.restore()
         if self._metrics_http is not None:
             await asyncio.to_thread(self._metrics_http.shutdown)
             self._metrics_http.server_close()
@@ -122,6 +126,19 @@ class RunningServer:
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
+
+
+def _pin_threads(settings: Settings, db: Database) -> affinity.Pinned | None:
+    """The loop's thread (this one) and the SQLite writer's on one CPU, as SESSIOND_CPU_AFFINITY says.
+    Threads the loop's thread starts afterwards inherit its CPU."""
+    writer = db.writer_thread_id
+    cpu = affinity.choose_cpu(settings.cpu_affinity, writer=writer is not None)
+    if cpu is None:
+        return None
+    threads = [threading.get_native_id(), *([writer] if writer is not None else [])]
+    pinned = affinity.pin(threads, cpu)
+    log.info("the event loop%s kept on CPU %d", " and the SQLite writer" if writer else "", cpu)
+    return pinned
 
 
 def _event_bus(settings: Settings, db: Database) -> InProcessEventBus:
@@ -229,9 +246,13 @@ async def start_server(
         raise StartupError(f"SESSIOND_DATABASE_URL: {exc}") from None
     await db.open()
     bus: InProcessEventBus | None = None
+    pinned: affinity.Pinned | None = None
     metrics_http: Any = None
     metrics_port: int | None = None
     try:
+        # Before grpc's server exists: the threads the loop's thread starts from here on (grpc's poller,
+        # the read connections' threads) share its CPU too.
+        pinned = _pin_threads(settings, db)
         if settings.migrate_on_start:
             await migrate.upgrade(db)
         bus = _event_bus(settings, db)
@@ -325,6 +346,8 @@ async def start_server(
         await server.start()
         await _set_health(health_servicer, True)
     except BaseException:
+        if pinned is not None:
+            pinned.restore()
         if metrics_http is not None:
             metrics_http.shutdown()
             metrics_http.server_close()
@@ -339,6 +362,7 @@ async def start_server(
     )
     running.turns, running.turn_api = runner, turn_api
     running.metrics_port, running._metrics_http = metrics_port, metrics_http
+    running._pinned = pinned
     running._tracing = tracing if own_tracing else None
     running._tasks.append(asyncio.create_task(_watch_database(db, health_servicer), name="health-probe"))
     if settings.sweeper_enabled:

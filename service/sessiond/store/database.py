@@ -137,6 +137,11 @@ class Database:
         return self.url.set(drivername="postgresql").render_as_string(hide_password=False)
 
     @property
+    def writer_thread_id(self) -> int | None:
+        """The native id of the SQLite writer's thread (None on PostgreSQL, or before `open`)."""
+        return self._writer.thread_id if self._writer is not None else None
+
+    @property
     def engine(self) -> AsyncEngine:
         if self._engine is None:
             raise RuntimeError("Database.open() was not called")
@@ -473,6 +478,10 @@ class _SQLiteWriter:
         self._conn = engine.connect()
         self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
         self._thread.start()
+
+    @property
+    def thread_id(self) -> int | None:
+        return self._thread.native_id
 
     def submit(self, op: Op[T]) -> asyncio.Future[T]:
         future: asyncio.Future[T] = self._loop.create_future()
