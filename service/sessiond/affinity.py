@@ -5,8 +5,9 @@ the writer gives up the GIL around every SQLite call it makes. On two CPUs each 
 CPU, and the objects both threads touch (the requests, the sessions, their reference counts) move between
 the two CPUs' caches: in one process without gRPC, the same group of appends took about 60% more CPU on
 the writer thread than on the loop's own. Kept on one CPU, the two threads trade the GIL as a switch on
-that CPU. gRPC's own threads, which mostly run without the GIL, are left where the kernel puts them.
-docs/design.md ("The loop and the writer on one CPU") has the figures and the trade-offs.
+that CPU. They are pinned before grpc's server exists, so the threads the loop's thread starts afterwards
+(grpc's poller and event engine, aiosqlite's) inherit the CPU. docs/design.md ("The loop and the writer
+on one CPU") has the figures and the trade-offs.
 
 `SESSIOND_CPU_AFFINITY`: ``auto`` (the default) pins the loop's thread and the SQLite writer's to the
 CPU the loop runs on at start, on SQLite only and when the process may use more than one CPU; ``off``
