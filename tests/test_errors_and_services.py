@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import random
 import sqlite3
 import uuid
@@ -1913,6 +1914,52 @@ async def test_sqlite_locked_by_another_process_is_unavailable_and_loses_nothing
                 await client.get_session(session_id=f"{unique}/new")
     finally:
         await running.stop(0)
+
+
+async def test_a_batch_the_database_fails_logs_one_traceback_not_one_per_entry(
+    database: DatabaseTarget, clock: ManualClock, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A BatchAppendMessages call whose entries all fail because the database is unavailable (here: another
+    process holds SQLite's write lock past the lock timeout) answers each entry with its own
+    UNAVAILABLE / DATABASE_UNAVAILABLE error, and logs the failure once, with a count, rather than a
+    traceback per entry (64 of them for a full batch from the client)."""
+    if database.backend != "sqlite":
+        pytest.skip("holds SQLite's write lock")
+    running = await start_server(make_settings(database, database_lock_timeout_seconds=0.2), clock=clock)
+    try:
+        async with AsyncSessionsClient(f"127.0.0.1:{running.port}", retry=None) as client:
+            sids = [f"{unique}/batch-{i}" for i in range(8)]
+            for sid in sids:
+                await client.create_session(agent_id="echo", session_id=sid)
+            stub = message_service_pb2_grpc.MessageServiceStub(client.channel)
+            request = message_service_pb2.BatchAppendMessagesRequest(
+                requests=[
+                    message_service_pb2.AppendMessagesRequest(
+                        session_id=sid,
+                        messages=[Message(role=Role.ROLE_USER, parts=[Part(text=TextPart(text="x"))])],
+                    )
+                    for sid in sids
+                ]
+            )
+            holder = sqlite3.connect(make_url(database.url).database or "", isolation_level=None)
+            caplog.set_level(logging.WARNING, logger="sessiond")
+            try:
+                holder.execute("BEGIN IMMEDIATE")  # the write lock, until ROLLBACK
+                response = await stub.BatchAppendMessages(request)
+            finally:
+                holder.execute("ROLLBACK")
+                holder.close()
+    finally:
+        await running.stop(0)
+    assert [o.WhichOneof("outcome") for o in response.outcomes] == ["error"] * 8
+    assert {o.error.reason for o in response.outcomes} == {"DATABASE_UNAVAILABLE"}
+    mine = [
+        r for r in caplog.records if r.name == "sessiond.api.errors" or r.name == "sessiond.api.servicers"
+    ]
+    tracebacks = [r for r in mine if r.exc_info]
+    assert len(tracebacks) == 1, [r.getMessage() for r in mine]
+    assert "database unavailable in MessageServicer.BatchAppendMessages" in tracebacks[0].getMessage()
+    assert any("8 entries of a BatchAppendMessages call failed with" in r.getMessage() for r in mine)
 
 
 async def test_a_connect_frame_the_database_fails_is_an_unavailable_frame_and_the_stream_goes_on(

@@ -182,14 +182,17 @@ def database_unavailable(exc: Exception) -> Unavailable | None:
     )
 
 
-def unexpected_error(exc: Exception, where: str) -> DomainError:
-    """A failure that is not a DomainError, as the error its caller gets (logged): UNAVAILABLE /
-    DATABASE_UNAVAILABLE with a retry delay when the database failed, else INTERNAL."""
+def unexpected_error(exc: Exception, where: str, *, logged: bool = True) -> DomainError:
+    """A failure that is not a DomainError, as the error its caller gets (logged, unless `logged` is
+    false): UNAVAILABLE / DATABASE_UNAVAILABLE with a retry delay when the database failed, else
+    INTERNAL."""
     unavailable = database_unavailable(exc)
     if unavailable is not None:
-        log.warning("database unavailable in %s", where, exc_info=True)
+        if logged:
+            log.warning("database unavailable in %s", where, exc_info=exc)
         return unavailable
-    log.exception("unexpected failure in %s", where)
+    if logged:
+        log.error("unexpected failure in %s", where, exc_info=exc)
     return _internal()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
@@ -32,6 +33,8 @@ from ..domain.validation import check_agent_id, check_message_id, check_session_
 from ..service_layer import SessionsService, SessionUpdate
 from . import convert, events
 from .errors import error_fields, streaming, unary, unexpected_error
+
+log = logging.getLogger(__name__)
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -235,22 +238,40 @@ class MessageServicer(message_service_pb2_grpc.MessageServiceServicer):
                 limit=str(MAX_BATCH_REQUESTS),
             )
         # All at once, as separate calls made together would be: their writes join the same group commit.
-        outcomes = await asyncio.gather(*(self._outcome(entry) for entry in request.requests))
+        results = await asyncio.gather(*(self._outcome(entry) for entry in request.requests))
+        # Entries that failed unexpectedly (the database gone, say) usually failed alike: each is answered
+        # with its error, but the log gets one traceback per kind of failure and a count, not one each.
+        logged: dict[str, int] = {}
+        outcomes = []
+        for result in results:
+            if isinstance(result, Exception):
+                kind = type(result).__qualname__
+                failure = unexpected_error(
+                    result, "MessageServicer.BatchAppendMessages", logged=kind not in logged
+                )
+                logged[kind] = logged.get(kind, 0) + 1
+                result = message_service_pb2.AppendOutcome(
+                    error=message_service_pb2.AppendError(**error_fields(failure))
+                )
+            outcomes.append(result)
+        for kind, count in logged.items():
+            if count > 1:
+                log.warning("%d entries of a BatchAppendMessages call failed with %s", count, kind)
         return message_service_pb2.BatchAppendMessagesResponse(outcomes=outcomes)
 
     async def _outcome(
         self, entry: message_service_pb2.AppendMessagesRequest
-    ) -> message_service_pb2.AppendOutcome:
-        """One entry of a batch: its response, or the error AppendMessages would have failed with."""
+    ) -> message_service_pb2.AppendOutcome | Exception:
+        """One entry of a batch: its response, the error AppendMessages would have failed with, or the
+        exception of an unexpected failure (which the batch logs and turns into its error)."""
         try:
             return message_service_pb2.AppendOutcome(response=await self._append(entry))
         except DomainError as exc:
-            failure = exc
+            return message_service_pb2.AppendOutcome(
+                error=message_service_pb2.AppendError(**error_fields(exc))
+            )
         except Exception as exc:
-            failure = unexpected_error(exc, "MessageServicer.BatchAppendMessages")
-        return message_service_pb2.AppendOutcome(
-            error=message_service_pb2.AppendError(**error_fields(failure))
-        )
+            return exc
 
     async def _append(
         self, request: message_service_pb2.AppendMessagesRequest
