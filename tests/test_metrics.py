@@ -13,12 +13,14 @@ from conftest import DatabaseTarget, make_settings, serving
 from prometheus_client.parser import text_string_to_metric_families
 from turn_support import Reader
 
-from agentsessions import AsyncSessionsClient, errors
+from agentsessions import AsyncSessionsClient, Message, Part, Role, TextPart, errors
+from agentsessions.v1 import message_service_pb2, message_service_pb2_grpc
 from sessiond.cli import _settings, build_parser
 from sessiond.domain.clock import ManualClock
 from sessiond.server import RunningServer
 
 SESSIONS = "agentsessions.v1.SessionService"
+MESSAGES = "agentsessions.v1.MessageService"
 TURNS = "agentsessions.v1.TurnService"
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -125,6 +127,41 @@ async def test_a_stream_the_client_cancels_is_counted_cancelled(metered: Running
     else:
         raise AssertionError("the cancelled watch was never counted")
     assert value(after, "sessiond_watch_subscriptions") == 0
+
+
+async def test_a_batchs_entries_are_counted_by_the_code_each_ended_with(
+    metered: RunningServer, unique: str
+) -> None:
+    """A BatchAppendMessages call counts once, OK, whatever its entries did; its entries count in
+    sessiond_batch_append_entries by their own codes, so a failing entry is not hidden in an OK call."""
+    ok = f"{unique}/batched"
+    hello = Message(role=Role.ROLE_USER, parts=[Part(text=TextPart(text="hello"))])
+    request = message_service_pb2.BatchAppendMessagesRequest(
+        requests=[
+            message_service_pb2.AppendMessagesRequest(session_id=ok, messages=[hello]),
+            message_service_pb2.AppendMessagesRequest(session_id=ok, messages=[hello]),
+            message_service_pb2.AppendMessagesRequest(session_id=f"{unique}/missing", messages=[hello]),
+            message_service_pb2.AppendMessagesRequest(session_id=ok, messages=[Message(role=Role.ROLE_USER)]),
+        ]
+    )
+    async with AsyncSessionsClient(f"127.0.0.1:{metered.port}") as client:
+        await client.create_session(agent_id="echo", session_id=ok)
+        before = await scrape(metered)
+        response = await message_service_pb2_grpc.MessageServiceStub(client.channel).BatchAppendMessages(
+            request
+        )
+    after = await scrape(metered)
+    assert [o.WhichOneof("outcome") for o in response.outcomes] == ["response", "response", "error", "error"]
+
+    def entries(code: str) -> float:
+        name = "sessiond_batch_append_entries_total"
+        return value(after, name, grpc_code=code) - value(before, name, grpc_code=code)
+
+    assert (entries("OK"), entries("NOT_FOUND"), entries("INVALID_ARGUMENT")) == (2, 1, 1)
+    batches = handled(after, MESSAGES, "BatchAppendMessages", "OK") - handled(
+        before, MESSAGES, "BatchAppendMessages", "OK"
+    )
+    assert batches == 1
 
 
 async def test_server_state_is_read_at_scrape_time(metered: RunningServer, unique: str) -> None:

@@ -15,6 +15,7 @@ import contextlib
 import inspect
 import logging
 import time
+from collections import Counter as Tally
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +69,18 @@ class Metrics:
             labels,
             registry=self.registry,
         )
+        self.batch_entries = Counter(
+            "sessiond_batch_append_entries",
+            "Entries of BatchAppendMessages calls by the status code each entry's append ended with (the "
+            "call itself counts once in grpc_server_handled, OK whatever its entries' outcomes).",
+            ("grpc_code",),
+            registry=self.registry,
+        )
+
+    def count_entries(self, codes: list[str]) -> None:
+        """The outcomes of one BatchAppendMessages call's entries (`MessageServicer`)."""
+        for code, count in Tally(codes).items():
+            self.batch_entries.labels(code).inc(count)
 
     def interceptor(self) -> grpc.aio.ServerInterceptor:
         return _Interceptor(self)

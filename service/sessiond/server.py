@@ -294,7 +294,10 @@ async def start_server(
         session_service_pb2_grpc.add_SessionServiceServicer_to_server(
             SessionServicer(service, watch_buffer=settings.watch_buffer), guarded
         )
-        message_service_pb2_grpc.add_MessageServiceServicer_to_server(MessageServicer(service), guarded)
+        message_service_pb2_grpc.add_MessageServiceServicer_to_server(
+            MessageServicer(service, count_entries=metrics.count_entries if metrics is not None else None),
+            guarded,
+        )
         runner = TurnRunner(
             service,
             TurnStore(store),

@@ -215,9 +215,17 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
             yield event
 
 
+# What each entry of a batch ended with, by gRPC status code name (OK included).
+EntryCounter = Callable[[list[str]], None]
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
 class MessageServicer(message_service_pb2_grpc.MessageServiceServicer):
-    def __init__(self, service: SessionsService) -> None:
+    def __init__(self, service: SessionsService, *, count_entries: EntryCounter | None = None) -> None:
+        """`count_entries` is told the code each entry of a BatchAppendMessages call ended with (the
+        metrics: the call itself counts as one call, whatever its entries' outcomes)."""
         self.svc = service
+        self._count_entries = count_entries
 
     @unary
     async def AppendMessages(
@@ -257,6 +265,13 @@ class MessageServicer(message_service_pb2_grpc.MessageServiceServicer):
         for kind, count in logged.items():
             if count > 1:
                 log.warning("%d entries of a BatchAppendMessages call failed with %s", count, kind)
+        if self._count_entries is not None:
+            self._count_entries(
+                [
+                    "OK" if o.HasField("response") else _CODE_NAMES.get(o.error.code, "UNKNOWN")
+                    for o in outcomes
+                ]
+            )
         return message_service_pb2.BatchAppendMessagesResponse(outcomes=outcomes)
 
     async def _outcome(
