@@ -32,6 +32,14 @@ def entry(session_id: str, *messages: Message) -> message_service_pb2.AppendMess
     return message_service_pb2.AppendMessagesRequest(session_id=session_id, messages=messages)
 
 
+async def new_sessions(client: AsyncSessionsClient, prefix: str, count: int) -> list[str]:
+    """The ids of `count` new sessions, `{prefix}0` to `{prefix}{count - 1}`."""
+    return [
+        (await client.create_session(agent_id="echo", session_id=f"{prefix}{i}")).session_id
+        for i in range(count)
+    ]
+
+
 class Calls(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
     """Counts the unary calls a channel makes, by method name."""
 
@@ -119,10 +127,7 @@ async def test_overlapping_appends_share_calls_and_each_lands_in_order(
 ) -> None:
     client, calls = counted
     writers, each = 8, 15
-    ids = [
-        (await client.create_session(agent_id="echo", session_id=f"{unique}/w{w}")).session_id
-        for w in range(writers)
-    ]
+    ids = await new_sessions(client, f"{unique}/w", writers)
     calls.count.clear()
 
     async def writer(session_id: str) -> list[int]:
@@ -151,10 +156,7 @@ async def test_callers_answered_by_one_batch_send_their_next_appends_together(
     first of them and a batch for the others."""
     client, calls = counted
     writers, rounds = 8, 12
-    ids = [
-        (await client.create_session(agent_id="echo", session_id=f"{unique}/t{w}")).session_id
-        for w in range(writers)
-    ]
+    ids = await new_sessions(client, f"{unique}/t", writers)
     calls.count.clear()
 
     async def writer(session_id: str) -> None:
@@ -173,10 +175,7 @@ async def test_a_failed_append_in_a_batch_raises_in_its_caller_only(
     counted: tuple[AsyncSessionsClient, Calls], unique: str
 ) -> None:
     client, calls = counted
-    ids = [
-        (await client.create_session(agent_id="echo", session_id=f"{unique}/s{i}")).session_id
-        for i in range(4)
-    ]
+    ids = await new_sessions(client, f"{unique}/s", 4)
     calls.count.clear()
     targets = [*ids, f"{unique}/missing", *ids]
     results = await asyncio.gather(
@@ -232,10 +231,7 @@ async def test_a_low_server_batch_size_does_not_fail_batches(
         calls = Calls()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}", interceptors=[calls])
         async with AsyncSessionsClient(channel=channel) as client:
-            ids = [
-                (await client.create_session(agent_id="echo", session_id=f"{unique}/{i}")).session_id
-                for i in range(30)
-            ]
+            ids = await new_sessions(client, f"{unique}/", 30)
             await asyncio.gather(
                 *(client.append_messages(session_id=s, messages=[text("x", "m1")]) for s in ids)
             )
