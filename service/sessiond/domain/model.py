@@ -226,11 +226,12 @@ def new_session(
     )
 
 
-def _extend(session: Session, now: datetime) -> Session:
+def _extension(session: Session, now: datetime) -> dict[str, Any]:
+    """The fields a renewal at `now` changes: none when the cap leaves nothing to extend."""
     expire = next_expiry(now, session.effective, session.max_expire_time)
     if expire <= session.expire_time:
-        return session
-    return session.evolve(anchor_time=now, expire_time=expire, renewal_count=session.renewal_count + 1)
+        return {}
+    return {"anchor_time": now, "expire_time": expire, "renewal_count": session.renewal_count + 1}
 
 
 def record_activity(session: Session, now: datetime, **changes: Any) -> Session:
@@ -239,9 +240,7 @@ def record_activity(session: Session, now: datetime, **changes: Any) -> Session:
     call)."""
     changes.update(last_activity_time=now, update_time=now, version=session.version + 1)
     if session.effective.auto_renew:
-        expire = next_expiry(now, session.effective, session.max_expire_time)
-        if expire > session.expire_time:
-            changes.update(anchor_time=now, expire_time=expire, renewal_count=session.renewal_count + 1)
+        changes.update(_extension(session, now))
     return session.evolve(**changes)
 
 
@@ -259,7 +258,7 @@ def renew(session: Session, now: datetime) -> Session:
                 "max_expire_time": session.max_expire_time.isoformat(),
             },
         )
-    return _extend(session, now).evolve(update_time=now, version=session.version + 1)
+    return session.evolve(**_extension(session, now), update_time=now, version=session.version + 1)
 
 
 def change_policy(
