@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 class Pinned:
     """Threads moved to one CPU, with the CPUs each could use before (restored by `restore`)."""
 
-    cpu: int
     before: dict[int, set[int]] = field(default_factory=dict)
 
     def restore(self) -> None:
@@ -87,7 +86,7 @@ def choose_cpu(setting: str, *, writer: bool) -> int | None:
 def pin(thread_ids: Sequence[int], cpu: int) -> Pinned:
     """Moves the threads (native ids) to `cpu`. A thread that cannot be moved is logged and left: the
     server runs all the same, only slower."""
-    pinned = Pinned(cpu)
+    pinned = Pinned()
     for thread_id in thread_ids:
         try:
             before = os.sched_getaffinity(thread_id)

@@ -249,20 +249,20 @@ class MessageServicer(message_service_pb2_grpc.MessageServiceServicer):
         results = await asyncio.gather(*(self._outcome(entry) for entry in request.requests))
         # Entries that failed unexpectedly (the database gone, say) usually failed alike: each is answered
         # with its error, but the log gets one traceback per kind of failure and a count, not one each.
-        logged: dict[str, int] = {}
+        failed: dict[str, int] = {}  # unexpected failures by exception type
         outcomes = []
         for result in results:
             if isinstance(result, Exception):
                 kind = type(result).__qualname__
                 failure = unexpected_error(
-                    result, "MessageServicer.BatchAppendMessages", logged=kind not in logged
+                    result, "MessageServicer.BatchAppendMessages", logged=kind not in failed
                 )
-                logged[kind] = logged.get(kind, 0) + 1
+                failed[kind] = failed.get(kind, 0) + 1
                 result = message_service_pb2.AppendOutcome(
                     error=message_service_pb2.AppendError(**error_fields(failure))
                 )
             outcomes.append(result)
-        for kind, count in logged.items():
+        for kind, count in failed.items():
             if count > 1:
                 log.warning("%d entries of a BatchAppendMessages call failed with %s", count, kind)
         if self._count_entries is not None:
