@@ -274,3 +274,80 @@ async def test_a_group_commit_waits_only_on_a_cpu_bound_process(
         assert groups.count(8) < 20, groups
     finally:
         await db.close()
+
+
+class _Row:
+    """A write on its own (no `run_many`) that adds one row, or fails as a caller's bad request would."""
+
+    def __init__(self, agent_id: str, *, fails: bool = False) -> None:
+        self.agent_id = agent_id
+        self.fails = fails
+        self.committed = False
+
+    def __call__(self, conn: Connection) -> str:
+        conn.execute(
+            insert(scoped_variables).values(
+                scope=1, agent_id=self.agent_id, user_id="", variables={}, update_time=datetime.now(UTC)
+            )
+        )
+        if self.fails:
+            raise ValueError(f"{self.agent_id} refused")
+        return self.agent_id
+
+    def after_commit(self) -> None:
+        self.committed = True
+
+
+async def test_writes_made_together_keep_their_own_outcomes(fresh_database: DatabaseTarget) -> None:
+    """`write_each` (a BatchAppendMessages call's entries): each write's result or exception in order;
+    one that fails fails alone (the others land, and only theirs run their after-commit step); and
+    grouped writes submitted together share one group commit on SQLite."""
+    db = Database(fresh_database.url, schema=fresh_database.schema)
+    await db.open()
+    try:
+        await migrate.upgrade(db)
+        ops = [_Row("a"), _Row("b", fails=True), _Row("c")]
+        outcomes = await db.write_each(ops)
+        assert [result for result, _ in outcomes] == ["a", None, "c"]
+        assert outcomes[0][1] is None and outcomes[2][1] is None
+        assert isinstance(outcomes[1][1], ValueError) and str(outcomes[1][1]) == "b refused"
+        assert [op.committed for op in ops] == [True, False, True]
+
+        def stored(conn: Connection) -> list[str]:
+            return list(conn.execute(select(scoped_variables.c.agent_id).order_by("agent_id")).scalars())
+
+        assert await db.read(stored) == ["a", "c"]
+
+        groups: list[int] = []
+        grouped = await db.write_each([_Grouped(groups, n) for n in range(12)])
+        assert grouped == [(n, None) for n in range(12)]
+        assert sum(groups) == 12
+        if db.dialect == "sqlite":
+            assert groups == [12]
+        assert await db.write_each([]) == []
+    finally:
+        await db.close()
+
+
+async def test_writes_made_together_complete_when_their_caller_goes_away(
+    fresh_database: DatabaseTarget,
+) -> None:
+    """A cancelled BatchAppendMessages call: its entries' writes still commit, with their after-commit
+    steps, as a lone write's do."""
+    db = Database(fresh_database.url, schema=fresh_database.schema)
+    await db.open()
+    closed = False
+    try:
+        await migrate.upgrade(db)
+        ops = [_Row(f"gone-{n}") for n in range(4)]
+        caller = asyncio.ensure_future(db.write_each(ops))
+        await asyncio.sleep(0)  # submitted
+        caller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await caller
+        await db.close()
+        closed = True
+        assert all(op.committed for op in ops)
+    finally:
+        if not closed:
+            await db.close()

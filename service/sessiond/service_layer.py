@@ -20,7 +20,14 @@ from .domain.model import NewMessage, Session, Status, StoredMessage
 from .domain.policy import POLICY_FIELDS, TimeoutLimits, TimeoutPolicy, resolve
 from .domain.validation import AGENT_ID, Limits, check_page_size, check_variables, random_bits
 from .events.bus import EventBus, InProcessEventBus
-from .store.repository import MessagePageQuery, SessionFilter, Store, TurnLease
+from .store.repository import (
+    AppendEntry,
+    AppendResult,
+    MessagePageQuery,
+    SessionFilter,
+    Store,
+    TurnLease,
+)
 
 UPDATABLE_SESSION_PATHS = frozenset(
     {"metadata", "variables", "timeout_policy", *(f"timeout_policy.{f}" for f in POLICY_FIELDS)}
@@ -289,6 +296,10 @@ class SessionsService:
             limits=self.limits,
             lease=lease,
         )
+
+    async def append_each(self, entries: Sequence[AppendEntry]) -> list[AppendResult]:
+        """Each entry as `append_messages` would append it, submitted together (BatchAppendMessages)."""
+        return await self.store.append_each(entries, self.clock.now(), limits=self.limits)
 
     async def list_messages(
         self,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Collection
@@ -28,9 +27,10 @@ from agentsessions.v1 import (
 
 from .. import __version__
 from ..domain.errors import DomainError, InvalidArgument
-from ..domain.model import Status
+from ..domain.model import Session, Status, StoredMessage
 from ..domain.validation import check_agent_id, check_message_id, check_session_id, check_text, uuid7
 from ..service_layer import SessionsService, SessionUpdate
+from ..store.repository import AppendEntry
 from . import convert, events
 from .errors import error_fields, streaming, unary, unexpected_error
 
@@ -220,6 +220,11 @@ EntryCounter = Callable[[list[str]], None]
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
+def _append_error(exc: DomainError) -> message_service_pb2.AppendOutcome:
+    """A failed entry of a BatchAppendMessages call, as the same AppendMessages call would have failed."""
+    return message_service_pb2.AppendOutcome(error=message_service_pb2.AppendError(**error_fields(exc)))
+
+
 class MessageServicer(message_service_pb2_grpc.MessageServiceServicer):
     def __init__(self, service: SessionsService, *, count_entries: EntryCounter | None = None) -> None:
         """`count_entries` is told the code each entry of a BatchAppendMessages call ended with (the
@@ -246,21 +251,40 @@ class MessageServicer(message_service_pb2_grpc.MessageServiceServicer):
                 limit=str(MAX_BATCH_REQUESTS),
             )
         # All at once, as separate calls made together would be: their writes join the same group commit.
-        results = await asyncio.gather(*(self._outcome(entry) for entry in request.requests))
+        results: list[message_service_pb2.AppendOutcome | Exception | None] = [None] * len(request.requests)
+        entries: list[AppendEntry] = []
+        slots: list[int] = []  # the index of the request each of `entries` came from
+        for i, entry in enumerate(request.requests):
+            try:
+                entries.append(self._entry(entry))
+                slots.append(i)
+            except DomainError as exc:
+                results[i] = _append_error(exc)
+            except Exception as exc:
+                results[i] = exc
+        for i, done in zip(slots, await self.svc.append_each(entries) if entries else (), strict=True):
+            if done.result is not None:
+                results[i] = message_service_pb2.AppendOutcome(response=self._answer(*done.result, done.live))
+            elif isinstance(done.error, DomainError):
+                results[i] = _append_error(done.error)
+            elif isinstance(done.error, Exception):
+                results[i] = done.error
+            else:  # cancelled, or the process told to stop: not an entry's outcome
+                assert done.error is not None
+                raise done.error
         # Entries that failed unexpectedly (the database gone, say) usually failed alike: each is answered
         # with its error, but the log gets one traceback per kind of failure and a count, not one each.
         failed: dict[str, int] = {}  # unexpected failures by exception type
-        outcomes = []
+        outcomes: list[message_service_pb2.AppendOutcome] = []
         for result in results:
+            assert result is not None, "every entry has its outcome"
             if isinstance(result, Exception):
                 kind = type(result).__qualname__
                 failure = unexpected_error(
                     result, "MessageServicer.BatchAppendMessages", logged=kind not in failed
                 )
                 failed[kind] = failed.get(kind, 0) + 1
-                result = message_service_pb2.AppendOutcome(
-                    error=message_service_pb2.AppendError(**error_fields(failure))
-                )
+                result = _append_error(failure)
             outcomes.append(result)
         for kind, count in failed.items():
             if count > 1:
@@ -274,34 +298,30 @@ class MessageServicer(message_service_pb2_grpc.MessageServiceServicer):
             )
         return message_service_pb2.BatchAppendMessagesResponse(outcomes=outcomes)
 
-    async def _outcome(
-        self, entry: message_service_pb2.AppendMessagesRequest
-    ) -> message_service_pb2.AppendOutcome | Exception:
-        """One entry of a batch: its response, the error AppendMessages would have failed with, or the
-        exception of an unexpected failure (which the batch logs and turns into its error)."""
-        try:
-            return message_service_pb2.AppendOutcome(response=await self._append(entry))
-        except DomainError as exc:
-            return message_service_pb2.AppendOutcome(
-                error=message_service_pb2.AppendError(**error_fields(exc))
-            )
-        except Exception as exc:
-            return exc
+    def _entry(self, request: message_service_pb2.AppendMessagesRequest) -> AppendEntry:
+        """An append's request, validated."""
+        check_session_id(request.session_id, self.svc.limits)
+        return AppendEntry(
+            request.session_id,
+            convert.new_messages_from_pb(request.messages, self.svc.limits),
+            convert.variables_from_pb(request.set_variables, self.svc.limits, "set_variables")
+            if request.HasField("set_variables")
+            else None,
+        )
 
     async def _append(
         self, request: message_service_pb2.AppendMessagesRequest
     ) -> message_service_pb2.AppendMessagesResponse:
-        check_session_id(request.session_id, self.svc.limits)
-        new = convert.new_messages_from_pb(request.messages, self.svc.limits)
-        variables = (
-            convert.variables_from_pb(request.set_variables, self.svc.limits, "set_variables")
-            if request.HasField("set_variables")
-            else None
-        )
+        entry = self._entry(request)
         live: list[events_pb2.SessionEvent] = []
         session, stored = await self.svc.append_messages(
-            session_id=request.session_id, messages=new, live=live, set_variables=variables
+            session_id=entry.session_id, messages=entry.messages, live=live, set_variables=entry.set_variables
         )
+        return self._answer(session, stored, live)
+
+    def _answer(
+        self, session: Session, stored: list[StoredMessage], live: list[events_pb2.SessionEvent]
+    ) -> message_service_pb2.AppendMessagesResponse:
         if len(live) == 1 and len(live[0].messages_appended.messages) == len(stored):
             # Nothing was there already: the event published holds this answer, converted once.
             event = live[0]

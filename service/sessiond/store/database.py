@@ -36,7 +36,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Op = Callable[[Connection], T]
+Outcome = tuple[Any, BaseException | None]  # (result, None) or (None, exception)
 # An operation may also have an `after_commit()` method: called on the event loop once its transaction
 # committed, whether or not its caller still waits (a cancelled RPC's write commits all the same, and
 # what must follow a commit, such as publishing its events, must follow it too).
@@ -254,6 +255,18 @@ class Database:
                 raise
         async with (self._read_engine or self.engine).connect() as conn:
             return await conn.run_sync(op)
+
+    async def write_each(self, ops: Sequence[Op[Any]]) -> list[Outcome]:
+        """Runs `ops` as that many writes made at once, which join the same group commits where they can,
+        and returns each one's outcome: (its result, None) or (None, its exception). On SQLite they reach
+        the writer together, with one future for all of them: a BatchAppendMessages call's entries each
+        paid a task, a future and a trip through the loop of their own before."""
+        if self._writer is not None:
+            return await self._writer.submit_each(ops)
+        # Submitted at once and shielded: if the caller goes away they all still run, as on SQLite.
+        tasks = [asyncio.ensure_future(self.write(op)) for op in ops]
+        results = await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
+        return [(None, r) if isinstance(r, BaseException) else (r, None) for r in results]
 
     async def write(self, op: Op[T]) -> T:
         if self._writer is not None:
@@ -484,7 +497,14 @@ class _SQLiteWriter:
         return self._thread.native_id
 
     def submit(self, op: Op[T]) -> asyncio.Future[T]:
-        future: asyncio.Future[T] = self._loop.create_future()
+        return self._put(op)
+
+    def submit_each(self, ops: Sequence[Op[Any]]) -> asyncio.Future[list[Outcome]]:
+        """`ops` as that many writes (`Database.write_each`), in the same group commit if they fit."""
+        return self._put(_Each(ops))
+
+    def _put(self, op: Any) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = self._loop.create_future()
         self._queue.put((op, future))
         if self._sizer.filled(self._queue.qsize() + 1):  # + the group's first, which the writer holds
             self._more.set()
@@ -521,7 +541,8 @@ class _SQLiteWriter:
                     return
                 self._gather()
                 batch = [first]
-                while len(batch) < self._max_batch:
+                ops = _flat(first[0])
+                while len(ops) < self._max_batch:
                     try:
                         item = self._queue.get_nowait()
                     except queue.Empty:
@@ -530,8 +551,9 @@ class _SQLiteWriter:
                         self._queue.put(item)
                         break
                     batch.append(item)
-                self._sizer.ran(len(batch))
-                outcomes, data_version = self._run_batch(conn, [op for op, _ in batch], cache, data_version)
+                    ops.extend(_flat(item[0]))
+                self._sizer.ran(len(batch))  # callers: an `_Each` is one
+                outcomes, data_version = self._run_batch(conn, ops, cache, data_version)
                 self._loop.call_soon_threadsafe(_settle_all, batch, outcomes)
 
     @staticmethod
@@ -617,10 +639,37 @@ def _committed(op: Op[Any], task: asyncio.Future[Any]) -> None:
         _after_commit(op)
 
 
+class _Each:
+    """Writes submitted together (`Database.write_each`): each runs as if submitted on its own, and the
+    one future they share gets the list of their outcomes."""
+
+    __slots__ = ("ops",)
+
+    def __init__(self, ops: Sequence[Op[Any]]) -> None:
+        self.ops = list(ops)
+
+
+def _flat(op: Op[Any] | _Each) -> list[Op[Any]]:
+    return list(op.ops) if isinstance(op, _Each) else [op]
+
+
 def _settle_all(
-    batch: list[tuple[Op[Any], asyncio.Future[Any]]], outcomes: list[tuple[Any, BaseException | None]]
+    batch: Sequence[tuple[Op[Any] | _Each, asyncio.Future[Any]]], outcomes: Sequence[Outcome]
 ) -> None:
-    for (op, fut), (result, exc) in zip(batch, outcomes, strict=True):
+    """The outcomes of a group's operations, in the order of `batch` with every `_Each` spread out."""
+    i = 0
+    for op, fut in batch:
+        if isinstance(op, _Each):
+            mine = outcomes[i : i + len(op.ops)]
+            i += len(op.ops)
+            for each, (_, exc) in zip(op.ops, mine, strict=True):
+                if exc is None:
+                    _after_commit(each)
+            if not fut.done():
+                fut.set_result(mine)
+            continue
+        result, exc = outcomes[i]
+        i += 1
         if exc is None:
             _after_commit(op)
         if fut.done():  # the caller went away; the write happened all the same
@@ -629,3 +678,4 @@ def _settle_all(
             fut.set_exception(exc)
         else:
             fut.set_result(result)
+    assert i == len(outcomes), "a group's outcomes do not match its operations"

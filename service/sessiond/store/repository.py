@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -51,7 +51,7 @@ from ..domain.policy import EffectivePolicy, Source, TimeoutPolicy
 from ..domain.state import Scope, ScopedChanges
 from ..domain.turns import FinishReason, TurnState
 from ..domain.validation import Limits, check_variables
-from .database import Database, WriteCache
+from .database import Database, Outcome, WriteCache
 from .tables import (
     UTCDateTime,
     agents,
@@ -1173,6 +1173,19 @@ class Store:
             live.extend(op.events)
         return result
 
+    async def append_each(
+        self, entries: Sequence[AppendEntry], now: datetime, *, limits: Limits | None = None
+    ) -> list[AppendResult]:
+        """Each entry as `append_messages` would append it, all submitted at once (a
+        BatchAppendMessages call): their appends join the same group commits, and each entry keeps its
+        own outcome, with the live forms of its events."""
+        ops = [
+            _AppendOp(self, e.session_id, e.messages, now, [], e.set_variables or None, limits)
+            for e in entries
+        ]
+        outcomes = await self.db.write_each(ops)
+        return [AppendResult(result, exc, op.events) for op, (result, exc) in zip(ops, outcomes, strict=True)]
+
     def _append_many(self, conn: Connection, ops: Sequence[_AppendOp]) -> list[Outcome]:
         """Runs a group of appends with one SELECT, one INSERT and one UPDATE for all of them; the domain
         rules still apply request by request, in order, on the in-memory sessions."""
@@ -1675,9 +1688,6 @@ def _agent_values(a: Agent) -> dict[str, Any]:
     }
 
 
-Outcome = tuple[Any, BaseException | None]
-
-
 def _outcome(fn: Callable[[], T]) -> Outcome:
     """`fn()` as an outcome: a caller's own (domain) error is its outcome; anything else fails the group."""
     try:
@@ -1718,6 +1728,23 @@ class _CreateOp:
 
 def _by_sequence(m: StoredMessage) -> int:
     return m.sequence
+
+
+class AppendEntry(NamedTuple):
+    """One append of `Store.append_each`."""
+
+    session_id: str
+    messages: Sequence[NewMessage]
+    set_variables: Mapping[str, Any] | None = None
+
+
+class AppendResult(NamedTuple):
+    """One entry's outcome in `Store.append_each`: `result` (the session, the messages as stored) when
+    it landed, else `error`; `live`: its events as published."""
+
+    result: tuple[Session, list[StoredMessage]] | None
+    error: BaseException | None
+    live: list[Any]
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from google.protobuf import struct_pb2
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from agentsessions import errors
 from agentsessions.client import DEFAULT_TARGET, AsyncSessionsClient
@@ -58,16 +58,18 @@ MAX_PAGE = 1000
 MAX_BATCH = 100
 
 
-def record_part(kind: str, text: str) -> message_pb2.Part:
-    """A hidden part holding a framework record as JSON ``text``. Text, not a ``Struct``: a ``Struct`` would
-    turn every number into a double, and the round trip would no longer be exact."""
-    return message_pb2.Part(
-        hidden=True, data=message_pb2.DataPart(type=kind, value=struct_pb2.Value(string_value=text))
-    )
+def add_record_part(parts: RepeatedCompositeFieldContainer[message_pb2.Part], kind: str, text: str) -> None:
+    """Adds to ``parts`` (a message's) a hidden part holding a framework record as JSON ``text``. Text, not
+    a ``Struct``: a ``Struct`` would turn every number into a double, and the round trip would no longer be
+    exact."""
+    part = parts.add()
+    part.hidden = True
+    part.data.type = kind
+    part.data.value.string_value = text
 
 
 def record_text(message: message_pb2.Message, kind: str) -> str | None:
-    """The JSON text ``record_part`` stored in ``message``, or None if it holds no record of ``kind``."""
+    """The JSON text ``add_record_part`` stored in ``message``, or None if it holds no record of ``kind``."""
     for part in message.parts:
         if part.WhichOneof("kind") == "data" and part.data.type == kind:
             return part.data.value.string_value

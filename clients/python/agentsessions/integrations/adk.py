@@ -133,12 +133,10 @@ def message_from_event(event: Event) -> message_pb2.Message:
         role = message_pb2.ROLE_USER
     else:
         role = message_pb2.ROLE_ASSISTANT
-    return message_pb2.Message(
-        message_id=event.id,
-        role=role,
-        parts=[*parts, _frames.record_part(EVENT_TYPE, event.model_dump_json(exclude_none=True))],
-        hidden=not parts,  # state-only events and the like: the model's, not the UI's
-    )
+    # State-only events and the like are hidden: the model's, not the UI's.
+    message = message_pb2.Message(message_id=event.id, role=role, parts=parts, hidden=not parts)
+    _frames.add_record_part(message.parts, EVENT_TYPE, event.model_dump_json(exclude_none=True))
+    return message
 
 
 def event_from_message(message: message_pb2.Message) -> Event:

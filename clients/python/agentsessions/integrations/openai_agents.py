@@ -40,6 +40,7 @@ from typing import Any, cast
 
 from agents.items import TResponseInputItem
 from agents.memory.session_settings import SessionSettings, resolve_session_limit
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from agentsessions import errors
 from agentsessions._requests import TimeoutPolicyInput
@@ -67,47 +68,46 @@ _ROLE_NAMES = {
 }
 
 
-def _visible_parts(item: Mapping[str, Any]) -> list[message_pb2.Part]:
-    """The readable form of an item. Every ``*_call`` item with a call id is a tool call and every
-    ``*_call_output`` one its result (function, custom tool, shell, computer...), so the server links them
-    and never pages one without the other."""
+def _add_visible_parts(
+    parts: RepeatedCompositeFieldContainer[message_pb2.Part], item: Mapping[str, Any]
+) -> None:
+    """Adds the readable form of an item to ``parts`` (a message's, filled in place: building each part on
+    its own and copying it in was half of an item's conversion). Every ``*_call`` item with a call id is a
+    tool call and every ``*_call_output`` one its result (function, custom tool, shell, computer...), so the
+    server links them and never pages one without the other."""
     kind = item.get("type", "message")
     call_id = item.get("call_id")
     if kind == "message":  # also the easy form, {"role": ..., "content": ...}, which has no type
         content = item.get("content")
         if isinstance(content, str):
-            return [message_pb2.Part(text=message_pb2.TextPart(text=content))]
-        texts = [c.get("text") or c.get("refusal") or "" for c in content or () if isinstance(c, Mapping)]
-        return [message_pb2.Part(text=message_pb2.TextPart(text=t)) for t in texts if t]
+            parts.add().text.text = content
+            return
+        for c in content or ():
+            if isinstance(c, Mapping):
+                text = c.get("text") or c.get("refusal")
+                if text:
+                    parts.add().text.text = text
+        return
     if kind == "reasoning":
-        summary = [s.get("text", "") for s in item.get("summary") or () if isinstance(s, Mapping)]
-        return [message_pb2.Part(reasoning=message_pb2.ReasoningPart(text=t)) for t in summary if t]
+        for s in item.get("summary") or ():
+            if isinstance(s, Mapping) and s.get("text"):
+                parts.add().reasoning.text = s["text"]
+        return
     if isinstance(kind, str) and isinstance(call_id, str) and call_id:
         if kind.endswith("_call_output"):
             output = item.get("output", "")
-            return [
-                message_pb2.Part(
-                    tool_result=message_pb2.ToolResultPart(
-                        call_id=call_id,
-                        name=str(item.get("name", "")),
-                        output=output if isinstance(output, str) else json.dumps(output, ensure_ascii=False),
-                    )
-                )
-            ]
-        if kind.endswith("_call"):
+            result = parts.add().tool_result
+            result.call_id = call_id
+            result.name = str(item.get("name", ""))
+            result.output = output if isinstance(output, str) else json.dumps(output, ensure_ascii=False)
+        elif kind.endswith("_call"):
             arguments = item.get("arguments", item.get("input", item.get("action", "")))
-            return [
-                message_pb2.Part(
-                    tool_call=message_pb2.ToolCallPart(
-                        call_id=call_id,
-                        name=str(item.get("name", kind.removesuffix("_call"))),
-                        arguments=arguments
-                        if isinstance(arguments, str)
-                        else json.dumps(arguments, ensure_ascii=False),
-                    )
-                )
-            ]
-    return []
+            call = parts.add().tool_call
+            call.call_id = call_id
+            call.name = str(item.get("name", kind.removesuffix("_call")))
+            call.arguments = (
+                arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+            )
 
 
 def message_from_item(item: TResponseInputItem, *, message_id: str = "") -> message_pb2.Message:
@@ -121,13 +121,11 @@ def message_from_item(item: TResponseInputItem, *, message_id: str = "") -> mess
         role = message_pb2.ROLE_TOOL
     else:
         role = _ROLES.get(str(record.get("role")), message_pb2.ROLE_ASSISTANT)
-    parts = _visible_parts(record)
-    return message_pb2.Message(
-        message_id=message_id,
-        role=role,
-        parts=[*parts, _frames.record_part(ITEM_TYPE, json.dumps(record, ensure_ascii=False))],
-        hidden=not parts,
-    )
+    message = message_pb2.Message(message_id=message_id, role=role)
+    _add_visible_parts(message.parts, record)
+    message.hidden = not message.parts
+    _frames.add_record_part(message.parts, ITEM_TYPE, json.dumps(record, ensure_ascii=False))
+    return message
 
 
 def item_from_message(message: message_pb2.Message) -> list[TResponseInputItem]:
