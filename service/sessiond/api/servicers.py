@@ -30,7 +30,7 @@ from ..domain.errors import DomainError, InvalidArgument
 from ..domain.model import Session, Status, StoredMessage
 from ..domain.validation import check_agent_id, check_message_id, check_session_id, check_text, uuid7
 from ..service_layer import SessionsService, SessionUpdate
-from ..store.repository import AppendEntry
+from ..store.repository import AppendEntry, AppendResult
 from . import convert, events
 from .errors import error_fields, streaming, unary, unexpected_error
 
@@ -220,11 +220,6 @@ EntryCounter = Callable[[list[str]], None]
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
-def _append_error(exc: DomainError) -> message_service_pb2.AppendOutcome:
-    """A failed entry of a BatchAppendMessages call, as the same AppendMessages call would have failed."""
-    return message_service_pb2.AppendOutcome(error=message_service_pb2.AppendError(**error_fields(exc)))
-
-
 class MessageServicer(message_service_pb2_grpc.MessageServiceServicer):
     def __init__(self, service: SessionsService, *, count_entries: EntryCounter | None = None) -> None:
         """`count_entries` is told the code each entry of a BatchAppendMessages call ended with (the
@@ -251,52 +246,51 @@ class MessageServicer(message_service_pb2_grpc.MessageServiceServicer):
                 limit=str(MAX_BATCH_REQUESTS),
             )
         # All at once, as separate calls made together would be: their writes join the same group commit.
-        results: list[message_service_pb2.AppendOutcome | Exception | None] = [None] * len(request.requests)
+        # Each entry's outcome: what it stored (with its events), or its error.
+        results: list[AppendResult | BaseException | None] = [None] * len(request.requests)
         entries: list[AppendEntry] = []
         slots: list[int] = []  # the index of the request each of `entries` came from
         for i, entry in enumerate(request.requests):
             try:
                 entries.append(self._entry(entry))
                 slots.append(i)
-            except DomainError as exc:
-                results[i] = _append_error(exc)
             except Exception as exc:
                 results[i] = exc
         for i, done in zip(slots, await self.svc.append_each(entries) if entries else (), strict=True):
-            if done.result is not None:
-                results[i] = message_service_pb2.AppendOutcome(response=self._answer(*done.result, done.live))
-            elif isinstance(done.error, DomainError):
-                results[i] = _append_error(done.error)
-            elif isinstance(done.error, Exception):
-                results[i] = done.error
-            else:  # cancelled, or the process told to stop: not an entry's outcome
-                assert done.error is not None
-                raise done.error
+            if done.error is not None and not isinstance(done.error, Exception):
+                raise done.error  # cancelled, or the process told to stop: not an entry's outcome
+            results[i] = done if done.error is None else done.error
+        # Built in place: each answer constructed on its own and copied into its outcome, and the outcomes
+        # into the response, cost twice as much.
+        response = message_service_pb2.BatchAppendMessagesResponse()
+        codes: list[str] = []
         # Entries that failed unexpectedly (the database gone, say) usually failed alike: each is answered
         # with its error, but the log gets one traceback per kind of failure and a count, not one each.
         failed: dict[str, int] = {}  # unexpected failures by exception type
-        outcomes: list[message_service_pb2.AppendOutcome] = []
         for result in results:
-            assert result is not None, "every entry has its outcome"
-            if isinstance(result, Exception):
+            outcome = response.outcomes.add()
+            if isinstance(result, AppendResult):
+                assert result.result is not None
+                self._answer(outcome.response, *result.result, result.live)
+                codes.append("OK")
+                continue
+            assert isinstance(result, Exception), "every entry has its outcome"
+            if isinstance(result, DomainError):
+                error = result
+            else:
                 kind = type(result).__qualname__
-                failure = unexpected_error(
+                error = unexpected_error(
                     result, "MessageServicer.BatchAppendMessages", logged=kind not in failed
                 )
                 failed[kind] = failed.get(kind, 0) + 1
-                result = _append_error(failure)
-            outcomes.append(result)
+            outcome.error.MergeFrom(message_service_pb2.AppendError(**error_fields(error)))
+            codes.append(_CODE_NAMES.get(outcome.error.code, "UNKNOWN"))
         for kind, count in failed.items():
             if count > 1:
                 log.warning("%d entries of a BatchAppendMessages call failed with %s", count, kind)
         if self._count_entries is not None:
-            self._count_entries(
-                [
-                    "OK" if o.HasField("response") else _CODE_NAMES.get(o.error.code, "UNKNOWN")
-                    for o in outcomes
-                ]
-            )
-        return message_service_pb2.BatchAppendMessagesResponse(outcomes=outcomes)
+            self._count_entries(codes)
+        return response
 
     def _entry(self, request: message_service_pb2.AppendMessagesRequest) -> AppendEntry:
         """An append's request, validated."""
@@ -317,21 +311,24 @@ class MessageServicer(message_service_pb2_grpc.MessageServiceServicer):
         session, stored = await self.svc.append_messages(
             session_id=entry.session_id, messages=entry.messages, live=live, set_variables=entry.set_variables
         )
-        return self._answer(session, stored, live)
+        return self._answer(message_service_pb2.AppendMessagesResponse(), session, stored, live)
 
     def _answer(
-        self, session: Session, stored: list[StoredMessage], live: list[events_pb2.SessionEvent]
+        self,
+        out: message_service_pb2.AppendMessagesResponse,
+        session: Session,
+        stored: list[StoredMessage],
+        live: list[events_pb2.SessionEvent],
     ) -> message_service_pb2.AppendMessagesResponse:
+        """Fills `out`, an append's answer: the messages as stored, and the session."""
         if len(live) == 1 and len(live[0].messages_appended.messages) == len(stored):
             # Nothing was there already: the event published holds this answer, converted once.
-            event = live[0]
-            return message_service_pb2.AppendMessagesResponse(
-                messages=event.messages_appended.messages, session=event.session
-            )
-        return message_service_pb2.AppendMessagesResponse(
-            messages=[convert.message_to_pb(m, ui_view=False) for m in stored],
-            session=convert.session_to_pb(session, self.svc.clock.now()),
-        )
+            out.messages.extend(live[0].messages_appended.messages)
+            out.session.CopyFrom(live[0].session)
+        else:
+            out.messages.extend(convert.message_to_pb(m, ui_view=False) for m in stored)
+            out.session.CopyFrom(convert.session_to_pb(session, self.svc.clock.now()))
+        return out
 
     @unary
     async def ListMessages(
