@@ -19,6 +19,7 @@ from conftest import DatabaseTarget, make_settings, serving
 
 from agentsessions import AppendBatching, AsyncSessionsClient, Message, Part, Role, TextPart, errors
 from agentsessions.v1 import message_service_pb2, message_service_pb2_grpc
+from sessiond.api.servicers import MessageServicer
 from sessiond.domain.clock import ManualClock
 
 MESSAGES = "/agentsessions.v1.MessageService/"
@@ -103,6 +104,31 @@ async def test_each_entry_gets_its_own_outcome(client: AsyncSessionsClient, uniq
     page = await client.list_messages(session_id=ok.session_id)
     assert [m.parts[0].text.text async for m in page] == ["one", "two", "three"]
     assert (await client.get_session(session_id=ended.session_id)).message_count == 0
+
+
+async def test_an_entry_whose_answer_fails_fails_alone(
+    client: AsyncSessionsClient, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure while building one entry's answer (a bug in a conversion, forced here) is that entry's
+    INTERNAL error: the other entries keep their answers, and the call itself succeeds."""
+    sids = await new_sessions(client, f"{unique}/s", 3)
+    answer = MessageServicer._answer
+
+    def failing(self: MessageServicer, out: Any, session: Any, stored: Any, live: Any) -> Any:
+        if session.session_id == sids[1]:
+            raise RuntimeError("a conversion bug")
+        return answer(self, out, session, stored, live)
+
+    monkeypatch.setattr(MessageServicer, "_answer", failing)
+    stub = message_service_pb2_grpc.MessageServiceStub(client.channel)
+    response = await stub.BatchAppendMessages(
+        message_service_pb2.BatchAppendMessagesRequest(requests=[entry(sid, text(sid)) for sid in sids])
+    )
+    assert [o.WhichOneof("outcome") for o in response.outcomes] == ["response", "error", "response"]
+    assert response.outcomes[1].error.code == grpc.StatusCode.INTERNAL.value[0]
+    assert [o.response.messages[0].parts[0].text.text for o in response.outcomes[::2]] == sids[::2]
+    # Its messages were stored all the same (the answer failed, not the write).
+    assert (await client.get_session(session_id=sids[1])).message_count == 1
 
 
 async def test_a_retried_batch_stores_nothing_twice(client: AsyncSessionsClient, unique: str) -> None:

@@ -351,3 +351,27 @@ async def test_writes_made_together_complete_when_their_caller_goes_away(
     finally:
         if not closed:
             await db.close()
+
+
+async def test_writes_made_together_count_as_that_many_writers(
+    fresh_database: DatabaseTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group that waits for as many writes as were lately under way (a CPU-bound process, forced here)
+    counts the writes of a `write_each` one by one: after rounds of eight writers, eight submitted
+    together end its wait at once. On SQLite they reach the writer as one queue item, which would have
+    counted as one and left the group waiting out the linger for seven more."""
+    monkeypatch.setattr(GroupSizer, "BUSY", 0.0)
+    monkeypatch.setattr(GroupSizer, "WINDOW", 0.0)
+    groups: list[int] = []
+    db = Database(fresh_database.url, schema=fresh_database.schema, write_linger=0.5)
+    await db.open()
+    try:
+        await _staggered_writers(db, groups)  # the writer now expects eight at a time
+        assert groups.count(8) >= 20, groups
+        db._sizer.linger = 600  # from here a group that waited would be seen as a hung test
+        for r in range(3):
+            together = [_Grouped(groups, 10 * r + k) for k in range(8)]
+            outcomes = await asyncio.wait_for(db.write_each(together), 30)
+            assert outcomes == [(10 * r + k, None) for k in range(8)]
+    finally:
+        await db.close()

@@ -271,9 +271,13 @@ class MessageServicer(message_service_pb2_grpc.MessageServiceServicer):
             outcome = response.outcomes.add()
             if isinstance(result, AppendResult):
                 assert result.result is not None
-                self._answer(outcome.response, *result.result, result.live)
-                codes.append("OK")
-                continue
+                try:
+                    self._answer(outcome.response, *result.result, result.live)
+                    codes.append("OK")
+                    continue
+                except Exception as exc:  # a bug in converting this entry's answer: its own error
+                    outcome.ClearField("response")
+                    result = exc
             assert isinstance(result, Exception), "every entry has its outcome"
             if isinstance(result, DomainError):
                 error = result

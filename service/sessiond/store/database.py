@@ -265,6 +265,9 @@ class Database:
             return await self._writer.submit_each(ops)
         # Submitted at once and shielded: if the caller goes away they all still run, as on SQLite.
         tasks = [asyncio.ensure_future(self.write(op)) for op in ops]
+        for task in tasks:  # `close` waits for them as for any write under way
+            self._solo.add(task)
+            task.add_done_callback(self._solo.discard)
         results = await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
         return [(None, r) if isinstance(r, BaseException) else (r, None) for r in results]
 
@@ -486,6 +489,10 @@ class _SQLiteWriter:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._sizer = sizer
         self._more = threading.Event()
+        # Operations submitted and not yet taken into a group (the group's first, which the writer holds
+        # while it waits, included): what `GroupSizer` counts. A queue item may hold several (`_Each`).
+        self._queued = 0
+        self._counting = threading.Lock()
         # Connected here, so that a database the writer cannot open fails `Database.open` at once; a thread
         # that failed to connect would have died with every later write left waiting on it.
         self._conn = engine.connect()
@@ -505,8 +512,11 @@ class _SQLiteWriter:
 
     def _put(self, op: Any) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = self._loop.create_future()
+        with self._counting:  # counted before it is queued: the writer takes it off the count once taken
+            self._queued += len(op.ops) if isinstance(op, _Each) else 1
+            queued = self._queued
         self._queue.put((op, future))
-        if self._sizer.filled(self._queue.qsize() + 1):  # + the group's first, which the writer holds
+        if self._sizer.filled(queued):
             self._more.set()
         return future
 
@@ -519,13 +529,13 @@ class _SQLiteWriter:
     def _gather(self) -> None:
         """Before a group, whose first operation the writer holds: waits as `GroupSizer` says."""
         sizer = self._sizer
-        want = sizer.target(self._queue.qsize() + 1)
+        want = sizer.target(self._queued)
         if not want:
             return
         self._more.clear()
         sizer.wanted = want
         try:
-            if not sizer.filled(self._queue.qsize() + 1):  # one queued before `wanted` was set is seen
+            if not sizer.filled(self._queued):  # one queued before `wanted` was set is seen
                 self._more.wait(sizer.linger)
         finally:
             sizer.wanted = 0
@@ -542,6 +552,7 @@ class _SQLiteWriter:
                 self._gather()
                 batch = [first]
                 ops = _flat(first[0])
+                # A batch's writes are never split, so a group may pass `max_batch` by one batch's size.
                 while len(ops) < self._max_batch:
                     try:
                         item = self._queue.get_nowait()
@@ -552,7 +563,9 @@ class _SQLiteWriter:
                         break
                     batch.append(item)
                     ops.extend(_flat(item[0]))
-                self._sizer.ran(len(batch))  # callers: an `_Each` is one
+                with self._counting:
+                    self._queued -= len(ops)
+                self._sizer.ran(len(ops))
                 outcomes, data_version = self._run_batch(conn, ops, cache, data_version)
                 self._loop.call_soon_threadsafe(_settle_all, batch, outcomes)
 
