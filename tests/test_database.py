@@ -223,6 +223,13 @@ async def _staggered_writers(db: Database, groups: list[int]) -> None:
     assert sum(groups) == 8 * 30
 
 
+def _judged(monkeypatch: pytest.MonkeyPatch, *, cpu_bound: bool) -> None:
+    """Makes `GroupSizer` judge the process CPU-bound (`BUSY` 0) or never (`BUSY` above any process), on
+    every group rather than after the first 50 ms."""
+    monkeypatch.setattr(GroupSizer, "BUSY", 0.0 if cpu_bound else 1000.0)
+    monkeypatch.setattr(GroupSizer, "WINDOW", 0.0)
+
+
 async def test_a_group_commit_waits_for_concurrent_writers_only(
     fresh_database: DatabaseTarget, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -230,8 +237,7 @@ async def test_a_group_commit_waits_for_concurrent_writers_only(
     start at once however long the writer may linger; writers under way together are gathered into one
     group each round; once they stop coming together the writer goes back to starting each group at
     once. Group sizes are asserted, never times."""
-    monkeypatch.setattr(GroupSizer, "BUSY", 0.0)
-    monkeypatch.setattr(GroupSizer, "WINDOW", 0.0)  # judged on every group, not after the first 50 ms
+    _judged(monkeypatch, cpu_bound=True)
     groups: list[int] = []
     # A linger of ten minutes: a lone write that waited would be seen as a hung test.
     db = Database(fresh_database.url, schema=fresh_database.schema, write_linger=600)
@@ -264,8 +270,7 @@ async def test_a_group_commit_waits_only_on_a_cpu_bound_process(
 ) -> None:
     """The same writers on a process that is never CPU-bound (`BUSY` above any process): no group waits
     for them, so they do not come together (a wait would have made nearly every group hold all eight)."""
-    monkeypatch.setattr(GroupSizer, "BUSY", 1000.0)
-    monkeypatch.setattr(GroupSizer, "WINDOW", 0.0)
+    _judged(monkeypatch, cpu_bound=False)
     groups: list[int] = []
     db = Database(fresh_database.url, schema=fresh_database.schema, write_linger=600)
     await db.open()
@@ -360,8 +365,7 @@ async def test_writes_made_together_count_as_that_many_writers(
     counts the writes of a `write_each` one by one: after rounds of eight writers, eight submitted
     together end its wait at once. On SQLite they reach the writer as one queue item, which would have
     counted as one and left the group waiting out the linger for seven more."""
-    monkeypatch.setattr(GroupSizer, "BUSY", 0.0)
-    monkeypatch.setattr(GroupSizer, "WINDOW", 0.0)
+    _judged(monkeypatch, cpu_bound=True)
     groups: list[int] = []
     db = Database(fresh_database.url, schema=fresh_database.schema, write_linger=0.5)
     await db.open()

@@ -264,10 +264,7 @@ class Database:
         if self._writer is not None:
             return await self._writer.submit_each(ops)
         # Submitted at once and shielded: if the caller goes away they all still run, as on SQLite.
-        tasks = [asyncio.ensure_future(self.write(op)) for op in ops]
-        for task in tasks:  # `close` waits for them as for any write under way
-            self._solo.add(task)
-            task.add_done_callback(self._solo.discard)
+        tasks = [self._under_way(asyncio.ensure_future(self.write(op))) for op in ops]
         results = await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
         return [(None, r) if isinstance(r, BaseException) else (r, None) for r in results]
 
@@ -287,9 +284,13 @@ class Database:
         # "Future exception was never retrieved" error in the log. The outcome is then dropped.
         task = asyncio.ensure_future(self._transaction(op))
         task.add_done_callback(functools.partial(_committed, op))
+        return await asyncio.shield(self._under_way(task))
+
+    def _under_way(self, task: asyncio.Task[T]) -> asyncio.Task[T]:
+        """`task`, a PostgreSQL write whose caller may go away, kept until done: `close` waits for it."""
         self._solo.add(task)
         task.add_done_callback(self._solo.discard)
-        return await asyncio.shield(task)
+        return task
 
     async def _transaction(self, op: Op[T]) -> T:
         """`op` in a transaction of its own, run again when it loses a race."""
@@ -345,7 +346,7 @@ class Database:
         finally:
             sizer.wanted = 0
 
-    async def _outcome(self, op: Op[Any]) -> tuple[Any, BaseException | None]:
+    async def _outcome(self, op: Op[Any]) -> Outcome:
         try:
             return await self._transaction(op), None
         except Exception as exc:
@@ -572,7 +573,7 @@ class _SQLiteWriter:
     @staticmethod
     def _run_batch(
         conn: Connection, ops: list[Op[Any]], cache: WriteCache, data_version: Any
-    ) -> tuple[list[tuple[Any, BaseException | None]], Any]:
+    ) -> tuple[list[Outcome], Any]:
         try:
             transaction = conn.begin()
         except Exception as exc:
@@ -601,8 +602,8 @@ class _SQLiteWriter:
             cache.enabled = True
 
 
-def _run_each(conn: Connection, ops: list[Op[Any]]) -> list[tuple[Any, BaseException | None]]:
-    outcomes: list[tuple[Any, BaseException | None]] = []
+def _run_each(conn: Connection, ops: list[Op[Any]]) -> list[Outcome]:
+    outcomes: list[Outcome] = []
     for op in ops:
         try:
             with conn.begin():
@@ -612,11 +613,11 @@ def _run_each(conn: Connection, ops: list[Op[Any]]) -> list[tuple[Any, BaseExcep
     return outcomes
 
 
-def _run_grouped(conn: Connection, ops: list[Op[Any]]) -> list[tuple[Any, BaseException | None]]:
+def _run_grouped(conn: Connection, ops: list[Op[Any]]) -> list[Outcome]:
     """Runs a group in one transaction. Operations that offer `run_many` (appends) run together, in one
     set of statements; a caller's own failure among them fails that caller only. Any other exception
     fails the whole group (and the caller runs the operations one by one)."""
-    outcomes: list[tuple[Any, BaseException | None] | None] = [None] * len(ops)
+    outcomes: list[Outcome | None] = [None] * len(ops)
     together: dict[Any, list[int]] = {}
     for i, op in enumerate(ops):
         run_many = getattr(op, "run_many", None)
